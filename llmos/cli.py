@@ -1,0 +1,176 @@
+"""The `llmos` command: up, demo, worker, submit, job, cancel, db, models.
+
+LLMOS errors print as one line on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmos.errors import LLMOSError
+from llmos.settings import get_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLMOS: NLP jobs on language models.")
+db_app = typer.Typer(no_args_is_help=True, help="The task table's schema.")
+models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
+app.add_typer(db_app, name="db")
+app.add_typer(models_app, name="models")
+out = Console()
+err = Console(stderr=True)
+
+SAMPLE_FILE = Path(__file__).parent / "data" / "reviews.txt"
+
+
+@app.command()
+def up(model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model to start a worker for (repeatable); default LLMOS_MODELS.")] = None,
+       device: Annotated[Optional[str], typer.Option(help="cpu or cuda:N for the workers.")] = None) -> None:
+    """Start Redis (embedded unless LLMOS_REDIS_URL), the schema and one worker per model; stop on Ctrl-C."""
+    from llmos.stack import Stack
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = Stack(get_settings(), model or None, device).start()
+    try:
+        stack.wait_ready()
+        table = Table(title="LLMOS is up", show_header=False)
+        for k, v in stack.describe().items():
+            table.add_row(k, v)
+        out.print(table)
+        out.print("Submit from another terminal with the same LLMOS_HOME, e.g. "
+                  "[bold]llmos submit sentiment \"I love it\"[/bold]. Ctrl-C stops everything.")
+        while not stop.wait(1.0):
+            for m in stack.supervise_once():
+                err.print(f"worker for {m} exited; restarted it")
+    finally:
+        out.print("stopping…")
+        stack.stop()
+        out.print("stopped")
+
+
+@app.command()
+def demo(file: Annotated[Path, typer.Option(help="Text file, one document per line.")] = SAMPLE_FILE,
+         model: Annotated[str, typer.Option(help="Model to run.")] = "minilm") -> None:
+    """Run the main job: every line of a file through sentiment and embed, results printed."""
+    from llmos.demo import run_demo
+
+    run_demo(file, model, out)
+
+
+@app.command()
+def worker(model: Annotated[str, typer.Option("--model", "-m", help="Registered model name.")],
+           device: Annotated[Optional[str], typer.Option(help="cpu or cuda:N (default: the model's entry).")] = None,
+           concurrency: Annotated[Optional[int], typer.Option(help="Jobs held at once (default: max_batch_size).")] = None) -> None:
+    """Run one worker: load MODEL once and serve its queue until SIGTERM."""
+    from workers.worker import main as worker_main
+
+    raise typer.Exit(worker_main(model, device, concurrency))
+
+
+@app.command()
+def submit(task: Annotated[str, typer.Argument(help="Task type: sentiment or embed.")],
+           texts: Annotated[list[str], typer.Argument(help="Text(s) to process.")],
+           model: Annotated[str, typer.Option("--model", "-m")] = "minilm",
+           priority: Annotated[str, typer.Option(help="0–9 or critical/high/normal/low/batch.")] = "normal",
+           wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = True,
+           timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 120.0) -> None:
+    """Submit one job and print its result (or its id with --no-wait) as JSON."""
+    import llmos
+
+    from llmos.tasks import parse_task
+
+    data = {"texts": texts} if task == "embed" else {"text": " ".join(texts)}
+    handle = llmos.load_model(model).submit(parse_task(task, data), priority=priority)
+    if not wait:
+        print(json.dumps({"id": handle.id, "status": "queued"}))
+        return
+    result = handle.result(timeout=timeout)
+    print(json.dumps({"id": handle.id, "status": "succeeded", "result": result.model_dump(mode="json")}))
+
+
+@app.command()
+def job(job_id: str) -> None:
+    """Print a job's row as JSON."""
+    import dataclasses
+
+    from llmos.sdk import default_client
+
+    row = dataclasses.asdict(default_client().job(job_id))
+    print(json.dumps(row, default=str, indent=2))
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a queued job."""
+    from llmos.sdk import default_client
+
+    done = default_client().cancel(job_id)
+    print(json.dumps({"id": job_id, "cancelled": done}))
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations to the task table's database."""
+    from llmos import migrate
+
+    settings = get_settings()
+    migrate.upgrade(settings.db_url, revision)
+    from llmos.settings import redact
+
+    out.print(f"database {redact(settings.db_url)} at {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = "base") -> None:
+    """Revert migrations (default: drop everything)."""
+    from llmos import migrate
+
+    migrate.downgrade(get_settings().db_url, revision)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List registered models."""
+    from llmos.registry import Registry
+
+    table = Table("name", "engine", "tasks", "source", "memory MB")
+    for spec in Registry.load(get_settings()).all():
+        table.add_row(spec.name, spec.engine, ", ".join(spec.tasks), spec.source,
+                      f"{spec.memory_mb:.0f}" if spec.memory_mb else "-")
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from llmos.logs import setup
+
+    setup()
+    try:
+        app(args=argv, standalone_mode=False)
+    except LLMOSError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

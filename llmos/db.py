@@ -1,0 +1,149 @@
+"""The task table's schema (SQLAlchemy Core) and engine setup for SQLite and Postgres.
+
+Every schema change is an Alembic revision under migrations/; `alembic check` stays clean.
+Nothing here changes job state: that is `llmos.manager`'s job.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from llmos.constants import DEFAULT_TENANT
+from llmos.errors import DatabaseUnavailableError
+from llmos.settings import redact
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+Timestamp = sa.DateTime(timezone=True)
+
+metadata = sa.MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "pk": "pk_%(table_name)s",
+})
+
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.Uuid(as_uuid=False), primary_key=True),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("task_type", sa.String(32), nullable=False),
+    sa.Column("priority", sa.SmallInteger, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("input", JSONType, nullable=False),
+    sa.Column("result", JSONType),
+    sa.Column("error", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.Integer, nullable=False, server_default="3"),
+    sa.Column("tenant", sa.String(128), nullable=False, server_default=DEFAULT_TENANT),
+    sa.Column("idempotency_key", sa.String(256)),
+    sa.Column("batch_id", sa.String(64)),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("queued_at", Timestamp),
+    sa.Column("started_at", Timestamp),
+    sa.Column("finished_at", Timestamp),
+    sa.Column("queue_wait_ms", sa.Float),
+    sa.Column("compute_ms", sa.Float),
+    sa.Column("batch_size", sa.Integer),
+    sa.Column("tokens_in", sa.Integer),
+    sa.Column("tokens_out", sa.Integer),
+    sa.Column("worker_id", sa.String(256)),
+    sa.Column("device", sa.String(32)),
+    sa.CheckConstraint("priority BETWEEN 0 AND 9", name="priority_range"),
+    sa.CheckConstraint(
+        "status IN ('queued','running','succeeded','failed','cancelled','expired')",
+        name="status_valid"),
+    sa.Index(None, "status", "model"),
+    sa.Index(None, "batch_id"),
+    sa.Index(None, "created_at"),
+    sa.UniqueConstraint("tenant", "idempotency_key"),
+)
+"""One row per job: the record of its input, state, result and timings."""
+
+workers = sa.Table(
+    "workers", metadata,
+    sa.Column("id", sa.String(256), primary_key=True),
+    sa.Column("host", sa.String(256), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("device", sa.String(32), nullable=False),
+    sa.Column("started_at", Timestamp, nullable=False),
+    sa.Column("last_heartbeat", Timestamp, nullable=False),
+    sa.Column("stopped_at", Timestamp),
+    sa.Index(None, "model"),
+)
+"""One row per worker process; the heartbeat tells the scheduler and reconciler it lives."""
+
+_engines: dict[str, sa.Engine] = {}
+_lock = threading.Lock()
+
+
+def get_engine(url: str) -> sa.Engine:
+    """One engine per URL per process (engines hold the connection pool)."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = _create_engine(url)
+        return engine
+
+
+def dispose_engines() -> None:
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def _create_engine(url: str) -> sa.Engine:
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    else:
+        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20,
+                      connect_args={"connect_timeout": 5})
+    engine = sa.create_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        sa.event.listen(engine, "begin", _sqlite_begin_immediate)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets readers (SDK polling) run beside the worker's writes; busy_timeout waits for locks.
+    dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see _sqlite_begin_immediate)
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_begin_immediate(conn: sa.Connection) -> None:
+    # Take the write lock at BEGIN so two writers never deadlock upgrading a read lock.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def check_database(url: str) -> None:
+    """Raise DatabaseUnavailableError (saying where) unless the database answers and has tables."""
+    engine = get_engine(url)
+    try:
+        with engine.connect() as conn:
+            has_jobs = sa.inspect(conn).has_table("jobs")
+    except sa.exc.OperationalError as exc:
+        raise DatabaseUnavailableError(
+            f"cannot reach the database at {redact(url)}: {first_line(exc.orig or exc)}. "
+            "Is it running? Set LLMOS_DATABASE_URL to the right server, or unset it to use "
+            "the embedded SQLite file."
+        ) from None
+    if not has_jobs:
+        raise DatabaseUnavailableError(
+            f"the database at {redact(url)} has no LLMOS tables: run `llmos db upgrade` first"
+        )
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

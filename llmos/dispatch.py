@@ -1,0 +1,122 @@
+"""Dispatch: the Celery app, one queue per model, and sending job ids at their priority.
+
+Messages carry the job id only (JSON). The task table is the truth; a message is a wake-up.
+`Dispatcher` is the narrow interface producers use; `InMemoryDispatcher` is its twin for unit
+tests, `CeleryDispatcher` the real one.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol, Sequence
+
+import kombu.exceptions
+import redis
+from celery import Celery
+
+from llmos.constants import QUEUE_PREFIX, RUN_JOB_TASK
+from llmos.errors import BrokerUnavailableError
+from llmos.jobs import Job
+from llmos.priority import broker_priority
+from llmos.settings import Settings, redact
+
+
+def queue_name(model: str) -> str:
+    """The Celery queue that carries `model`'s jobs."""
+    return QUEUE_PREFIX + model
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app shared by producers and workers (JSON only, late acks, prefetch 1)."""
+    app = Celery("llmos", broker=settings.kombu_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        event_serializer="json",
+        task_ignore_result=True,  # results live in the task table, not in Celery's backend
+        result_backend=None,
+        task_acks_late=True,  # a message is acked only after the job's outcome is written
+        task_reject_on_worker_lost=True,  # a killed pool child's message is redelivered
+        worker_prefetch_multiplier=1,  # prefetching more would defeat priorities
+        task_create_missing_queues=True,
+        task_default_queue=QUEUE_PREFIX + "default",
+        broker_transport_options={
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+            # Above the longest allowed job, or a healthy long job is delivered twice.
+            "visibility_timeout": settings.max_job_seconds * 2,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        broker_channel_error_retry=True,
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2,
+                                   "interval_step": 0.5, "interval_max": 1.0},
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+class Dispatcher(Protocol):
+    """Sends wake-up messages for jobs already written to the task table."""
+
+    def send(self, jobs: Sequence[Job]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CeleryDispatcher:
+    """Sends through Celery on Redis, many messages over one producer connection."""
+
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.app = app or make_celery(settings)
+        self._lock = threading.Lock()
+
+    def send(self, jobs: Sequence[Job]) -> None:
+        if not jobs:
+            return
+        try:
+            with self._lock, self.app.producer_or_acquire() as producer:
+                for job in jobs:
+                    self.app.send_task(
+                        RUN_JOB_TASK, args=[job.id], queue=queue_name(job.model),
+                        priority=broker_priority(job.priority), producer=producer,
+                        ignore_result=True,
+                    )
+        except (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError, OSError) as exc:
+            raise broker_error(self.settings, exc) from None
+
+    def close(self) -> None:
+        self.app.close()
+
+
+class InMemoryDispatcher:
+    """Records what would be sent, per queue, with the broker priority (unit tests)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, int]] = []  # (queue, job id, broker priority)
+
+    def send(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            self.sent.append((queue_name(job.model), job.id, broker_priority(job.priority)))
+
+    def close(self) -> None:
+        pass
+
+
+def broker_error(settings: Settings, exc: BaseException) -> BrokerUnavailableError:
+    where = redact(settings.broker_url)
+    hint = ("start it with `llmos up` (embedded) or set LLMOS_REDIS_URL to a running Redis"
+            if settings.embedded_redis else "is it running? check LLMOS_REDIS_URL")
+    return BrokerUnavailableError(f"cannot reach Redis at {where}: {_short(exc)}; {hint}")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

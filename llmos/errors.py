@@ -1,0 +1,55 @@
+"""LLMOS's errors: one root, one subclass per thing a user can get wrong or run into.
+
+Each class's docstring is its default message. Errors about configuration say how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class LLMOSError(Exception):
+    """Something went wrong in LLMOS."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ValidationError(LLMOSError, ValueError):
+    """The task is not valid; nothing was written or queued."""
+
+
+class UnknownModelError(LLMOSError, LookupError):
+    """No model of that name is registered."""
+
+
+class UnsupportedTaskError(LLMOSError, ValueError):
+    """The model cannot run that kind of task."""
+
+
+class BrokerUnavailableError(LLMOSError, ConnectionError):
+    """Redis (the broker) cannot be reached."""
+
+
+class DatabaseUnavailableError(LLMOSError, ConnectionError):
+    """The task table's database cannot be reached."""
+
+
+class JobNotFoundError(LLMOSError, LookupError):
+    """No job with that id exists."""
+
+
+class JobFailedError(LLMOSError):
+    """The job ended without a result."""
+
+    def __init__(self, message: str | None = None, *, job_id: str | None = None,
+                 status: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.status = status
+
+
+class JobTimeoutError(LLMOSError, TimeoutError):
+    """The job did not finish within the time waited; it may still run."""
+
+
+class ConfigError(LLMOSError):
+    """The LLMOS configuration is invalid."""

@@ -1,0 +1,254 @@
+"""The one module that changes job state: create, claim, finish, fail, cancel, and worker rows.
+
+Workers, the SDK, the CLI and (later) the API and reconciler call these functions; nobody else
+writes the `status` column. Every transition is a conditional UPDATE on the current state, so a
+duplicate message, a late worker or a racing cancel is a no-op, never a second result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Iterable, Sequence
+
+import sqlalchemy as sa
+
+from llmos.constants import DEFAULT_TENANT
+from llmos.db import jobs, workers
+from llmos.jobs import Job, JobStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back naive; they were written in UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NewJob:
+    """What a producer knows about a job before it exists."""
+
+    model: str
+    task_type: str
+    input: dict[str, Any]
+    priority: int
+    tenant: str = DEFAULT_TENANT
+    idempotency_key: str | None = None
+    batch_id: str | None = None
+    max_attempts: int = 3
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What a worker learned running one claimed job (a result or an error)."""
+
+    job_id: str
+    worker_id: str
+    attempt: int
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    compute_ms: float | None = None
+    batch_size: int | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    queue_wait_ms: float | None = None
+
+    @property
+    def status(self) -> JobStatus:
+        return JobStatus.FAILED if self.error is not None else JobStatus.SUCCEEDED
+
+
+def _jobs_from(rows: Iterable[Any]) -> list[Job]:
+    return [Job.from_row(r._mapping) for r in rows]
+
+
+def create_jobs(engine: sa.Engine, new: Sequence[NewJob]) -> list[tuple[Job, bool]]:
+    """Write jobs as `queued`; returns (job, created) in input order.
+
+    A job whose (tenant, idempotency_key) already exists is not created again: the existing job
+    comes back with created=False, so the caller does not send it twice.
+    """
+    now = utcnow()
+    existing: dict[tuple[str, str], Job] = {}
+    keyed = [(n.tenant, n.idempotency_key) for n in new if n.idempotency_key]
+    if keyed:
+        existing = _find_by_keys(engine, keyed)
+    rows, out = [], []
+    for n in new:
+        key = (n.tenant, n.idempotency_key) if n.idempotency_key else None
+        if key is not None and key in existing:
+            out.append((existing[key], False))
+            continue
+        row = dict(id=str(uuid.uuid4()), model=n.model, task_type=n.task_type,
+                   priority=n.priority, status=JobStatus.QUEUED.value, input=n.input,
+                   attempts=0, max_attempts=n.max_attempts, tenant=n.tenant,
+                   idempotency_key=n.idempotency_key, batch_id=n.batch_id,
+                   created_at=now, queued_at=now)
+        rows.append(row)
+        job = Job.from_row(row)
+        out.append((job, True))
+        if key is not None:
+            existing[key] = job  # a repeated key inside one call yields one job
+    if rows:
+        try:
+            with engine.begin() as conn:
+                conn.execute(jobs.insert(), rows)
+        except sa.exc.IntegrityError:
+            if not keyed:
+                raise
+            # A concurrent submit with the same key won the race: retry once, it is now "existing".
+            return create_jobs(engine, new)
+    return out
+
+
+def _find_by_keys(engine: sa.Engine, keys: list[tuple[str, str]]) -> dict:
+    found: dict[tuple[str, str], Job] = {}
+    names = sorted({k for _, k in keys})
+    with engine.connect() as conn:
+        for chunk in _chunks(names, 500):
+            for job in _jobs_from(conn.execute(sa.select(jobs).where(jobs.c.idempotency_key.in_(chunk)))):
+                found[(job.tenant, job.idempotency_key)] = job
+    return found
+
+
+def get_job(engine: sa.Engine, job_id: str) -> Job | None:
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(jobs).where(jobs.c.id == str(job_id))).first()
+    return Job.from_row(row._mapping) if row else None
+
+
+def get_jobs(engine: sa.Engine, job_ids: Sequence[str]) -> dict[str, Job]:
+    out: dict[str, Job] = {}
+    with engine.connect() as conn:
+        for chunk in _chunks([str(i) for i in job_ids], 500):
+            for job in _jobs_from(conn.execute(sa.select(jobs).where(jobs.c.id.in_(chunk)))):
+                out[job.id] = job
+    return out
+
+
+def status_counts(engine: sa.Engine, job_ids: Sequence[str]) -> dict[JobStatus, int]:
+    counts: dict[JobStatus, int] = {}
+    with engine.connect() as conn:
+        for chunk in _chunks([str(i) for i in job_ids], 500):
+            q = sa.select(jobs.c.status, sa.func.count()).where(jobs.c.id.in_(chunk)).group_by(jobs.c.status)
+            for status, n in conn.execute(q):
+                counts[JobStatus(status)] = counts.get(JobStatus(status), 0) + n
+    return counts
+
+
+def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: str,
+          model: str | None = None) -> list[Job]:
+    """queued → running for those of `job_ids` still queued; returns the jobs this call claimed.
+
+    One conditional UPDATE: a job already claimed, finished or cancelled is skipped, so a
+    duplicate message never runs a job twice at once.
+    """
+    if not job_ids:
+        return []
+    cond = [jobs.c.id.in_([str(i) for i in job_ids]), jobs.c.status == JobStatus.QUEUED.value]
+    if model is not None:  # a worker only ever claims its own model's jobs
+        cond.append(jobs.c.model == model)
+    stmt = (
+        jobs.update()
+        .where(*cond)
+        .values(status=JobStatus.RUNNING.value, started_at=utcnow(), worker_id=worker_id,
+                device=device, attempts=jobs.c.attempts + 1)
+        .returning(*jobs.c)
+    )
+    with engine.begin() as conn:
+        return _jobs_from(conn.execute(stmt))
+
+
+def finish(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:
+    """Write results and errors of claimed jobs in one transaction; returns how many applied.
+
+    An outcome applies only while the job is still `running` under the same worker and attempt,
+    so a late finish from a worker presumed dead cannot overwrite a newer attempt.
+    """
+    if not outcomes:
+        return 0
+    now = utcnow()
+    stmt = (
+        jobs.update()
+        .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.status == JobStatus.RUNNING.value,
+               jobs.c.worker_id == sa.bindparam("b_worker"), jobs.c.attempts == sa.bindparam("b_attempt"))
+        .values(status=sa.bindparam("b_status"), result=sa.bindparam("b_result", type_=jobs.c.result.type),
+                error=sa.bindparam("b_error"), finished_at=now,
+                compute_ms=sa.bindparam("b_compute"), batch_size=sa.bindparam("b_batch"),
+                tokens_in=sa.bindparam("b_tin"), tokens_out=sa.bindparam("b_tout"),
+                queue_wait_ms=sa.bindparam("b_wait"))
+    )
+    params = [dict(b_id=o.job_id, b_worker=o.worker_id, b_attempt=o.attempt, b_status=o.status.value,
+                   b_result=o.result, b_error=o.error, b_compute=o.compute_ms, b_batch=o.batch_size,
+                   b_tin=o.tokens_in, b_tout=o.tokens_out, b_wait=o.queue_wait_ms)
+              for o in outcomes]
+    applied = 0
+    with engine.begin() as conn:
+        if len(params) == 1:
+            applied = conn.execute(stmt, params[0]).rowcount
+        else:
+            for p in params:  # per row so the count of applied updates is exact on every driver
+                applied += conn.execute(stmt, p).rowcount
+    return applied
+
+
+def fail_queued(engine: sa.Engine, job_ids: Sequence[str], reason: str) -> int:
+    """queued → failed with `reason` (the job could not be sent or can never run)."""
+    if not job_ids:
+        return 0
+    stmt = (jobs.update()
+            .where(jobs.c.id.in_([str(i) for i in job_ids]), jobs.c.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.FAILED.value, error=reason, finished_at=utcnow()))
+    with engine.begin() as conn:
+        return conn.execute(stmt).rowcount
+
+
+def cancel(engine: sa.Engine, job_id: str) -> bool:
+    """queued → cancelled; True if this call cancelled it (its message then is a no-op)."""
+    stmt = (jobs.update()
+            .where(jobs.c.id == str(job_id), jobs.c.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.CANCELLED.value, finished_at=utcnow(),
+                    error="cancelled by user"))
+    with engine.begin() as conn:
+        return conn.execute(stmt).rowcount == 1
+
+
+def register_worker(engine: sa.Engine, *, worker_id: str, host: str, pid: int, model: str,
+                    device: str) -> None:
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(workers.delete().where(workers.c.id == worker_id))
+        conn.execute(workers.insert().values(id=worker_id, host=host, pid=pid, model=model,
+                                             device=device, started_at=now, last_heartbeat=now))
+
+
+def heartbeat(engine: sa.Engine, worker_id: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(workers.update().where(workers.c.id == worker_id).values(last_heartbeat=utcnow()))
+
+
+def stop_worker(engine: sa.Engine, worker_id: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(workers.update().where(workers.c.id == worker_id).values(stopped_at=utcnow()))
+
+
+def live_workers(engine: sa.Engine, model: str | None = None, *, within_s: float = 30.0) -> list[dict]:
+    """Workers that heartbeated within `within_s` seconds and have not stopped."""
+    with engine.connect() as conn:
+        q = sa.select(workers).where(workers.c.stopped_at.is_(None))
+        if model:
+            q = q.where(workers.c.model == model)
+        rows = [dict(r._mapping) for r in conn.execute(q)]
+    now = utcnow()
+    return [r for r in rows if (now - as_utc(r["last_heartbeat"])).total_seconds() <= within_s]
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

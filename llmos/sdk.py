@@ -1,0 +1,258 @@
+"""The Python SDK: `load_model(name)`, then `execute`, `submit` or `submit_many` tasks.
+
+The SDK talks to the same database and Redis as the workers. Submitting validates the task
+against the model's registry entry, writes the job row (`queued`), then sends its id to the
+model's queue at its priority. Waiting subscribes to completion notices and reads the table.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterable, Sequence
+
+import redis
+import sqlalchemy as sa
+
+from llmos import manager
+from llmos.constants import DEFAULT_TENANT
+from llmos.db import check_database, first_line, get_engine
+from llmos.dispatch import CeleryDispatcher, Dispatcher
+from llmos.errors import (DatabaseUnavailableError, JobFailedError, JobNotFoundError,
+                          JobTimeoutError, LLMOSError, ValidationError)
+from llmos.jobs import Job, JobStatus
+from llmos.notify import ping, redis_client, wait_until
+from llmos.priority import parse_priority
+from llmos.registry import ModelSpec, Registry
+from llmos.settings import Settings, get_settings, redact
+from llmos.tasks import Task, TaskResult, ensure_task, task_class
+
+
+class Client:
+    """A connection to one LLMOS deployment (database + Redis), from settings."""
+
+    def __init__(self, settings: Settings | None = None, *, dispatcher: Dispatcher | None = None,
+                 redis_conn: redis.Redis | None = None, registry: Registry | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.registry = registry or Registry.load(self.settings)
+        self._dispatcher = dispatcher
+        self._redis = redis_conn
+        self._checked_db = False
+        self._lock = threading.Lock()
+
+    # -- connections -------------------------------------------------------------------------
+    @property
+    def engine(self) -> sa.Engine:
+        engine = get_engine(self.settings.db_url)
+        if not self._checked_db:
+            check_database(self.settings.db_url)
+            self._checked_db = True
+        return engine
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        with self._lock:
+            if self._dispatcher is None:
+                self._dispatcher = CeleryDispatcher(self.settings)
+            return self._dispatcher
+
+    @property
+    def redis(self) -> redis.Redis:
+        with self._lock:
+            if self._redis is None:
+                self._redis = redis_client(self.settings)
+            return self._redis
+
+    def close(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.close()
+        if self._redis is not None:
+            self._redis.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- models ------------------------------------------------------------------------------
+    def load_model(self, name: str) -> "Model":
+        return Model(self, self.registry.get(name))
+
+    # -- jobs --------------------------------------------------------------------------------
+    def submit(self, model: str, tasks: Sequence[Task], *, priority: int | str | None = None,
+               idempotency_key: str | Sequence[str | None] | None = None,
+               tenant: str | None = None, batch_id: str | None = None) -> list["JobHandle"]:
+        """Validate, write and send `tasks` for `model`; one handle per task, in order."""
+        spec = self.registry.get(model)
+        prio = parse_priority(priority)
+        keys = _keys(idempotency_key, len(tasks))
+        new = [manager.NewJob(model=spec.name, task_type=t.task_type, input=t.model_dump(mode="json"),
+                              priority=prio, tenant=tenant or DEFAULT_TENANT, idempotency_key=k, batch_id=batch_id)
+               for t, k in zip((validate_for(spec, t) for t in tasks), keys)]
+        if not new:
+            return []
+        if self._dispatcher is None or isinstance(self._dispatcher, CeleryDispatcher):
+            ping(self.redis, self.settings)  # fail before writing anything if Redis is down
+        created = self._db(manager.create_jobs, new)
+        to_send = [job for job, is_new in created if is_new]
+        try:
+            self.dispatcher.send(to_send)
+        except LLMOSError as exc:
+            self._db(manager.fail_queued, [j.id for j in to_send], f"could not be queued: {exc}")
+            raise
+        return [JobHandle(self, job.id, job.model, job.task_type) for job, _ in created]
+
+    def job(self, job_id: str) -> Job:
+        job = self._db(manager.get_job, job_id)
+        if job is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        return job
+
+    def wait(self, job_ids: Sequence[str], timeout: float | None = None) -> dict[str, Job]:
+        """Wait until every job is final (or `timeout` passes); returns the jobs as last read."""
+        ids = [str(j) for j in job_ids]
+        latest: dict[str, Job] = {}
+        remaining = set(ids)
+
+        def pending() -> set[str]:
+            found = self._db(manager.get_jobs, sorted(remaining))
+            missing = remaining - set(found)
+            if missing:
+                raise JobNotFoundError(f"no job with id {sorted(missing)[0]!r}")
+            latest.update(found)
+            remaining.difference_update(i for i, j in found.items() if j.status.is_final)
+            return set(remaining)
+
+        try:
+            client = self.redis
+        except LLMOSError:
+            client = None
+        wait_until(client, ids, pending, timeout)
+        return latest
+
+    def cancel(self, job_id: str) -> bool:
+        return self._db(manager.cancel, job_id)
+
+    def _db(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(self.engine, *args)
+        except sa.exc.OperationalError as exc:
+            raise DatabaseUnavailableError(
+                f"cannot reach the database at {redact(self.settings.db_url)}: "
+                f"{first_line(exc.orig or exc)}"
+            ) from None
+
+
+def validate_for(spec: ModelSpec, task: Any) -> Task:
+    """Check a task against a model's entry: task type served, input within limits."""
+    task = ensure_task(task)
+    spec.require_task(task.task_type)
+    chars = task.input_chars()
+    if chars > spec.max_input_chars:
+        raise ValidationError(
+            f"input of {chars} characters is over model {spec.name!r}'s limit of "
+            f"{spec.max_input_chars} (max_input_chars)"
+        )
+    return task
+
+
+def _keys(key: str | Sequence[str | None] | None, n: int) -> list[str | None]:
+    if key is None:
+        return [None] * n
+    if isinstance(key, str):
+        if n != 1:
+            raise ValidationError("one idempotency_key string fits one task; pass a list for many")
+        return [key]
+    keys = list(key)
+    if len(keys) != n:
+        raise ValidationError(f"{len(keys)} idempotency keys for {n} tasks")
+    return keys
+
+
+class JobHandle:
+    """A submitted job: its id, and ways to read its status, wait for its result, cancel it."""
+
+    def __init__(self, client: Client, job_id: str, model: str, task_type: str) -> None:
+        self.client = client
+        self.id = job_id
+        self.model = model
+        self.task_type = task_type
+
+    def __repr__(self) -> str:
+        return f"JobHandle(id={self.id!r}, model={self.model!r}, task={self.task_type!r})"
+
+    def job(self) -> Job:
+        """The job's row as it is now."""
+        return self.client.job(self.id)
+
+    def status(self) -> JobStatus:
+        return self.job().status
+
+    def result(self, timeout: float | None = 300.0) -> TaskResult:
+        """Wait for the job and return its typed result; raise JobFailedError if it failed."""
+        job = self.client.wait([self.id], timeout=timeout).get(self.id) or self.job()
+        return result_of(job, timeout)
+
+    def cancel(self) -> bool:
+        """Cancel the job if it is still queued; True if it is now cancelled by this call."""
+        return self.client.cancel(self.id)
+
+
+def result_of(job: Job, timeout: float | None = None) -> TaskResult:
+    if job.status == JobStatus.SUCCEEDED:
+        return task_class(job.task_type).result_type.model_validate(job.result)
+    if job.status.is_final:
+        raise JobFailedError(f"job {job.id} {job.status.value}: {job.error}", job_id=job.id,
+                             status=job.status.value)
+    raise JobTimeoutError(f"job {job.id} still {job.status.value} after {timeout} s")
+
+
+class Model:
+    """A registered model, as the SDK sees it."""
+
+    def __init__(self, client: Client, spec: ModelSpec) -> None:
+        self.client = client
+        self.spec = spec
+        self.name = spec.name
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, tasks={list(self.spec.tasks)})"
+
+    def submit(self, task: Task, *, priority: int | str | None = None,
+               idempotency_key: str | None = None, tenant: str | None = None) -> JobHandle:
+        return self.client.submit(self.name, [task], priority=priority,
+                                  idempotency_key=idempotency_key, tenant=tenant)[0]
+
+    def submit_many(self, tasks: Iterable[Task], *, priority: int | str | None = None,
+                    tenant: str | None = None, batch_id: str | None = None,
+                    idempotency_keys: Sequence[str | None] | None = None) -> list[JobHandle]:
+        """Validate every task first (nothing is written if one is bad), then enqueue them all."""
+        return self.client.submit(self.name, list(tasks), priority=priority, tenant=tenant,
+                                  batch_id=batch_id, idempotency_key=idempotency_keys)
+
+    def execute(self, task: Task, *, timeout: float | None = 300.0,
+                priority: int | str | None = None) -> TaskResult:
+        """Submit one task and wait for its result."""
+        return self.submit(task, priority=priority).result(timeout=timeout)
+
+    def results(self, handles: Sequence[JobHandle], timeout: float | None = None) -> list[TaskResult]:
+        """Wait for many jobs; results in the same order (raises on the first failed job)."""
+        jobs = self.client.wait([h.id for h in handles], timeout=timeout)
+        return [result_of(jobs[h.id], timeout) for h in handles]
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Client()
+        return _default
+
+
+def load_model(name: str, *, client: Client | None = None) -> Model:
+    """The seed's entry point: `model = llmos.load_model("minilm")`."""
+    return (client or default_client()).load_model(name)

@@ -1,0 +1,97 @@
+"""Settings: one object read from the environment (LLMOS_*), with the embedded defaults.
+
+With neither URL set, LLMOS runs embedded: a SQLite file and a Redis server on a unix socket,
+both under LLMOS_HOME, so any process with the same LLMOS_HOME finds the same stack.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from llmos.constants import DEFAULT_MAX_JOB_SECONDS, EMBEDDED_DB_FILE, EMBEDDED_REDIS_SOCKET
+
+
+class Settings(BaseSettings):
+    """Everything LLMOS reads from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMOS_", extra="ignore", frozen=True)
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".llmos",
+                       description="Folder for the embedded database, Redis socket and logs.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL of the task table.")
+    redis_url: str | None = Field(default=None, description="Redis URL of the broker.")
+    config: Path | None = Field(default=None, description="Model registry file (TOML).")
+    models: str = Field(default="minilm", description="Comma-separated models `llmos up` starts a worker for.")
+    max_job_seconds: int = Field(default=DEFAULT_MAX_JOB_SECONDS, gt=0,
+                                 description="Longest a job may run; sets the visibility timeout.")
+    log_level: str = Field(default="WARNING", description="Log level of LLMOS processes.")
+
+    @cached_property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def embedded_db(self) -> bool:
+        return not self.database_url
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.home_dir / EMBEDDED_REDIS_SOCKET
+
+    @property
+    def db_url(self) -> str:
+        """The task table's URL (the embedded SQLite file when none is set)."""
+        if self.database_url:
+            return normalise_db_url(self.database_url)
+        return f"sqlite:///{self.home_dir / EMBEDDED_DB_FILE}"
+
+    @property
+    def broker_url(self) -> str:
+        """The Redis URL as redis-py reads it (unix:// for the embedded socket)."""
+        return self.redis_url or f"unix://{self.redis_socket}"
+
+    @property
+    def kombu_url(self) -> str:
+        """The same Redis, spelled the way kombu wants it."""
+        url = self.broker_url
+        if url.startswith("unix://"):
+            return "redis+socket://" + url[len("unix://"):]
+        return url
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]
+
+
+def normalise_db_url(url: str) -> str:
+    """Pick psycopg 3 for plain postgres URLs (SQLAlchemy would otherwise ask for psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL (redis://...): strip userinfo by hand
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return url
+
+
+def get_settings() -> Settings:
+    """Fresh settings from the current environment."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Alembic migrations of the task table; `llmos db upgrade` (or `alembic upgrade head`) applies them."""

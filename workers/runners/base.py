@@ -1,0 +1,61 @@
+"""The runner base: preprocess → forward → postprocess over a batch, under inference_mode.
+
+The base owns the device, `torch.inference_mode` and error isolation: if a batch raises, each
+request is run alone so one bad input fails only its own job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Sequence
+
+from llmos.tasks import Task
+from workers.model_cache import LoadedModel
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemOutcome:
+    """One request's result (JSON-ready) or error, with its token counts."""
+
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+
+
+class Runner:
+    """Runs one task type on a loaded model, many requests at a time."""
+
+    task_type: ClassVar[str]
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.spec = loaded.spec
+
+    def preprocess(self, requests: Sequence[Task]) -> Any:
+        raise NotImplementedError
+
+    def forward(self, inputs: Any) -> Any:
+        raise NotImplementedError
+
+    def postprocess(self, outputs: Any, requests: Sequence[Task]) -> list[ItemOutcome]:
+        raise NotImplementedError
+
+    def run(self, requests: Sequence[Task]) -> list[ItemOutcome]:
+        """Results in request order; a failure in the batch falls back to one request at a time."""
+        try:
+            return self._run(requests)
+        except Exception as exc:
+            if len(requests) == 1:
+                return [ItemOutcome(error=f"{type(exc).__name__}: {exc}")]
+            return [self.run([r])[0] for r in requests]
+
+    def _run(self, requests: Sequence[Task]) -> list[ItemOutcome]:
+        import torch
+
+        with torch.inference_mode():
+            outputs = self.forward(self.preprocess(requests))
+        out = self.postprocess(outputs, requests)
+        if len(out) != len(requests):
+            raise RuntimeError(f"{type(self).__name__} returned {len(out)} outcomes for {len(requests)} requests")
+        return out

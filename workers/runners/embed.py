@@ -1,0 +1,34 @@
+"""`embed`: texts → normalised sentence vectors (one job may carry many texts)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from llmos.tasks import EmbeddingTask, Task
+from workers.runners.base import ItemOutcome, Runner
+from workers.runners.encoder import encode_texts
+
+
+class EmbedRunner(Runner):
+    task_type = "embed"
+
+    def preprocess(self, requests: Sequence[Task]) -> list[str]:
+        texts: list[str] = []
+        for r in requests:
+            assert isinstance(r, EmbeddingTask)
+            texts.extend(r.texts)
+        return texts
+
+    def forward(self, texts: list[str]) -> tuple[Any, list[int]]:
+        return encode_texts(self.loaded, texts, self.spec.max_batch_size)
+
+    def postprocess(self, outputs: tuple[Any, list[int]], requests: Sequence[Task]) -> list[ItemOutcome]:
+        vectors, counts = outputs
+        rows = vectors.tolist()
+        out, i = [], 0
+        for r in requests:
+            n = len(r.texts)  # type: ignore[attr-defined]
+            out.append(ItemOutcome(result={"vectors": rows[i:i + n], "dim": vectors.shape[1]},
+                                   tokens_in=sum(counts[i:i + n]), tokens_out=0))
+            i += n
+        return out
