@@ -25,8 +25,8 @@ db_app = typer.Typer(no_args_is_help=True, help="The task table's schema.")
 models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 SAMPLE_FILE = Path(__file__).parent / "data" / "reviews.txt"
 

@@ -101,10 +101,9 @@ def task_class(task_type: str) -> type[Task]:
 def parse_task(task_type: str, data: Any) -> Task:
     """Build and validate a task from JSON-like input, raising LLMOS's ValidationError."""
     cls = task_class(task_type)
-    try:
-        return cls.model_validate(data)
-    except pydantic.ValidationError as exc:
-        raise ValidationError(f"invalid {task_type} task: {_describe(exc)}") from None
+    if not isinstance(data, dict):
+        raise ValidationError(f"invalid {task_type} task: expected an object, got {type(data).__name__}")
+    return cls(**data)  # Task.__init__ turns pydantic's errors into ours
 
 
 def ensure_task(task: Any) -> Task:

@@ -1,0 +1,90 @@
+"""Fixtures for every layer. Integration fixtures fail (never skip) when Redis or Postgres is missing."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+for _key in [k for k in os.environ if k.startswith("LLMOS_") and not k.startswith("LLMOS_TEST_")]:
+    del os.environ[_key]  # a developer's own LLMOS settings must not leak into tests
+
+import pytest  # noqa: E402
+import redis  # noqa: E402
+
+from llmos import migrate  # noqa: E402
+from llmos.db import dispose_engines, get_engine, jobs, workers  # noqa: E402
+from llmos.settings import Settings  # noqa: E402
+from tests import helpers  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own LLMOS_HOME and no llmos.toml from the working directory."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("LLMOS_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    yield home
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path) -> Settings:
+    s = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'unit.db'}",
+                 redis_url="redis://127.0.0.1:1/0")
+    migrate.upgrade(s.db_url)
+    return s
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    try:
+        helpers.require_postgres()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    url = helpers.create_pg_database()
+    migrate.upgrade(url)
+    yield url
+    helpers.drop_pg_database(url)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    try:
+        helpers.require_redis()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return helpers.REDIS_URL
+
+
+def reset_services(pg_url: str, redis_url: str) -> None:
+    """Empty task table, workers table and Redis database (no worker may be running)."""
+    with get_engine(pg_url).begin() as conn:
+        conn.execute(jobs.delete())
+        conn.execute(workers.delete())
+    redis.Redis.from_url(redis_url).flushdb()
+
+
+@pytest.fixture(scope="module")
+def services(pg_url, redis_url, tmp_path_factory):
+    """Postgres + Redis emptied for this module, and an env for worker processes."""
+    reset_services(pg_url, redis_url)
+    home = tmp_path_factory.mktemp("svc-home")
+    env = helpers.service_env(LLMOS_DATABASE_URL=pg_url, LLMOS_REDIS_URL=redis_url,
+                              LLMOS_HOME=str(home))
+    settings = Settings(home=home, database_url=pg_url, redis_url=redis_url)
+    return settings, env
+
+
+@pytest.fixture(scope="module")
+def pg_worker(services):
+    """One real minilm worker process on Postgres + Redis for the module."""
+    settings, env = services
+    worker = helpers.WorkerProcess(env).wait_ready(settings.db_url)
+    yield worker
+    assert worker.stop() == 0, worker.log()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dispose_engines():
+    yield
+    dispose_engines()

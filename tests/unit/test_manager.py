@@ -1,0 +1,101 @@
+"""State transitions on a real SQLite task table (the same module runs on Postgres in integration)."""
+
+import pytest
+
+from llmos import manager
+from llmos.db import get_engine
+from llmos.jobs import JobStatus
+
+
+@pytest.fixture
+def engine(sqlite_settings):
+    return get_engine(sqlite_settings.db_url)
+
+
+def new(n=1, **kw):
+    base = dict(model="minilm", task_type="sentiment", input={"text": "x"}, priority=5)
+    base.update(kw)
+    return [manager.NewJob(**base) for _ in range(n)]
+
+
+def test_create_writes_queued_rows(engine):
+    created = manager.create_jobs(engine, new(3))
+    assert [c for _, c in created] == [True] * 3
+    rows = manager.get_jobs(engine, [j.id for j, _ in created])
+    assert {j.status for j in rows.values()} == {JobStatus.QUEUED}
+    assert all(j.queued_at is not None and j.attempts == 0 for j in rows.values())
+
+
+def test_claim_is_conditional_and_counts_attempts(engine):
+    (job, _), = manager.create_jobs(engine, new())
+    first = manager.claim(engine, [job.id], worker_id="w1", device="cpu")
+    second = manager.claim(engine, [job.id], worker_id="w2", device="cpu")
+    assert [j.id for j in first] == [job.id] and first[0].attempts == 1
+    assert first[0].status == JobStatus.RUNNING and first[0].worker_id == "w1"
+    assert second == []  # a duplicate message claims nothing
+
+
+def test_claim_skips_other_models(engine):
+    (job, _), = manager.create_jobs(engine, new(model="other"))
+    assert manager.claim(engine, [job.id], worker_id="w", device="cpu", model="minilm") == []
+    assert manager.get_job(engine, job.id).status == JobStatus.QUEUED
+
+
+def test_finish_applies_only_to_the_current_attempt(engine):
+    (a, _), (b, _) = manager.create_jobs(engine, new(2))
+    ca, cb = manager.claim(engine, [a.id, b.id], worker_id="w1", device="cpu")
+    applied = manager.finish(engine, [
+        manager.Outcome(job_id=a.id, worker_id="w1", attempt=1, result={"label": "POSITIVE", "score": 0.9},
+                        compute_ms=3.0, batch_size=2, queue_wait_ms=1.5),
+        manager.Outcome(job_id=b.id, worker_id="w1", attempt=1, error="boom", batch_size=2),
+    ])
+    assert applied == 2
+    ja, jb = manager.get_job(engine, a.id), manager.get_job(engine, b.id)
+    assert ja.status == JobStatus.SUCCEEDED and ja.result == {"label": "POSITIVE", "score": 0.9}
+    assert ja.compute_ms == 3.0 and ja.batch_size == 2 and ja.queue_wait_ms == 1.5 and ja.finished_at
+    assert jb.status == JobStatus.FAILED and jb.error == "boom"
+    # a late second finish (another worker, or the same again) changes nothing
+    late = manager.finish(engine, [manager.Outcome(job_id=a.id, worker_id="w2", attempt=1, error="late")])
+    again = manager.finish(engine, [manager.Outcome(job_id=a.id, worker_id="w1", attempt=1, error="again")])
+    assert late == 0 and again == 0
+    assert manager.get_job(engine, a.id).status == JobStatus.SUCCEEDED
+
+
+def test_cancel_only_queued(engine):
+    (a, _), (b, _) = manager.create_jobs(engine, new(2))
+    manager.claim(engine, [b.id], worker_id="w", device="cpu")
+    assert manager.cancel(engine, a.id) is True
+    assert manager.cancel(engine, a.id) is False
+    assert manager.cancel(engine, b.id) is False
+    assert manager.get_job(engine, a.id).status == JobStatus.CANCELLED
+    assert manager.claim(engine, [a.id], worker_id="w", device="cpu") == []  # its message is a no-op
+
+
+def test_idempotency_key_returns_existing_job(engine):
+    (first, created1), = manager.create_jobs(engine, new(idempotency_key="k1"))
+    (second, created2), = manager.create_jobs(engine, new(idempotency_key="k1"))
+    (other, created3), = manager.create_jobs(engine, new(idempotency_key="k1", tenant="t2"))
+    assert created1 and not created2 and created3
+    assert second.id == first.id and other.id != first.id
+
+
+def test_repeated_key_in_one_call_yields_one_job(engine):
+    out = manager.create_jobs(engine, new(2, idempotency_key="same"))
+    assert out[0][0].id == out[1][0].id and [c for _, c in out] == [True, False]  # sent once
+    assert len(manager.get_jobs(engine, [out[0][0].id])) == 1
+
+
+def test_fail_queued_and_status_counts(engine):
+    created = manager.create_jobs(engine, new(3))
+    ids = [j.id for j, _ in created]
+    assert manager.fail_queued(engine, ids[:2], "could not be queued") == 2
+    counts = manager.status_counts(engine, ids)
+    assert counts == {JobStatus.FAILED: 2, JobStatus.QUEUED: 1}
+
+
+def test_worker_rows_and_heartbeat(engine):
+    manager.register_worker(engine, worker_id="m@h:1", host="h", pid=1, model="minilm", device="cpu")
+    manager.heartbeat(engine, "m@h:1")
+    assert [w["id"] for w in manager.live_workers(engine, "minilm")] == ["m@h:1"]
+    manager.stop_worker(engine, "m@h:1")
+    assert manager.live_workers(engine, "minilm") == []
