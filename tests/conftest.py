@@ -41,10 +41,12 @@ def pg_url():
         helpers.require_postgres()
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
-    url = helpers.create_pg_database()
+    given = os.environ.get("LLMOS_TEST_DATABASE_URL")  # .ci/run makes a fresh one per run
+    url = given or helpers.create_pg_database()
     migrate.upgrade(url)
     yield url
-    helpers.drop_pg_database(url)
+    if not given:
+        helpers.drop_pg_database(url)
 
 
 @pytest.fixture(scope="session")
