@@ -77,19 +77,35 @@ def worker(model: Annotated[str, typer.Option("--model", "-m", help="Registered 
     raise typer.Exit(worker_main(model, device, concurrency))
 
 
+PRIMARY_FIELD = {"writing": "prompt", "dialogue": "user_utterance", "summarize": "text",
+                 "translate": "text", "qa": "question", "sentiment": "text", "embed": "texts"}
+"""Which field of each task the positional TEXT argument fills."""
+
+
 @app.command()
-def submit(task: Annotated[str, typer.Argument(help="Task type: sentiment or embed.")],
-           texts: Annotated[list[str], typer.Argument(help="Text(s) to process.")],
+def submit(task: Annotated[str, typer.Argument(help="Task type: " + ", ".join(PRIMARY_FIELD) + ".")],
+           texts: Annotated[list[str], typer.Argument(help="The text (prompt, utterance, question; several for embed).")],
            model: Annotated[str, typer.Option("--model", "-m")] = "minilm",
+           set_: Annotated[Optional[list[str]], typer.Option("--set", help="Other task fields, key=value (JSON values allowed), e.g. --set target_lang=de.")] = None,
            priority: Annotated[str, typer.Option(help="0–9 or critical/high/normal/low/batch.")] = "normal",
            wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = True,
            timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 120.0) -> None:
     """Submit one job and print its result (or its id with --no-wait) as JSON."""
     import llmos
 
+    from llmos.errors import ValidationError
     from llmos.tasks import parse_task
 
-    data = {"texts": texts} if task == "embed" else {"text": " ".join(texts)}
+    field = PRIMARY_FIELD.get(task)
+    data: dict = {field: texts if task == "embed" else " ".join(texts)} if field else {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValidationError(f"--set takes key=value, got {item!r}")
+        try:
+            data[key] = json.loads(value)
+        except json.JSONDecodeError:
+            data[key] = value
     handle = llmos.load_model(model).submit(parse_task(task, data), priority=priority)
     if not wait:
         print(json.dumps({"id": handle.id, "status": "queued"}))

@@ -41,6 +41,7 @@ jobs = sa.Table(
     sa.Column("tenant", sa.String(128), nullable=False, server_default=DEFAULT_TENANT),
     sa.Column("idempotency_key", sa.String(256)),
     sa.Column("batch_id", sa.String(64)),
+    sa.Column("conversation_id", sa.String(64)),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("queued_at", Timestamp),
     sa.Column("started_at", Timestamp),
@@ -58,6 +59,7 @@ jobs = sa.Table(
         name="status_valid"),
     sa.Index(None, "status", "model"),
     sa.Index(None, "batch_id"),
+    sa.Index(None, "conversation_id", "created_at"),
     sa.Index(None, "created_at"),
     sa.UniqueConstraint("tenant", "idempotency_key"),
 )

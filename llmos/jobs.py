@@ -47,6 +47,7 @@ class Job:
     tenant: str = "default"
     idempotency_key: str | None = None
     batch_id: str | None = None
+    conversation_id: str | None = None
     created_at: datetime | None = None
     queued_at: datetime | None = None
     started_at: datetime | None = None

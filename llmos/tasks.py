@@ -53,6 +53,9 @@ class Task(BaseModel):
         return []
 
 
+Count = Annotated[int, Field(strict=True, ge=1, le=4096)]
+
+
 class SentimentResult(TaskResult):
     label: str
     score: float
@@ -79,13 +82,136 @@ class EmbeddingTask(Task):
 
     task_type: ClassVar[str] = "embed"
     result_type: ClassVar[type[TaskResult]] = EmbeddingResult
-    texts: Annotated[list[NonBlank], Field(min_length=1)]
+    texts: Annotated[list[NonBlank], Field(min_length=1, max_length=2048)]
 
     def texts_for_limit(self) -> list[str]:
         return list(self.texts)
 
 
-TASK_TYPES: dict[str, type[Task]] = {cls.task_type: cls for cls in (SentimentTask, EmbeddingTask)}
+class WritingResult(TaskResult):
+    text: str
+    tokens: int
+    prompt_tokens: int = 0
+    truncated: bool = False  # the prompt was trimmed on the left to fit the context window
+    finish_reason: str = "length"  # "stop" (EOS or a stop sequence) or "length"
+
+
+class WritingTask(Task):
+    """Continue a prompt. `max_length` (the seed's name) and `max_new_tokens` both cap new tokens."""
+
+    task_type: ClassVar[str] = "writing"
+    result_type: ClassVar[type[TaskResult]] = WritingResult
+    prompt: NonBlank
+    max_length: Count | None = None
+    max_new_tokens: Count | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    stop: Annotated[list[NonBlank], Field(max_length=8)] = Field(default_factory=list)
+    seed: Annotated[int, Field(ge=0)] | None = None
+
+    def new_tokens(self, default: int) -> int:
+        return self.max_new_tokens or self.max_length or default
+
+    def texts_for_limit(self) -> list[str]:
+        return [self.prompt]
+
+
+class DialogueResult(TaskResult):
+    response: str
+    conversation_id: str
+    history_turns: int = 0  # earlier turns that fit in the prompt
+    truncated: bool = False  # older turns (or the utterance itself) were dropped to fit
+    prompt: str | None = None  # the text the model was given, for inspection
+
+
+class DialogueTask(Task):
+    """One user turn of a conversation; the same `conversation_id` continues it."""
+
+    task_type: ClassVar[str] = "dialogue"
+    result_type: ClassVar[type[TaskResult]] = DialogueResult
+    user_utterance: NonBlank
+    conversation_id: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64,
+                                                      pattern=r"^[A-Za-z0-9_.:-]+$")] | None = None
+    system: NonBlank | None = None
+    max_new_tokens: Count | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    seed: Annotated[int, Field(ge=0)] | None = None
+
+    def texts_for_limit(self) -> list[str]:
+        return [self.user_utterance] + ([self.system] if self.system else [])
+
+
+class SummarizationResult(TaskResult):
+    summary: str
+    truncated: bool = False  # the text was cut to the model's input window
+
+
+class SummarizationTask(Task):
+    """Summarize a text in at most `max_length` tokens (at least `min_length`)."""
+
+    task_type: ClassVar[str] = "summarize"
+    result_type: ClassVar[type[TaskResult]] = SummarizationResult
+    text: NonBlank
+    max_length: Count = 128
+    min_length: Annotated[int, Field(strict=True, ge=0, le=4096)] = 0
+
+    @pydantic.model_validator(mode="after")
+    def _lengths(self) -> "SummarizationTask":
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} is over max_length {self.max_length}")
+        return self
+
+    def texts_for_limit(self) -> list[str]:
+        return [self.text]
+
+
+Lang = Annotated[str, StringConstraints(strict=True, min_length=2, max_length=16,
+                                        pattern=r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})?$")]
+
+
+class TranslationResult(TaskResult):
+    translation: str
+    truncated: bool = False
+
+
+class TranslationTask(Task):
+    """Translate a text from `source_lang` to `target_lang` (ISO codes such as en, de, zh)."""
+
+    task_type: ClassVar[str] = "translate"
+    result_type: ClassVar[type[TaskResult]] = TranslationResult
+    text: NonBlank
+    source_lang: Lang
+    target_lang: Lang
+
+    def texts_for_limit(self) -> list[str]:
+        return [self.text]
+
+
+class QuestionAnsweringResult(TaskResult):
+    answer: str
+    score: float
+    start: int  # character offsets of the answer in the context
+    end: int
+
+
+class QuestionAnsweringTask(Task):
+    """Find the answer to `question` as a span of `context` (extractive)."""
+
+    task_type: ClassVar[str] = "qa"
+    result_type: ClassVar[type[TaskResult]] = QuestionAnsweringResult
+    question: NonBlank
+    context: NonBlank
+
+    def texts_for_limit(self) -> list[str]:
+        return [self.question, self.context]
+
+
+TASK_TYPES: dict[str, type[Task]] = {
+    cls.task_type: cls
+    for cls in (WritingTask, DialogueTask, SummarizationTask, TranslationTask, QuestionAnsweringTask,
+                SentimentTask, EmbeddingTask)
+}
 """Every task type by its name, as stored in the task table's `task_type` column."""
 
 

@@ -90,3 +90,48 @@ def pg_worker(services):
 def _dispose_engines():
     yield
     dispose_engines()
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """Tiny GPT-2, BART, DistilBERT classifier and QA models saved to folders (built once)."""
+    from tests.tiny_models import build_all
+
+    return build_all(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_folders, tmp_path_factory):
+    """An llmos.toml registering the tiny models (no openai entry)."""
+    from tests.tiny_models import write_config
+
+    return write_config(tmp_path_factory.mktemp("cfg") / "llmos.toml", tiny_folders)
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tiny_config, tmp_path_factory):
+    from llmos.registry import Registry
+
+    return Registry.load(Settings(home=tmp_path_factory.mktemp("reg-home"), config=tiny_config))
+
+
+@pytest.fixture(scope="session")
+def openai_server(tiny_folders):
+    """A real OpenAI-compatible server on loopback over the tiny GPT-2 (needs a key)."""
+    import subprocess
+    import sys
+
+    key = "test-key-123"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.openai_server", "--model", str(tiny_folders["gpt2"]),
+                             "--api-key", key, "--fail-first", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=helpers.REPO,
+                            env=helpers.service_env())
+    line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        proc.kill()
+        raise RuntimeError(f"openai test server did not start: {line}{proc.stdout.read()}")
+    port = int(line.split()[1])
+    yield f"http://127.0.0.1:{port}/v1", key
+    proc.terminate()
+    proc.wait(10)
+    proc.stdout.close()

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 from llmos.errors import LLMOSError
 from llmos.jobs import Job
 from llmos.logs import event
-from llmos.tasks import parse_task
+from llmos.tasks import Task, parse_task
 from workers.runners.base import ItemOutcome, Runner
 
 log = logging.getLogger("llmos.batcher")
@@ -109,7 +109,7 @@ class Batcher:
         """Run jobs of one task type as one batch; every job gets its own outcome."""
         runner = self.runners.get(task_type)
         outcomes: dict[int, ItemOutcome] = {}
-        ready: list[tuple[int, object]] = []
+        ready: list[tuple[int, Task]] = []
         for i, job in enumerate(jobs):
             if runner is None:
                 outcomes[i] = ItemOutcome(error=f"this worker cannot run {task_type!r} tasks")
@@ -120,7 +120,7 @@ class Batcher:
                 outcomes[i] = ItemOutcome(error=str(exc))
         started = time.perf_counter()
         if ready and runner is not None:
-            results = runner.run([task for _, task in ready])  # type: ignore[misc]
+            results = runner.run([task for _, task in ready], [jobs[i] for i, _ in ready])
             for (i, _), res in zip(ready, results):
                 outcomes[i] = res
         compute_ms = (time.perf_counter() - started) * 1000.0

@@ -19,6 +19,7 @@ from typing import Sequence
 from llmos import manager
 from llmos.constants import HEARTBEAT_INTERVAL_S, RUN_JOB_TASK
 from llmos.db import check_database, get_engine
+from llmos.jobs import Job
 from llmos.dispatch import make_celery, queue_name
 from llmos.logs import event, setup
 from llmos.manager import as_utc
@@ -63,7 +64,7 @@ class Worker:
         from workers.runners import runners_for
 
         loaded = model_cache.get(self.spec, self.torch_device)
-        runners = runners_for(loaded)
+        runners = runners_for(loaded, history=self.history)
         self.batcher = Batcher(runners, max_batch_size=self.spec.max_batch_size,
                                max_wait_ms=self.spec.max_wait_ms, complete=self.complete).start()
         manager.register_worker(self.engine, worker_id=self.worker_id, host=self.host,
@@ -99,6 +100,12 @@ class Worker:
             event(log, "skip", job_id=job_id, reason="not queued (duplicate, cancelled or done)")
             return
         self.batcher.submit(claimed[0]).result()
+
+    def history(self, job: Job) -> list[tuple[str, str]]:
+        """Earlier turns of a dialogue job's conversation, from the task table."""
+        if not job.conversation_id:
+            return []
+        return manager.conversation_history(self.engine, job.conversation_id, job)
 
     def complete(self, finished: Sequence["Finished"]) -> None:  # noqa: F821
         outcomes = []

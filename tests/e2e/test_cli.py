@@ -81,8 +81,10 @@ def test_up_then_submit_from_another_terminal(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["submit", "sentiment", "hi", "--model", "gpt9"], "unknown model 'gpt9'; known models: minilm"),
-    (["submit", "writing", "hi"], "unknown task type 'writing'"),
+    (["submit", "sentiment", "hi", "--model", "gpt9"], "unknown model 'gpt9'; known models: dialogpt, distilbart"),
+    (["submit", "poetry", "hi"], "unknown task type 'poetry'"),
+    (["submit", "writing", "hi", "--set", "max_new_tokens=0"], "max_new_tokens"),
+    (["submit", "sentiment", "hi", "--set", "nope"], "--set takes key=value"),
     (["submit", "sentiment", ""], "invalid sentiment task: text"),
     (["submit", "sentiment", "hi", "--priority", "urgent"], "unknown priority 'urgent'"),
     (["submit", "sentiment", "hi"], "cannot reach Redis at unix://"),

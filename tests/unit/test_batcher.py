@@ -21,7 +21,7 @@ class EchoRunner(Runner):
         super().__init__(LoadedModel(spec=spec, tokenizer=None, model=None, device="cpu", source="x"))
         self.batches = []
 
-    def preprocess(self, requests):
+    def preprocess(self, requests, jobs):
         return [r.text for r in requests]
 
     def forward(self, texts):

@@ -31,9 +31,15 @@ def test_bad_embed_input(texts):
 
 
 def test_unknown_task_type_names_known_ones():
-    with pytest.raises(ValidationError, match="known: embed, sentiment"):
+    with pytest.raises(ValidationError, match="known: dialogue, embed, qa, sentiment, summarize, translate, writing"):
         parse_task("poetry", {"text": "x"})
 
 
 def test_input_chars_counts_every_text():
     assert llmos.EmbeddingTask(texts=["ab", "cde"]).input_chars() == 5
+
+
+@pytest.mark.parametrize("data", [None, "text", ["a"], 3])
+def test_parse_task_needs_an_object(data):
+    with pytest.raises(ValidationError, match="expected an object"):
+        parse_task("sentiment", data)

@@ -1,17 +1,42 @@
-"""One runner per task type; `runners_for(loaded)` builds those a model serves."""
+"""One runner per task type and model kind; `runners_for(loaded)` builds those a model serves."""
 
 from __future__ import annotations
 
 from workers.model_cache import LoadedModel
-from workers.runners.base import ItemOutcome, Runner
+from workers.runners.base import History, ItemError, ItemOutcome, Runner
 from workers.runners.embed import EmbedRunner
-from workers.runners.sentiment import SentimentRunner
+from workers.runners.extractive import ExtractiveSummaryRunner
+from workers.runners.generate import DialogueRunner, Seq2SeqWritingRunner, WritingRunner
+from workers.runners.openai import (OpenAIDialogueRunner, OpenAIEmbedRunner, OpenAISummaryRunner,
+                                    OpenAITranslationRunner, OpenAIWritingRunner)
+from workers.runners.qa import QuestionAnsweringRunner
+from workers.runners.sentiment import ClassifierSentimentRunner, ZeroShotSentimentRunner
+from workers.runners.seq2seq import AbstractiveSummaryRunner, TranslationRunner
 
-RUNNERS: dict[str, type[Runner]] = {r.task_type: r for r in (EmbedRunner, SentimentRunner)}
+RUNNERS: dict[tuple[str, str], type[Runner]] = {
+    ("encoder", "embed"): EmbedRunner,
+    ("encoder", "sentiment"): ZeroShotSentimentRunner,
+    ("encoder", "summarize"): ExtractiveSummaryRunner,
+    ("causal-lm", "writing"): WritingRunner,
+    ("causal-lm", "dialogue"): DialogueRunner,
+    ("seq2seq", "writing"): Seq2SeqWritingRunner,
+    ("seq2seq", "summarize"): AbstractiveSummaryRunner,
+    ("seq2seq", "translate"): TranslationRunner,
+    ("classifier", "sentiment"): ClassifierSentimentRunner,
+    ("qa", "qa"): QuestionAnsweringRunner,
+    ("openai", "writing"): OpenAIWritingRunner,
+    ("openai", "dialogue"): OpenAIDialogueRunner,
+    ("openai", "summarize"): OpenAISummaryRunner,
+    ("openai", "translate"): OpenAITranslationRunner,
+    ("openai", "embed"): OpenAIEmbedRunner,
+}
+"""(engine or transformers kind, task type) → runner class; the registry's KIND_TASKS agree."""
 
 
-def runners_for(loaded: LoadedModel) -> dict[str, Runner]:
-    return {t: RUNNERS[t](loaded) for t in loaded.spec.tasks}
+def runners_for(loaded: LoadedModel, history: History | None = None) -> dict[str, Runner]:
+    spec = loaded.spec
+    key = "openai" if spec.engine == "openai" else spec.kind
+    return {t: RUNNERS[(key, t)](loaded, history) for t in spec.tasks}
 
 
-__all__ = ["ItemOutcome", "Runner", "RUNNERS", "runners_for"]
+__all__ = ["History", "ItemError", "ItemOutcome", "RUNNERS", "Runner", "runners_for"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from llmos.jobs import Job
 from llmos.tasks import EmbeddingTask, Task
 from workers.runners.base import ItemOutcome, Runner
 from workers.runners.encoder import encode_texts
@@ -12,7 +13,7 @@ from workers.runners.encoder import encode_texts
 class EmbedRunner(Runner):
     task_type = "embed"
 
-    def preprocess(self, requests: Sequence[Task]) -> list[str]:
+    def preprocess(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> list[str]:
         texts: list[str] = []
         for r in requests:
             assert isinstance(r, EmbeddingTask)

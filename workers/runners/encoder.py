@@ -12,7 +12,7 @@ from workers.model_cache import LoadedModel
 
 def tokenize(loaded: LoadedModel, texts: Sequence[str]) -> dict[str, Any]:
     enc = loaded.tokenizer(list(texts), padding=True, truncation=True,
-                           max_length=loaded.spec.max_input_tokens, return_tensors="pt")
+                           max_length=loaded.context_window, return_tensors="pt")
     return {k: v.to(loaded.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 

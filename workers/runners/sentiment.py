@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from llmos.jobs import Job
 from llmos.tasks import SentimentTask, Task
 from workers.runners.base import ItemOutcome, Runner
 from workers.runners.encoder import encode_texts
@@ -34,11 +35,11 @@ TEMPERATURE = 0.05
 """Softmax temperature over cosine similarities (smaller: more confident scores)."""
 
 
-class SentimentRunner(Runner):
+class ZeroShotSentimentRunner(Runner):
     task_type = "sentiment"
 
-    def __init__(self, loaded: Any) -> None:
-        super().__init__(loaded)
+    def __init__(self, loaded: Any, history: Any = None) -> None:
+        super().__init__(loaded, history)
         labels = self.spec.options.get("sentiment_labels") or DEFAULT_LABELS
         self.labels = list(labels)
         self._descriptions = [list(labels[k]) for k in self.labels]
@@ -55,7 +56,7 @@ class SentimentRunner(Runner):
             self._prototypes = torch.stack(rows)
         return self._prototypes
 
-    def preprocess(self, requests: Sequence[Task]) -> list[str]:
+    def preprocess(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> list[str]:
         return [r.text for r in requests if isinstance(r, SentimentTask)]
 
     def forward(self, texts: list[str]) -> tuple[Any, list[int]]:
@@ -68,5 +69,31 @@ class SentimentRunner(Runner):
         best = probs.argmax(dim=1).tolist()
         scores = probs.max(dim=1).values.tolist()
         return [ItemOutcome(result={"label": self.labels[b], "score": round(float(s), 6)},
+                            tokens_in=c, tokens_out=0)
+                for b, s, c in zip(best, scores, counts)]
+
+
+class ClassifierSentimentRunner(Runner):
+    """`sentiment` on a sequence-classification model: softmax over its own labels (id2label)."""
+
+    task_type = "sentiment"
+
+    def preprocess(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> dict[str, Any]:
+        from workers.runners.encoder import tokenize
+
+        return tokenize(self.loaded, [r.text for r in requests])  # type: ignore[attr-defined]
+
+    def forward(self, enc: dict[str, Any]) -> tuple[Any, list[int]]:
+        from workers.runners.encoder import token_counts
+
+        logits = self.loaded.model(**enc).logits
+        return logits.float().softmax(dim=-1), token_counts(enc)
+
+    def postprocess(self, outputs: tuple[Any, list[int]], requests: Sequence[Task]) -> list[ItemOutcome]:
+        probs, counts = outputs
+        id2label = self.loaded.model.config.id2label
+        best = probs.argmax(dim=1).tolist()
+        scores = probs.max(dim=1).values.tolist()
+        return [ItemOutcome(result={"label": str(id2label[b]).upper(), "score": round(float(s), 6)},
                             tokens_in=c, tokens_out=0)
                 for b, s, c in zip(best, scores, counts)]

@@ -1,0 +1,136 @@
+"""Batched `generate` for decoder-only and encoder-decoder models.
+
+Decoder-only prompts are padded on the left, so every sequence continues from the same right
+edge; each sequence stops on its own (EOS, its own `max_new_tokens`, its own stop strings).
+Requests are grouped by sampling settings (greedy, or temperature/top-p/seed), because one
+`generate` call samples with one setting; a seeded request is reproducible whatever else is in
+the batch, because a seed forms a group of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from workers.model_cache import LoadedModel
+from workers.runners.base import ItemError
+
+
+@dataclasses.dataclass
+class GenRequest:
+    """One prompt, already tokenized (and trimmed to fit), with its decoding settings."""
+
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    min_new_tokens: int = 0
+
+    def sampling_key(self) -> tuple:
+        if self.temperature <= 0:
+            return ("greedy", self.min_new_tokens)
+        return ("sample", self.temperature, self.top_p, self.seed, self.min_new_tokens)
+
+
+@dataclasses.dataclass
+class GenOut:
+    text: str
+    tokens: int
+    finish_reason: str  # "stop" or "length"
+
+
+def fit_prompt(loaded: LoadedModel, ids: list[int], max_new_tokens: int) -> tuple[list[int], int, bool]:
+    """Trim (or reject, per `on_overflow`) a prompt so prompt + new tokens fit the window.
+
+    Returns (ids, max_new_tokens, truncated). Trimming keeps the end of the prompt.
+    """
+    window = loaded.context_window
+    max_new = min(max_new_tokens, window - 1)
+    budget = window - max_new
+    if len(ids) <= budget:
+        return ids, max_new, False
+    if loaded.spec.on_overflow == "reject":
+        raise ItemError(
+            f"prompt of {len(ids)} tokens does not fit model {loaded.spec.name!r}'s context window of "
+            f"{window} tokens with {max_new} new tokens (on_overflow = \"reject\")")
+    return ids[-budget:], max_new, True
+
+
+def generate_causal(loaded: LoadedModel, requests: Sequence[GenRequest]) -> list[GenOut]:
+    out: list[GenOut | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.sampling_key(), []).append(i)
+    for idx in groups.values():
+        for i, g in zip(idx, _generate_group(loaded, [requests[i] for i in idx])):
+            out[i] = g
+    return out  # type: ignore[return-value]
+
+
+def _generate_group(loaded: LoadedModel, reqs: list[GenRequest]) -> list[GenOut]:
+    import torch
+
+    tok = loaded.tokenizer
+    enc = tok.pad({"input_ids": [r.ids for r in reqs]}, padding=True, return_tensors="pt",
+                  padding_side="left")
+    enc = {k: v.to(loaded.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    first = reqs[0]
+    kwargs: dict[str, Any] = dict(max_new_tokens=max(r.max_new_tokens for r in reqs),
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if first.min_new_tokens:
+        kwargs["min_new_tokens"] = first.min_new_tokens
+    if first.temperature > 0:
+        kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
+        if first.seed is not None:
+            torch.manual_seed(first.seed)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    generated = loaded.model.generate(**enc, **kwargs)
+    new = generated[:, enc["input_ids"].shape[1]:].tolist()
+    return [_finish(tok, row[:r.max_new_tokens], r) for row, r in zip(new, reqs)]
+
+
+def _finish(tok: Any, ids: list[int], req: GenRequest) -> GenOut:
+    reason = "length"
+    eos = tok.eos_token_id
+    if eos is not None and eos in ids:
+        ids = ids[:ids.index(eos)]
+        reason = "stop"
+    while ids and ids[-1] == tok.pad_token_id and tok.pad_token_id != eos:
+        ids = ids[:-1]
+    text = tok.decode(ids, skip_special_tokens=True)
+    cut = min((text.find(s) for s in req.stop if s in text), default=-1)
+    if cut >= 0:
+        text, reason = text[:cut], "stop"
+        ids = tok.encode(text, add_special_tokens=False) if text else []
+    return GenOut(text=text, tokens=len(ids), finish_reason=reason)
+
+
+def generate_seq2seq(loaded: LoadedModel, texts: Sequence[str], max_new_tokens: int,
+                     min_new_tokens: int = 0) -> list[tuple[str, int, int, bool]]:
+    """(output text, input tokens, output tokens, input truncated) per text, one batch."""
+    tok = loaded.tokenizer
+    window = loaded.context_window
+    full = tok(list(texts), add_special_tokens=True)["input_ids"]
+    if loaded.spec.on_overflow == "reject":
+        for ids in full:
+            if len(ids) > window:
+                raise ItemError(f"input of {len(ids)} tokens is over model {loaded.spec.name!r}'s "
+                                f"window of {window} tokens (on_overflow = \"reject\")")
+    enc = tok(list(texts), padding=True, truncation=True, max_length=window, return_tensors="pt")
+    enc = {k: v.to(loaded.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens)
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
+    if tok.pad_token_id is not None:
+        kwargs["pad_token_id"] = tok.pad_token_id
+    generated = loaded.model.generate(**enc, **kwargs).tolist()
+    special = set(tok.all_special_ids)
+    out = []
+    for ids, row in zip(full, generated):
+        produced = [t for t in row if t not in special]
+        out.append((tok.decode(row, skip_special_tokens=True).strip(), min(len(ids), window),
+                    len(produced), len(ids) > window))
+    return out
