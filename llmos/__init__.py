@@ -11,12 +11,18 @@ from llmos.errors import (BrokerUnavailableError, ConfigError, DatabaseUnavailab
                           UnknownModelError, UnsupportedTaskError, ValidationError)
 from llmos.jobs import Job, JobStatus
 from llmos.sdk import Client, JobHandle, Model, load_model
-from llmos.tasks import EmbeddingResult, EmbeddingTask, SentimentResult, SentimentTask
+from llmos.tasks import (DialogueResult, DialogueTask, EmbeddingResult, EmbeddingTask,
+                         QuestionAnsweringResult, QuestionAnsweringTask, SentimentResult,
+                         SentimentTask, SummarizationResult, SummarizationTask, TranslationResult,
+                         TranslationTask, WritingResult, WritingTask)
 
 __all__ = [
     "BrokerUnavailableError", "Client", "ConfigError", "DatabaseUnavailableError",
-    "EmbeddingResult", "EmbeddingTask", "Job", "JobFailedError", "JobHandle", "JobNotFoundError",
-    "JobStatus", "JobTimeoutError", "LLMOSError", "Model", "SentimentResult", "SentimentTask",
-    "UnknownModelError", "UnsupportedTaskError", "ValidationError", "load_model",
+    "DialogueResult", "DialogueTask", "EmbeddingResult", "EmbeddingTask", "Job", "JobFailedError",
+    "JobHandle", "JobNotFoundError", "JobStatus", "JobTimeoutError", "LLMOSError", "Model",
+    "QuestionAnsweringResult", "QuestionAnsweringTask", "SentimentResult", "SentimentTask",
+    "SummarizationResult", "SummarizationTask", "TranslationResult", "TranslationTask",
+    "UnknownModelError", "UnsupportedTaskError", "ValidationError", "WritingResult", "WritingTask",
+    "load_model",
 ]
 __version__ = "0.1.0"

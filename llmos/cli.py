@@ -154,16 +154,57 @@ def db_downgrade(revision: str = "base") -> None:
     migrate.downgrade(get_settings().db_url, revision)
 
 
+def _loaded_on(settings) -> dict[str, list[str]]:
+    """Live workers per model ("where loaded now"); empty if the database cannot be read."""
+    from llmos import manager
+    from llmos.db import get_engine
+
+    try:
+        rows = manager.live_workers(get_engine(settings.db_url))
+    except Exception:
+        return {}
+    where: dict[str, list[str]] = {}
+    for w in rows:
+        where.setdefault(w["model"], []).append(f"{w['device']}@{w['host']}:{w['pid']}")
+    return where
+
+
 @models_app.command("list")
 def models_list() -> None:
-    """List registered models."""
+    """List every registered model: built-in and configured."""
     from llmos.registry import Registry
 
-    table = Table("name", "engine", "tasks", "source", "memory MB")
-    for spec in Registry.load(get_settings()).all():
-        table.add_row(spec.name, spec.engine, ", ".join(spec.tasks), spec.source,
-                      f"{spec.memory_mb:.0f}" if spec.memory_mb else "-")
+    settings = get_settings()
+    loaded = _loaded_on(settings)
+    table = Table("name", "engine", "kind", "tasks", "source", "memory MB", "loaded on")
+    for spec in Registry.load(settings).all():
+        mem = spec.memory_need_mb()
+        table.add_row(spec.name, spec.engine, spec.kind if spec.engine == "transformers" else "-",
+                      ", ".join(spec.tasks), spec.source or "(not configured)",
+                      f"{mem:.0f}" if mem else "-", ", ".join(loaded.get(spec.name, [])) or "-")
     out.print(table)
+
+
+@models_app.command("show")
+def models_show(name: str) -> None:
+    """Print one model's registry entry, memory need and workers as JSON."""
+    from llmos.registry import Registry
+
+    settings = get_settings()
+    spec = Registry.load(settings).get(name)
+    data = spec.model_dump(mode="json")
+    data["memory_need_mb"] = spec.memory_need_mb()
+    data["loaded_on"] = _loaded_on(settings).get(name, [])
+    print(json.dumps(data, indent=2))
+
+
+@models_app.command("pull")
+def models_pull(name: str) -> None:
+    """Download a hub model's files into the local cache (needs network)."""
+    from llmos.registry import Registry, pull
+
+    path = pull(Registry.load(get_settings()).get(name))
+    out.print(f"{name}: files in {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except LLMOSError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        from rich.markup import escape
+
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

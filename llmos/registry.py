@@ -259,3 +259,28 @@ def resolve_source(spec: ModelSpec) -> str:
     if spec.source.startswith((".", "/", "~")) and not path.is_dir():
         raise ConfigError(f"model {spec.name!r}: folder {path} does not exist")
     return str(path) if path.is_dir() else spec.source
+
+
+def pull(spec: ModelSpec) -> str:
+    """Download `spec`'s hub files into the Hugging Face cache; returns the local folder.
+
+    Offline (HF_HUB_OFFLINE, or no route to the hub), a clear error says how to use a folder.
+    """
+    if spec.engine != "transformers":
+        raise ConfigError(f"model {spec.name!r} runs behind an HTTP endpoint; there is nothing to pull")
+    source = resolve_source(spec)
+    if Path(source).is_dir():
+        return source  # a local folder or a package: already here
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(source, revision=spec.revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.spm",
+                                                 "*.tiktoken", "merges.txt", "vocab.*"])
+    except Exception as exc:  # offline mode, DNS, connection refused, 404...
+        raise ConfigError(
+            f"cannot download {source!r} for model {spec.name!r}: the Hugging Face hub cannot be "
+            f"reached ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"To run it offline, copy the model's files into a folder and set "
+            f"source = \"/path/to/folder\" under [models.{spec.name}] in llmos.toml."
+        ) from None

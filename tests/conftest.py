@@ -115,23 +115,36 @@ def tiny_registry(tiny_config, tmp_path_factory):
     return Registry.load(Settings(home=tmp_path_factory.mktemp("reg-home"), config=tiny_config))
 
 
-@pytest.fixture(scope="session")
-def openai_server(tiny_folders):
-    """A real OpenAI-compatible server on loopback over the tiny GPT-2 (needs a key)."""
+def start_openai_server(model_dir, *args):
+    """Start tests/openai_server.py; returns (process, base URL)."""
     import subprocess
     import sys
 
-    key = "test-key-123"
-    proc = subprocess.Popen([sys.executable, "-m", "tests.openai_server", "--model", str(tiny_folders["gpt2"]),
-                             "--api-key", key, "--fail-first", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.openai_server", "--model", str(model_dir), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=helpers.REPO,
                             env=helpers.service_env())
+    seen = ""
     line = proc.stdout.readline()
+    while line and not line.startswith("READY"):
+        seen += line
+        line = proc.stdout.readline()
     if not line.startswith("READY"):
         proc.kill()
-        raise RuntimeError(f"openai test server did not start: {line}{proc.stdout.read()}")
-    port = int(line.split()[1])
-    yield f"http://127.0.0.1:{port}/v1", key
+        proc.stdout.close()
+        raise RuntimeError(f"openai test server did not start:\n{seen}")
+    return proc, f"http://127.0.0.1:{int(line.split()[1])}/v1"
+
+
+def stop_openai_server(proc):
     proc.terminate()
     proc.wait(10)
     proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def openai_server(tiny_folders):
+    """A real OpenAI-compatible server on loopback over the tiny GPT-2 (needs a key; 429s twice)."""
+    key = "test-key-123"
+    proc, url = start_openai_server(tiny_folders["gpt2"], "--api-key", key, "--fail-first", "2")
+    yield url, key
+    stop_openai_server(proc)

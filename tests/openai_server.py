@@ -20,14 +20,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Backend:
     def __init__(self, folder: str) -> None:
         import torch
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
         self.lock = threading.Lock()
 
     def complete(self, prompt: str, max_tokens: int) -> tuple[str, int, int]:
+        max_tokens = max(1, min(max_tokens, self.model.config.n_positions // 4))  # servers cap it too
         ids = self.tok.encode(prompt, add_special_tokens=False)[-(self.model.config.n_positions - max_tokens - 1):]
         with self.lock, self.torch.inference_mode():
             out = self.model.generate(self.torch.tensor([ids]), attention_mask=self.torch.ones(1, len(ids), dtype=self.torch.long),

@@ -112,6 +112,9 @@ def build_distilbert(folder: Path, head: str) -> Path:
 
 def build_all(root: Path) -> dict[str, Path]:
     """Every tiny model under `root`; returns their folders by kind."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     return {
         "gpt2": build_gpt2(root / "tiny-gpt2"),
         "bart": build_bart(root / "tiny-bart"),

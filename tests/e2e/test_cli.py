@@ -102,3 +102,34 @@ def test_worker_with_unreachable_database_exits_with_clear_error(tmp_path, redis
     res = run(["worker", "--model", "minilm"], env, timeout=60)
     assert res.returncode == 2
     assert "cannot reach the database at postgresql+psycopg://postgres@127.0.0.1:1/none" in res.stderr
+
+
+def test_models_list_shows_builtin_and_configured(tmp_path):
+    (tmp_path / "llmos.toml").write_text('[models.my-encoder]\nsource = "/srv/models/enc"\ntasks = ["embed"]\n')
+    res = run(["models", "list"], service_env(LLMOS_HOME=str(tmp_path / "h"), COLUMNS="250"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    names = {line.split("│")[1].strip() for line in res.stdout.splitlines() if line.startswith("│")}
+    assert names == {"minilm", "gpt2", "dialogpt", "distilbart", "opus-mt-en-zh", "opus-mt-en-de",
+                     "sst2", "squad", "gpt3", "my-encoder"}
+    assert "sshleifer/distilbart-cnn-12-6" in res.stdout and "(not configured)" in res.stdout
+
+
+def test_models_show_and_where_loaded(services, tmp_path, pg_worker):
+    settings, env = services
+    res = run(["models", "show", "minilm"], dict(env, COLUMNS="250"))
+    data = json.loads(res.stdout)
+    assert data["tasks"] == ["embed", "sentiment", "summarize"] and data["memory_need_mb"] > 50
+    assert data["loaded_on"] == [f"cpu@{os.uname().nodename}:{pg_worker.proc.pid}"]
+
+
+def test_models_pull_offline_says_how_to_use_a_folder(tmp_path):
+    res = run(["models", "pull", "gpt2"], service_env(LLMOS_HOME=str(tmp_path), COLUMNS="400"))
+    assert res.returncode == 2
+    assert "cannot download 'distilbert/distilgpt2' for model 'gpt2': the Hugging Face hub cannot be reached" in res.stderr
+    assert 'set source = "/path/to/folder" under [models.gpt2] in llmos.toml' in res.stderr
+
+
+def test_gpt3_unconfigured_is_refused_at_submit(tmp_path):
+    res = run(["submit", "writing", "hello", "--model", "gpt3"], service_env(LLMOS_HOME=str(tmp_path), COLUMNS="400"))
+    assert res.returncode == 2 and "has no OpenAI-compatible endpoint configured" in res.stderr
+    assert "LLMOS_OPENAI_BASE_URL" in res.stderr
