@@ -40,9 +40,14 @@ def up(model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help=
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stack = Stack(get_settings(), model or None, device).start()
+    settings = get_settings()
+    stack = Stack(settings, model or None, device).start()
     try:
-        stack.wait_ready()
+        stack.wait_ready(stop=stop)
+        from llmos.reconciler import Reconciler
+
+        reconciler = Reconciler(settings)
+        reconciler.start_thread(stop)
         table = Table(title="LLMOS is up", show_header=False)
         for k, v in stack.describe().items():
             table.add_row(k, v)
@@ -65,6 +70,26 @@ def demo(file: Annotated[Path, typer.Option(help="Text file, one document per li
     from llmos.demo import run_demo
 
     run_demo(file, model, out)
+
+
+@app.command()
+def reconcile(once: Annotated[bool, typer.Option("--once", help="One pass, print what it did, exit.")] = False,
+              interval: Annotated[Optional[float], typer.Option(help="Seconds between passes (default LLMOS_RECONCILE_INTERVAL_S).")] = None) -> None:
+    """Re-send lost jobs, requeue jobs of dead workers, expire and time out jobs; loop until stopped."""
+    import dataclasses
+
+    from llmos.reconciler import Reconciler
+
+    rec = Reconciler(get_settings())
+    if once:
+        print(json.dumps(dataclasses.asdict(rec.run_once())))
+        rec.close()
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    rec.run_forever(stop, interval)
+    rec.close()
 
 
 @app.command()

@@ -6,6 +6,13 @@ QUEUE_PREFIX = "llmos."
 RUN_JOB_TASK = "llmos.run_job"
 """The one Celery task name; its only argument is the job id (JSON)."""
 
+PENDING_SET_PREFIX = "llmos:pending:"
+"""Redis set per model of job ids whose message sits in the queue (added before a send,
+removed when a worker takes the message); the reconciler re-sends queued jobs missing from it."""
+
+CANCEL_CHANNEL = "llmos:cancel"
+"""Redis pub/sub channel announcing the cancel of a running job (payload: its id)."""
+
 DONE_CHANNEL_PREFIX = "llmos:done:"
 """Redis pub/sub channel a worker publishes on when a job reaches a final state."""
 

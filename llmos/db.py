@@ -53,11 +53,17 @@ jobs = sa.Table(
     sa.Column("tokens_out", sa.Integer),
     sa.Column("worker_id", sa.String(256)),
     sa.Column("device", sa.String(32)),
+    sa.Column("timeout_s", sa.Float),
+    sa.Column("deadline", Timestamp),
+    sa.Column("run_after", Timestamp),
+    sa.Column("dispatched_at", Timestamp),
+    sa.Column("finishes", sa.Integer, nullable=False, server_default="0"),
     sa.CheckConstraint("priority BETWEEN 0 AND 9", name="priority_range"),
     sa.CheckConstraint(
         "status IN ('queued','running','succeeded','failed','cancelled','expired')",
         name="status_valid"),
     sa.Index(None, "status", "model"),
+    sa.Index(None, "status", "worker_id"),
     sa.Index(None, "batch_id"),
     sa.Index(None, "conversation_id", "created_at"),
     sa.Index(None, "created_at"),
@@ -109,7 +115,7 @@ def _create_engine(url: str) -> sa.Engine:
     engine = sa.create_engine(url, **kwargs)
     if url.startswith("sqlite"):
         sa.event.listen(engine, "connect", _sqlite_pragmas)
-        sa.event.listen(engine, "begin", _sqlite_begin_immediate)
+        sa.event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
@@ -123,9 +129,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _sqlite_begin_immediate(conn: sa.Connection) -> None:
-    # Take the write lock at BEGIN so two writers never deadlock upgrading a read lock.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+def _sqlite_begin(conn: sa.Connection) -> None:
+    # A deferred BEGIN: readers run beside the writer (WAL). Every write transaction of
+    # llmos.manager starts with its write statement, so it takes the write lock first thing
+    # (waiting busy_timeout) and never has to upgrade a read snapshot.
+    conn.exec_driver_sql("BEGIN")
 
 
 def check_database(url: str) -> None:

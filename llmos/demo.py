@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from llmos import manager
-from llmos.errors import ValidationError
+from llmos.errors import LLMOSError, ValidationError
 from llmos.sdk import Client, result_of
 from llmos.settings import get_settings
 from llmos.stack import EmbeddedRedis, Stack
@@ -57,28 +57,35 @@ def run_demo(path: Path, model: str, console: Console) -> None:
                 stack.stop()
 
 
-def _run(client: Client, model: str, lines: list[str], console: Console) -> None:
+def _run(client: Client, model: str, lines: list[str], console: Console, timeout_s: float = 600.0) -> None:
     m = client.load_model(model)
     started = time.perf_counter()
     sentiment = m.submit_many([SentimentTask(text=t) for t in lines])
     embed = m.submit_many([EmbeddingTask(texts=[t]) for t in lines])
     ids = [h.id for h in sentiment + embed]
+    if not manager.live_workers(client.engine, model):
+        raise LLMOSError(f"no live worker serves {model!r}: start one with `llmos worker --model {model}` "
+                         f"(or stop the running `llmos up` and run the demo alone)")
+    deadline = time.monotonic() + timeout_s
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         bar = progress.add_task(f"{len(ids)} jobs on {model}", total=len(ids))
         while True:
-            counts = manager.status_counts(client.engine, ids)
+            counts = client._db(manager.status_counts, ids)
             done = sum(n for s, n in counts.items() if s.is_final)
             progress.update(bar, completed=done)
             if done == len(ids):
                 break
+            if time.monotonic() > deadline:
+                raise LLMOSError(f"{len(ids) - done} of {len(ids)} jobs not done after {timeout_s:.0f} s; "
+                                 "see `llmos job ID` and the worker logs")
             time.sleep(0.2)
     elapsed = time.perf_counter() - started
     jobs = manager.get_jobs(client.engine, ids)
     labels = [result_of(jobs[h.id]) for h in sentiment]
     vectors = [result_of(jobs[h.id]).vectors[0] for h in embed]
 
-    table = Table(title=f"{path_name(lines)}: sentiment and nearest neighbour ({model})")
+    table = Table(title=f"{len(lines)} lines: sentiment and nearest neighbour ({model})")
     table.add_column("#", justify="right")
     table.add_column("label")
     table.add_column("score", justify="right")
@@ -98,6 +105,3 @@ def _run(client: Client, model: str, lines: list[str], console: Console) -> None
         f"mean batch size {mean(j.batch_size or 0 for j in rows):.1f}"
     )
 
-
-def path_name(lines: list[str]) -> str:
-    return f"{len(lines)} lines"

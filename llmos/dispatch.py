@@ -7,14 +7,18 @@ tests, `CeleryDispatcher` the real one.
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
+import time
 from typing import Protocol, Sequence
 
 import kombu.exceptions
 import redis
 from celery import Celery
 
-from llmos.constants import QUEUE_PREFIX, RUN_JOB_TASK
+from llmos.constants import PENDING_SET_PREFIX, QUEUE_PREFIX, RUN_JOB_TASK
+from llmos.db import first_line
 from llmos.errors import BrokerUnavailableError
 from llmos.jobs import Job
 from llmos.priority import broker_priority
@@ -74,14 +78,18 @@ class CeleryDispatcher:
     """Sends through Celery on Redis, many messages over one producer connection."""
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        from llmos.notify import redis_client
+
         self.settings = settings
         self.app = app or make_celery(settings)
+        self.redis = redis_client(settings)
         self._lock = threading.Lock()
 
     def send(self, jobs: Sequence[Job]) -> None:
         if not jobs:
             return
         try:
+            mark_pending(self.redis, jobs)  # before the send: a taken message is never "pending"
             with self._lock, self.app.producer_or_acquire() as producer:
                 for job in jobs:
                     self.app.send_task(
@@ -89,11 +97,59 @@ class CeleryDispatcher:
                         priority=broker_priority(job.priority), producer=producer,
                         ignore_result=True,
                     )
-        except (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError, OSError) as exc:
+        except (kombu.exceptions.KombuError, redis.exceptions.RedisError, OSError) as exc:
             raise broker_error(self.settings, exc) from None
 
     def close(self) -> None:
         self.app.close()
+        self.redis.close()
+
+
+def pending_set(model: str) -> str:
+    return PENDING_SET_PREFIX + model
+
+
+def mark_pending(client: redis.Redis, jobs: Sequence[Job]) -> None:
+    """Record that these jobs' messages are (about to be) in their queues: one pipeline."""
+    pipe = client.pipeline(transaction=False)
+    for job in jobs:
+        pipe.sadd(pending_set(job.model), job.id)
+    pipe.execute()
+
+
+def unmark_pending(client: redis.Redis, model: str, job_ids: Sequence[str]) -> None:
+    """A worker took these messages off the queue."""
+    if job_ids:
+        client.srem(pending_set(model), *job_ids)
+
+
+UNACKED_HASH, UNACKED_INDEX = "unacked", "unacked_index"
+"""Where kombu's Redis transport keeps delivered, not yet acked messages (acks_late)."""
+
+
+def delivered_before(client: redis.Redis, older_than_s: float) -> set[str]:
+    """Job ids whose message a worker took more than `older_than_s` ago and has not acked.
+
+    A live worker claims a taken job within milliseconds; a job still `queued` whose message
+    was taken long ago sits in the buffer of a worker that died before claiming it, and its
+    message would only come back after the visibility timeout. The reconciler re-sends those.
+    """
+    tags = client.zrangebyscore(UNACKED_INDEX, "-inf", time.time() - older_than_s)
+    if not tags:
+        return set()
+    ids = set()
+    for item in client.hmget(UNACKED_HASH, tags):
+        try:
+            payload = json.loads(item)[0]
+            if payload["headers"].get("task") != RUN_JOB_TASK:
+                continue
+            body = payload["body"]
+            if payload.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            ids.add(str(json.loads(body)[0][0]))
+        except (TypeError, ValueError, KeyError, IndexError):
+            continue  # not one of ours, or a format we do not know: leave it to the visibility timeout
+    return ids
 
 
 class InMemoryDispatcher:
@@ -114,9 +170,4 @@ def broker_error(settings: Settings, exc: BaseException) -> BrokerUnavailableErr
     where = redact(settings.broker_url)
     hint = ("start it with `llmos up` (embedded) or set LLMOS_REDIS_URL to a running Redis"
             if settings.embedded_redis else "is it running? check LLMOS_REDIS_URL")
-    return BrokerUnavailableError(f"cannot reach Redis at {where}: {_short(exc)}; {hint}")
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return BrokerUnavailableError(f"cannot reach Redis at {where}: {first_line(exc)}; {hint}")

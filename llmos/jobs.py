@@ -59,6 +59,11 @@ class Job:
     tokens_out: int | None = None
     worker_id: str | None = None
     device: str | None = None
+    timeout_s: float | None = None
+    deadline: datetime | None = None
+    run_after: datetime | None = None
+    dispatched_at: datetime | None = None
+    finishes: int = 0
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
 
 import sqlalchemy as sa
@@ -43,6 +43,8 @@ class NewJob:
     batch_id: str | None = None
     conversation_id: str | None = None
     max_attempts: int = 3
+    timeout_s: float | None = None
+    deadline: datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,7 +71,7 @@ def _jobs_from(rows: Iterable[Any]) -> list[Job]:
     return [Job.from_row(r._mapping) for r in rows]
 
 
-def create_jobs(engine: sa.Engine, new: Sequence[NewJob]) -> list[tuple[Job, bool]]:
+def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True) -> list[tuple[Job, bool]]:
     """Write jobs as `queued`; returns (job, created) in input order.
 
     A job whose (tenant, idempotency_key) already exists is not created again: the existing job
@@ -90,7 +92,8 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob]) -> list[tuple[Job, boo
                    priority=n.priority, status=JobStatus.QUEUED.value, input=n.input,
                    attempts=0, max_attempts=n.max_attempts, tenant=n.tenant,
                    idempotency_key=n.idempotency_key, batch_id=n.batch_id,
-                   conversation_id=n.conversation_id, created_at=now, queued_at=now)
+                   conversation_id=n.conversation_id, created_at=now, queued_at=now,
+                   timeout_s=n.timeout_s, deadline=n.deadline, dispatched_at=now, finishes=0)
         rows.append(row)
         job = Job.from_row(row)
         out.append((job, True))
@@ -101,10 +104,10 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob]) -> list[tuple[Job, boo
             with engine.begin() as conn:
                 conn.execute(jobs.insert(), rows)
         except sa.exc.IntegrityError:
-            if not keyed:
+            if not keyed or not _retry:
                 raise
             # A concurrent submit with the same key won the race: retry once, it is now "existing".
-            return create_jobs(engine, new)
+            return create_jobs(engine, new, _retry=False)
     return out
 
 
@@ -144,26 +147,39 @@ def status_counts(engine: sa.Engine, job_ids: Sequence[str]) -> dict[JobStatus, 
 
 
 def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: str,
-          model: str | None = None) -> list[Job]:
-    """queued → running for those of `job_ids` still queued; returns the jobs this call claimed.
+          model: str | None = None, fresh_only: bool = False) -> tuple[list[Job], list[str]]:
+    """queued → running for those of `job_ids` still queued and due; returns (claimed, expired ids).
 
-    One conditional UPDATE: a job already claimed, finished or cancelled is skipped, so a
-    duplicate message never runs a job twice at once.
+    One transaction: jobs whose deadline has passed become `expired`; the rest that are still
+    queued (and not waiting out a retry backoff) are claimed by one conditional UPDATE, so a
+    duplicate message, a cancelled or a finished job is never run twice at once.
     """
     if not job_ids:
-        return []
-    cond = [jobs.c.id.in_([str(i) for i in job_ids]), jobs.c.status == JobStatus.QUEUED.value]
+        return [], []
+    ids = [str(i) for i in job_ids]
+    now = utcnow()
+    queued = [jobs.c.id.in_(ids), jobs.c.status == JobStatus.QUEUED.value]
+    expire = (jobs.update()
+              .where(*queued, jobs.c.deadline.is_not(None), jobs.c.deadline <= now)
+              .values(status=JobStatus.EXPIRED.value, finished_at=now,
+                      error="expired: its deadline passed before it started")
+              .returning(jobs.c.id))
+    cond = [*queued, sa.or_(jobs.c.deadline.is_(None), jobs.c.deadline > now),
+            sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now)]
     if model is not None:  # a worker only ever claims its own model's jobs
         cond.append(jobs.c.model == model)
+    if fresh_only:  # jobs that never ran; a job that ran before is claimed on its own
+        cond.append(jobs.c.attempts == 0)
     stmt = (
         jobs.update()
         .where(*cond)
-        .values(status=JobStatus.RUNNING.value, started_at=utcnow(), worker_id=worker_id,
+        .values(status=JobStatus.RUNNING.value, started_at=now, worker_id=worker_id,
                 device=device, attempts=jobs.c.attempts + 1)
         .returning(*jobs.c)
     )
     with engine.begin() as conn:
-        return _jobs_from(conn.execute(stmt))
+        expired = [str(r[0]) for r in conn.execute(expire)]
+        return _jobs_from(conn.execute(stmt)), expired
 
 
 def finish(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:
@@ -183,7 +199,7 @@ def finish(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:
                 error=sa.bindparam("b_error"), finished_at=now,
                 compute_ms=sa.bindparam("b_compute"), batch_size=sa.bindparam("b_batch"),
                 tokens_in=sa.bindparam("b_tin"), tokens_out=sa.bindparam("b_tout"),
-                queue_wait_ms=sa.bindparam("b_wait"))
+                queue_wait_ms=sa.bindparam("b_wait"), finishes=jobs.c.finishes + 1)
     )
     params = [dict(b_id=o.job_id, b_worker=o.worker_id, b_attempt=o.attempt, b_status=o.status.value,
                    b_result=o.result, b_error=o.error, b_compute=o.compute_ms, b_batch=o.batch_size,
@@ -224,13 +240,151 @@ def fail_queued(engine: sa.Engine, job_ids: Sequence[str], reason: str) -> int:
 
 
 def cancel(engine: sa.Engine, job_id: str) -> bool:
-    """queued → cancelled; True if this call cancelled it (its message then is a no-op)."""
+    """queued or running → cancelled; True if this call cancelled it.
+
+    A queued job's message becomes a no-op; a running job's worker stops it between decoding
+    steps (it hears of it on the cancel channel) and its late finish does not apply.
+    """
     stmt = (jobs.update()
-            .where(jobs.c.id == str(job_id), jobs.c.status == JobStatus.QUEUED.value)
+            .where(jobs.c.id == str(job_id),
+                   jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
             .values(status=JobStatus.CANCELLED.value, finished_at=utcnow(),
                     error="cancelled by user"))
     with engine.begin() as conn:
         return conn.execute(stmt).rowcount == 1
+
+
+def retry_later(engine: sa.Engine, outcomes: Sequence[Outcome], delays_s: Sequence[float]) -> int:
+    """running → queued after a transient failure, to be sent again once `run_after` passes."""
+    if not outcomes:
+        return 0
+    now = utcnow()
+    applied = 0
+    with engine.begin() as conn:
+        for o, delay in zip(outcomes, delays_s):
+            stmt = (jobs.update()
+                    .where(jobs.c.id == o.job_id, jobs.c.status == JobStatus.RUNNING.value,
+                           jobs.c.worker_id == o.worker_id, jobs.c.attempts == o.attempt)
+                    .values(status=JobStatus.QUEUED.value, worker_id=None, started_at=None,
+                            error=f"attempt {o.attempt} failed, retrying: {o.error}",
+                            run_after=now + timedelta(seconds=delay)))
+            applied += conn.execute(stmt).rowcount
+    return applied
+
+
+def requeue_dead(engine: sa.Engine, dead_after_s: float) -> tuple[list[Job], list[Job]]:
+    """Running jobs whose worker stopped heartbeating: back to queued, or failed past max_attempts.
+
+    Returns (requeued, failed). Each update is conditional on the attempt it saw, so a worker
+    that was only slow and finishes later cannot overwrite the newer attempt.
+    """
+    now = utcnow()
+    with engine.connect() as conn:
+        running = _jobs_from(conn.execute(sa.select(jobs).where(jobs.c.status == JobStatus.RUNNING.value)))
+        beats = {r.id: (as_utc(r.last_heartbeat), r.stopped_at)
+                 for r in conn.execute(sa.select(workers.c.id, workers.c.last_heartbeat, workers.c.stopped_at))}
+
+    def dead(worker_id: str | None) -> bool:
+        if worker_id not in beats:
+            return True
+        last, stopped = beats[worker_id]
+        return stopped is not None or (now - last).total_seconds() > dead_after_s
+
+    requeued, failed = [], []
+    with engine.begin() as conn:
+        for job in running:
+            if not dead(job.worker_id):
+                continue
+            cond = [jobs.c.id == job.id, jobs.c.status == JobStatus.RUNNING.value,
+                    jobs.c.attempts == job.attempts]
+            if job.attempts >= job.max_attempts:
+                values = dict(status=JobStatus.FAILED.value, finished_at=now,
+                              error=f"worker lost during attempt {job.attempts} of {job.max_attempts} "
+                                    f"({job.worker_id}); not retried again (a poison input?)")
+                target = failed
+            else:
+                values = dict(status=JobStatus.QUEUED.value, worker_id=None, started_at=None,
+                              dispatched_at=now, error=f"worker {job.worker_id} lost during attempt {job.attempts}")
+                target = requeued
+            if conn.execute(jobs.update().where(*cond).values(**values)).rowcount:
+                target.append(job)
+    return requeued, failed
+
+
+def fail_timed_out(engine: sa.Engine, grace_s: float) -> list[str]:
+    """Running jobs past started_at + timeout_s + grace: failed with reason timeout.
+
+    The worker stops such a job itself between steps; this records it when the worker cannot
+    (a single long forward pass), and the worker's late finish then does not apply.
+    """
+    now = utcnow()
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(jobs.c.id, jobs.c.started_at, jobs.c.timeout_s, jobs.c.attempts)
+                            .where(jobs.c.status == JobStatus.RUNNING.value, jobs.c.timeout_s.is_not(None))).all()
+    overdue = [r for r in rows if (now - as_utc(r.started_at)).total_seconds() > r.timeout_s + grace_s]
+    done = []
+    with engine.begin() as conn:
+        for r in overdue:
+            stmt = (jobs.update()
+                    .where(jobs.c.id == r.id, jobs.c.status == JobStatus.RUNNING.value, jobs.c.attempts == r.attempts)
+                    .values(status=JobStatus.FAILED.value, finished_at=now,
+                            error=f"timeout: still running {r.timeout_s:g} s after it started"))
+            if conn.execute(stmt).rowcount:
+                done.append(str(r.id))
+    return done
+
+
+def expire_overdue(engine: sa.Engine) -> list[str]:
+    """Queued jobs whose deadline passed: expired (they never ran)."""
+    stmt = (jobs.update()
+            .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.deadline.is_not(None),
+                   jobs.c.deadline <= utcnow())
+            .values(status=JobStatus.EXPIRED.value, finished_at=utcnow(),
+                    error="expired: its deadline passed before it started")
+            .returning(jobs.c.id))
+    with engine.begin() as conn:
+        return [str(r[0]) for r in conn.execute(stmt)]
+
+
+def queued_counts(engine: sa.Engine) -> dict[str, int]:
+    """Queued jobs per model that are due now (not waiting out a retry backoff)."""
+    now = utcnow()
+    q = (sa.select(jobs.c.model, sa.func.count())
+         .where(jobs.c.status == JobStatus.QUEUED.value,
+                sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
+         .group_by(jobs.c.model))
+    with engine.connect() as conn:
+        return {m: n for m, n in conn.execute(q)}
+
+
+def due_retries(engine: sa.Engine, limit: int = 10_000) -> list[Job]:
+    """Queued jobs whose retry backoff has passed and that were not sent since."""
+    now = utcnow()
+    q = (sa.select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.run_after.is_not(None),
+                               jobs.c.run_after <= now,
+                               sa.or_(jobs.c.dispatched_at.is_(None), jobs.c.dispatched_at < jobs.c.run_after))
+         .limit(limit))
+    with engine.connect() as conn:
+        return _jobs_from(conn.execute(q))
+
+
+def stale_queued(engine: sa.Engine, model: str, older_than_s: float, limit: int = 10_000) -> list[Job]:
+    """Queued, due jobs of `model` last sent more than `older_than_s` ago, oldest first."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=older_than_s)
+    q = (sa.select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.model == model,
+                               sa.func.coalesce(jobs.c.dispatched_at, jobs.c.queued_at) < cutoff,
+                               sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
+         .order_by(jobs.c.priority.desc(), jobs.c.queued_at).limit(limit))
+    with engine.connect() as conn:
+        return _jobs_from(conn.execute(q))
+
+
+def mark_dispatched(engine: sa.Engine, job_ids: Sequence[str]) -> None:
+    now = utcnow()
+    with engine.begin() as conn:
+        for chunk in _chunks([str(i) for i in job_ids], 500):
+            conn.execute(jobs.update().where(jobs.c.id.in_(chunk)).values(dispatched_at=now))
 
 
 def register_worker(engine: sa.Engine, *, worker_id: str, host: str, pid: int, model: str,

@@ -7,26 +7,32 @@ model's queue at its priority. Waiting subscribes to completion notices and read
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
+from datetime import datetime, timedelta
 from typing import Any, Iterable, Sequence
 
 import redis
 import sqlalchemy as sa
 
 from llmos import manager
-from llmos.constants import DEFAULT_TENANT
+from llmos.constants import CANCEL_CHANNEL, DEFAULT_TENANT
 from llmos.db import check_database, first_line, get_engine
 from llmos.dispatch import CeleryDispatcher, Dispatcher
 from llmos.errors import (DatabaseUnavailableError, JobFailedError, JobNotFoundError,
                           JobTimeoutError, LLMOSError, ValidationError)
 from llmos.jobs import Job, JobStatus
-from llmos.notify import ping, redis_client, wait_until
+from llmos.logs import event
+from llmos.notify import channel, ping, redis_client, wait_until
 from llmos.priority import parse_priority
 from llmos.registry import ModelSpec, Registry
 from llmos.settings import Settings, get_settings, redact
 from llmos.tasks import (DialogueTask, Task, TaskResult, TranslationTask, ensure_task,
                          task_class)
+
+
+log = logging.getLogger("llmos.sdk")
 
 
 class Client:
@@ -83,14 +89,32 @@ class Client:
     # -- jobs --------------------------------------------------------------------------------
     def submit(self, model: str, tasks: Sequence[Task], *, priority: int | str | None = None,
                idempotency_key: str | Sequence[str | None] | None = None,
-               tenant: str | None = None, batch_id: str | None = None) -> list["JobHandle"]:
-        """Validate, write and send `tasks` for `model`; one handle per task, in order."""
+               tenant: str | None = None, batch_id: str | None = None,
+               timeout_s: float | None = None, deadline: datetime | float | None = None,
+               max_attempts: int = 3) -> list["JobHandle"]:
+        """Validate, write and send `tasks` for `model`; one handle per task, in order.
+
+        `timeout_s`: longest a job may run (then it fails with reason timeout); `deadline`: a
+        time (or seconds from now) after which a job that has not started is `expired`;
+        `max_attempts`: runs before a job whose worker keeps dying is failed.
+        """
         spec = self.registry.get(model)
         prio = parse_priority(priority)
         keys = _keys(idempotency_key, len(tasks))
+        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise ValidationError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        if isinstance(deadline, (int, float)) and not isinstance(deadline, bool):
+            deadline = manager.utcnow() + timedelta(seconds=float(deadline))
+        elif deadline is not None and not isinstance(deadline, datetime):
+            raise ValidationError(f"deadline must be a datetime or seconds from now, got {deadline!r}")
+        if deadline is not None and deadline.tzinfo is None:
+            raise ValidationError("deadline must be timezone-aware (e.g. datetime.now(timezone.utc) + ...)")
+        if not isinstance(max_attempts, int) or not 1 <= max_attempts <= 100:
+            raise ValidationError(f"max_attempts must be 1–100, got {max_attempts!r}")
         new = [manager.NewJob(model=spec.name, task_type=t.task_type, input=t.model_dump(mode="json"),
                               priority=prio, tenant=tenant or DEFAULT_TENANT, idempotency_key=k,
-                              batch_id=batch_id, conversation_id=getattr(t, "conversation_id", None))
+                              batch_id=batch_id, conversation_id=getattr(t, "conversation_id", None),
+                              timeout_s=timeout_s, deadline=deadline, max_attempts=max_attempts)
                for t, k in zip([validate_for(spec, t) for t in tasks], keys)]
         if not new:
             return []
@@ -101,11 +125,13 @@ class Client:
         try:
             self.dispatcher.send(to_send)
         except LLMOSError as exc:
-            self._db(manager.fail_queued, [j.id for j in to_send], f"could not be queued: {exc}")
-            raise
+            # The rows are written: the jobs are accepted. The reconciler sends them once Redis
+            # answers again (their ids are not in the pending set), so the caller keeps handles.
+            event(log, "send_deferred", logging.WARNING, jobs=len(to_send), error=str(exc))
         return [JobHandle(self, job.id, job.model, job.task_type) for job, _ in created]
 
     def job(self, job_id: str) -> Job:
+        job_id = _job_id(job_id)
         job = self._db(manager.get_job, job_id)
         if job is None:
             raise JobNotFoundError(f"no job with id {job_id!r}")
@@ -113,7 +139,7 @@ class Client:
 
     def wait(self, job_ids: Sequence[str], timeout: float | None = None) -> dict[str, Job]:
         """Wait until every job is final (or `timeout` passes); returns the jobs as last read."""
-        ids = [str(j) for j in job_ids]
+        ids = [_job_id(j) for j in job_ids]
         latest: dict[str, Job] = {}
         remaining = set(ids)
 
@@ -126,15 +152,22 @@ class Client:
             remaining.difference_update(i for i, j in found.items() if j.status.is_final)
             return set(remaining)
 
-        try:
-            client = self.redis
-        except LLMOSError:
-            client = None
-        wait_until(client, ids, pending, timeout)
+        wait_until(self.redis, ids, pending, timeout)
         return latest
 
     def cancel(self, job_id: str) -> bool:
-        return self._db(manager.cancel, job_id)
+        """Cancel a queued or running job; a running one's worker stops it between steps."""
+        job_id = _job_id(job_id)
+        if self._db(manager.get_job, job_id) is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        done = self._db(manager.cancel, job_id)
+        if done:
+            try:
+                self.redis.publish(CANCEL_CHANNEL, str(job_id))
+                self.redis.publish(channel(str(job_id)), "done")
+            except (redis.exceptions.RedisError, LLMOSError):
+                pass  # the table says cancelled; a running job then just finishes unrecorded
+        return done
 
     def _db(self, fn: Any, *args: Any) -> Any:
         try:
@@ -144,6 +177,14 @@ class Client:
                 f"cannot reach the database at {redact(self.settings.db_url)}: "
                 f"{first_line(exc.orig or exc)}"
             ) from None
+
+
+def _job_id(value: Any) -> str:
+    """A job id in canonical form; anything that is not a UUID cannot name a job."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise JobNotFoundError(f"no job with id {value!r} (job ids are UUIDs)") from None
 
 
 def validate_for(spec: ModelSpec, task: Any) -> Task:
@@ -227,21 +268,28 @@ class Model:
         return f"Model({self.name!r}, tasks={list(self.spec.tasks)})"
 
     def submit(self, task: Task, *, priority: int | str | None = None,
-               idempotency_key: str | None = None, tenant: str | None = None) -> JobHandle:
+               idempotency_key: str | None = None, tenant: str | None = None,
+               timeout_s: float | None = None, deadline: datetime | float | None = None,
+               max_attempts: int = 3) -> JobHandle:
+        """Enqueue one task; see `Client.submit` for the options."""
         return self.client.submit(self.name, [task], priority=priority,
-                                  idempotency_key=idempotency_key, tenant=tenant)[0]
+                                  idempotency_key=idempotency_key, tenant=tenant,
+                                  timeout_s=timeout_s, deadline=deadline, max_attempts=max_attempts)[0]
 
     def submit_many(self, tasks: Iterable[Task], *, priority: int | str | None = None,
                     tenant: str | None = None, batch_id: str | None = None,
-                    idempotency_keys: Sequence[str | None] | None = None) -> list[JobHandle]:
+                    idempotency_keys: Sequence[str | None] | None = None,
+                    timeout_s: float | None = None, deadline: datetime | float | None = None,
+                    max_attempts: int = 3) -> list[JobHandle]:
         """Validate every task first (nothing is written if one is bad), then enqueue them all."""
         return self.client.submit(self.name, list(tasks), priority=priority, tenant=tenant,
-                                  batch_id=batch_id, idempotency_key=idempotency_keys)
+                                  batch_id=batch_id, idempotency_key=idempotency_keys,
+                                  timeout_s=timeout_s, deadline=deadline, max_attempts=max_attempts)
 
     def execute(self, task: Task, *, timeout: float | None = 300.0,
-                priority: int | str | None = None) -> TaskResult:
-        """Submit one task and wait for its result."""
-        return self.submit(task, priority=priority).result(timeout=timeout)
+                priority: int | str | None = None, **options: Any) -> TaskResult:
+        """Submit one task and wait up to `timeout` seconds for its result."""
+        return self.submit(task, priority=priority, **options).result(timeout=timeout)
 
     def results(self, handles: Sequence[JobHandle], timeout: float | None = None) -> list[TaskResult]:
         """Wait for many jobs; results in the same order (raises on the first failed job)."""

@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     max_job_seconds: int = Field(default=DEFAULT_MAX_JOB_SECONDS, gt=0,
                                  description="Longest a job may run; sets the visibility timeout.")
     log_level: str = Field(default="WARNING", description="Log level of LLMOS processes.")
+    heartbeat_s: float = Field(default=5.0, gt=0, description="Worker heartbeat interval.")
+    dead_after_s: float = Field(default=30.0, gt=0, description="A worker silent this long is dead.")
+    resend_after_s: float = Field(default=60.0, gt=0, description="Re-send a queued job whose message is gone after this long.")
+    lost_after_s: float = Field(default=4 * 3600.0, gt=0, description="Re-send any queued job unsent for this long.")
+    reconcile_interval_s: float = Field(default=5.0, gt=0, description="Pause between reconciler passes.")
+    timeout_grace_s: float = Field(default=10.0, ge=0, description="Extra time before the reconciler fails a job over its timeout.")
+    db_retry_s: float = Field(default=60.0, ge=0, description="How long workers retry the database before giving up a step.")
+    retry_base_s: float = Field(default=1.0, gt=0, description="First backoff of a transient retry (doubles each attempt).")
     openai_base_url: str | None = Field(default=None, description="Endpoint behind the built-in `gpt3` alias.")
     openai_model: str = Field(default="gpt-3.5-turbo-instruct", description="Remote model name for `gpt3`.")
 

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -160,12 +161,12 @@ class Stack:
             raise
         return self
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Block until every model has a live worker row (the model is loaded)."""
+    def wait_ready(self, timeout: float = 120.0, stop: "threading.Event | None" = None) -> None:
+        """Block until every model has a live worker row (the model is loaded), or `stop` is set."""
         engine = get_engine(self.settings.db_url)
         deadline = time.monotonic() + timeout
         pending = set(self.models)
-        while pending:
+        while pending and not (stop and stop.is_set()):
             for w in self.workers:
                 if not w.alive():
                     raise LLMOSError(f"worker for {w.model!r} exited at start; see {w.log_path}")

@@ -148,3 +148,19 @@ def openai_server(tiny_folders):
     proc, url = start_openai_server(tiny_folders["gpt2"], "--api-key", key, "--fail-first", "2")
     yield url, key
     stop_openai_server(proc)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the reliability table when fault tests ran (docs/reliability.md keeps the latest)."""
+    import sys
+
+    module = sys.modules.get("tests.integration.test_faults")
+    rows = getattr(module, "REPORT", None)
+    if not rows:
+        return
+    cols = list(rows[0])
+    terminalreporter.write_sep("=", "reliability (fault tests)")
+    terminalreporter.write_line("| " + " | ".join(cols) + " |")
+    terminalreporter.write_line("|" + "---|" * len(cols))
+    for r in rows:
+        terminalreporter.write_line("| " + " | ".join(str(r[c]) for c in cols) + " |")

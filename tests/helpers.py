@@ -110,7 +110,15 @@ class WorkerProcess:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-5000:]
 
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer would."""
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
     def stop(self, timeout: float = 30.0) -> int:
+        if self._log.closed:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -1,8 +1,12 @@
-"""The in-process batcher: Celery's threads hand it claimed jobs; it runs them in batches.
+"""The in-process batcher: Celery's threads hand it job ids; it claims and runs them in batches.
 
-It collects jobs for up to `max_wait_ms` after the first, or until `max_batch_size`, groups
-them by task type, runs each group as one batch on its runner, and hands every job its own
-outcome. A job whose input does not parse, or whose item raises, fails alone.
+It collects ids for up to `max_wait_ms` after the first, or until `max_batch_size`, claims them
+with one conditional UPDATE, groups the claimed jobs by task type, runs each group as one batch
+on its runner, and hands every job its own outcome; the outcomes of a group are written by one
+`complete` call (one transaction, one notice pipeline). A job whose input does not parse, or
+whose item raises, fails alone; a job cancelled or over its timeout is stopped and says so.
+A job that ran before (its worker died, or it is retrying) is claimed and run alone, after the
+rest of its batch is recorded, so a poison input that crashes the process takes only itself down.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from llmos.errors import LLMOSError
 from llmos.jobs import Job
 from llmos.logs import event
 from llmos.tasks import Task, parse_task
+from workers.control import RunControl
 from workers.runners.base import ItemOutcome, Runner
 
 log = logging.getLogger("llmos.batcher")
@@ -32,6 +37,8 @@ class Finished:
         self.job, self.outcome, self.compute_ms, self.batch_size = job, outcome, compute_ms, batch_size
 
 
+Claim = Callable[[list[str], bool], list[Job]]
+"""claim(ids, fresh_only) → the jobs this call moved from queued to running."""
 Complete = Callable[[Sequence[Finished]], None]
 
 
@@ -39,12 +46,14 @@ class Batcher:
     """Runs jobs handed in by many threads as batches on one thread (the model's owner)."""
 
     def __init__(self, runners: dict[str, Runner], *, max_batch_size: int, max_wait_ms: float,
-                 complete: Complete) -> None:
+                 claim: Claim, complete: Complete, control: RunControl | None = None) -> None:
         self.runners = runners
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
+        self.claim = claim
         self.complete = complete
-        self._queue: queue.Queue[tuple[Job, Future] | None] = queue.Queue()
+        self.control = control or RunControl()
+        self._queue: queue.Queue[tuple[str, Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="llmos-batcher", daemon=True)
         self._stopping = threading.Event()
         self.batches = 0
@@ -59,12 +68,13 @@ class Batcher:
         self._queue.put(None)
         self._thread.join(timeout)
 
-    def submit(self, job: Job) -> Future:
+    def submit(self, job_id: str) -> Future:
+        """Hand in a job id; the future resolves once its outcome is written (or it was skipped)."""
         fut: Future = Future()
         if self._stopping.is_set():
             fut.set_exception(LLMOSError("worker is shutting down"))
             return fut
-        self._queue.put((job, fut))
+        self._queue.put((job_id, fut))
         return fut
 
     def _loop(self) -> None:
@@ -73,6 +83,7 @@ class Batcher:
             if item is None:
                 if self._queue.empty():
                     return
+                self._queue.put(None)  # jobs came in behind the marker: serve them first
                 continue
             batch = [item]
             deadline = time.monotonic() + self.max_wait_s
@@ -86,24 +97,50 @@ class Batcher:
                     self._queue.put(None)  # keep the stop marker for after this batch
                     break
                 batch.append(nxt)
-            self._run(batch)
-
-    def _run(self, batch: list[tuple[Job, Future]]) -> None:
-        groups: dict[str, list[tuple[Job, Future]]] = {}
-        for job, fut in batch:
-            groups.setdefault(job.task_type, []).append((job, fut))
-        for task_type, items in groups.items():
-            finished = self.run_group(task_type, [job for job, _ in items])
             try:
-                self.complete(finished)
-            except Exception as exc:  # the table could not be written: the callers see it
-                event(log, "complete_failed", logging.ERROR, error=repr(exc), jobs=len(items))
-                for _, fut in items:
-                    fut.set_exception(exc)
+                self._run(batch)
+            except BaseException as exc:  # never let the model's thread die: callers would hang
+                event(log, "batch_crashed", logging.ERROR, error=repr(exc))
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+
+    def _run(self, batch: list[tuple[str, Future]]) -> None:
+        futures: dict[str, list[Future]] = {}
+        for job_id, fut in batch:
+            futures.setdefault(job_id, []).append(fut)
+        # Jobs that never ran are claimed together and run as batches. A job that ran before may
+        # be what killed its last worker: it is claimed and run alone, after the others are
+        # recorded, so a poison input only ever takes itself down.
+        try:
+            fresh = self.claim(list(futures), True)
+        except Exception as exc:  # the table could not be read or written: the callers see it
+            event(log, "claim_failed", logging.ERROR, error=repr(exc), jobs=len(futures))
+            _resolve([f for fs in futures.values() for f in fs], exc)
+            return
+        for task_type in dict.fromkeys(j.task_type for j in fresh):
+            self._run_and_record(task_type, [j for j in fresh if j.task_type == task_type], futures)
+        for job_id in [i for i in futures if i not in {j.id for j in fresh}]:
+            try:
+                again = self.claim([job_id], False)
+            except Exception as exc:
+                _resolve(futures.pop(job_id), exc)
                 continue
-            for _, fut in items:
-                fut.set_result(None)
+            if again:
+                self._run_and_record(again[0].task_type, again, futures)
+            _resolve(futures.pop(job_id, []), None)  # duplicate, cancelled, expired, done...
         self.batches += 1
+
+    def _run_and_record(self, task_type: str, jobs: list[Job], futures: dict[str, list[Future]]) -> None:
+        error: BaseException | None = None
+        try:
+            self.complete(self.run_group(task_type, jobs))
+        except Exception as exc:
+            event(log, "complete_failed", logging.ERROR, error=repr(exc), jobs=len(jobs))
+            error = exc
+        for job in jobs:
+            _resolve(futures.pop(job.id, []), error)
+        self.control.forget([j.id for j in jobs])
 
     def run_group(self, task_type: str, jobs: list[Job]) -> list[Finished]:
         """Run jobs of one task type as one batch; every job gets its own outcome."""
@@ -120,9 +157,23 @@ class Batcher:
                 outcomes[i] = ItemOutcome(error=str(exc))
         started = time.perf_counter()
         if ready and runner is not None:
-            results = runner.run([task for _, task in ready], [jobs[i] for i, _ in ready])
+            results = runner.run([task for _, task in ready], [jobs[i] for i, _ in ready], self.control)
             for (i, _), res in zip(ready, results):
                 outcomes[i] = res
         compute_ms = (time.perf_counter() - started) * 1000.0
+        for i, job in enumerate(jobs):  # stopped early, or finished after its time was up
+            reason = self.control.reason(job)
+            if reason == "cancelled":
+                outcomes[i] = ItemOutcome(error="cancelled while running")
+            elif reason == "timeout":
+                outcomes[i] = ItemOutcome(error=f"timeout: ran over its {job.timeout_s:g} s limit")
         event(log, "batch", task=task_type, size=len(ready), compute_ms=round(compute_ms, 2))
         return [Finished(job, outcomes[i], compute_ms, len(ready) or 1) for i, job in enumerate(jobs)]
+
+
+def _resolve(futures: list[Future], error: BaseException | None) -> None:
+    for fut in futures:
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)

@@ -1,34 +1,41 @@
 """The worker process: one model, one device slot, one Celery queue.
 
 Start-up: pin the device (before torch initialises CUDA), load the model once, register in the
-workers table, start the heartbeat and the batcher, then consume `llmos.<model>` with Celery's
-thread pool. Each Celery thread claims its job with a conditional update (a duplicate or
-cancelled job is a no-op), hands it to the batcher and waits; the batcher writes the batch's
-outcomes in one transaction and publishes completion notices in one pipeline. Messages are
-acked only after that (acks_late). SIGTERM: Celery's warm shutdown finishes what is held.
+workers table, start the heartbeat, the cancel listener and the batcher, then consume
+`llmos.<model>` with Celery's thread pool. Each Celery thread hands its job id to the batcher and
+waits; the batcher claims a whole batch with one conditional UPDATE (a duplicate, cancelled or
+expired job is a no-op), runs it, and `complete` writes every outcome in one transaction and
+publishes completion notices in one pipeline. Messages are acked only after that (acks_late).
+Transient failures go back to `queued` with a backoff; database errors are retried for
+`LLMOS_DB_RETRY_S`. SIGTERM: Celery's warm shutdown finishes the jobs held, then the worker exits.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
-from typing import Sequence
+import time
+from typing import Any, Callable, Sequence
+
+import redis
+import sqlalchemy as sa
 
 from llmos import manager
-from llmos.constants import HEARTBEAT_INTERVAL_S, RUN_JOB_TASK
+from llmos.constants import CANCEL_CHANNEL, RUN_JOB_TASK
 from llmos.db import check_database, get_engine
+from llmos.dispatch import make_celery, queue_name, unmark_pending
 from llmos.jobs import Job
-from llmos.dispatch import make_celery, queue_name
 from llmos.logs import event, setup
 from llmos.manager import as_utc
 from llmos.notify import publish_done, redis_client
 from llmos.registry import Registry
 from llmos.settings import Settings, get_settings
+from workers.control import RunControl
 
 log = logging.getLogger("llmos.worker")
-
 
 def pin_device(device: str) -> str:
     """Make `device` the only visible GPU before torch starts; returns the torch device to use."""
@@ -55,6 +62,7 @@ class Worker:
         self.concurrency = concurrency or self.spec.max_batch_size
         self.engine = get_engine(self.settings.db_url)
         self.redis = redis_client(self.settings)
+        self.control = RunControl()
         self._stop = threading.Event()
 
     def run(self) -> int:
@@ -66,11 +74,12 @@ class Worker:
         loaded = model_cache.get(self.spec, self.torch_device)
         runners = runners_for(loaded, history=self.history)
         self.batcher = Batcher(runners, max_batch_size=self.spec.max_batch_size,
-                               max_wait_ms=self.spec.max_wait_ms, complete=self.complete).start()
+                               max_wait_ms=self.spec.max_wait_ms, claim=self.claim,
+                               complete=self.complete, control=self.control).start()
         manager.register_worker(self.engine, worker_id=self.worker_id, host=self.host,
                                 pid=os.getpid(), model=self.spec.name, device=self.device)
-        beat = threading.Thread(target=self._heartbeat, name="llmos-heartbeat", daemon=True)
-        beat.start()
+        for target, name in ((self._heartbeat, "llmos-heartbeat"), (self._listen_cancels, "llmos-cancels")):
+            threading.Thread(target=target, name=name, daemon=True).start()
         app = make_celery(self.settings)
         app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)(self.run_job)
         event(log, "worker_start", worker=self.worker_id, model=self.spec.name, device=self.device,
@@ -92,45 +101,109 @@ class Worker:
             event(log, "worker_stop", worker=self.worker_id)
         return int(getattr(celery_worker, "exitcode", 0) or 0)
 
+    # -- Celery task body and batcher callbacks -------------------------------------------------
     def run_job(self, job_id: str) -> None:
-        """Celery task body: claim, hand to the batcher, wait until the outcome is written."""
-        claimed = manager.claim(self.engine, [job_id], worker_id=self.worker_id,
-                                device=self.device, model=self.spec.name)
-        if not claimed:
-            event(log, "skip", job_id=job_id, reason="not queued (duplicate, cancelled or done)")
-            return
-        self.batcher.submit(claimed[0]).result()
+        """Celery task body: hand the id to the batcher, wait until its outcome is written."""
+        self.batcher.submit(job_id).result(timeout=self.settings.max_job_seconds * 2)
+
+    def claim(self, job_ids: list[str], fresh_only: bool) -> list[Job]:
+        try:
+            unmark_pending(self.redis, self.spec.name, job_ids)
+        except redis.exceptions.RedisError as exc:  # the reconciler may then re-send: harmless
+            event(log, "unmark_failed", logging.WARNING, error=repr(exc))
+        claimed, expired = self.db(manager.claim, job_ids, worker_id=self.worker_id,
+                                   device=self.device, model=self.spec.name, fresh_only=fresh_only)
+        if expired:
+            self.notify(expired)
+        return claimed
 
     def history(self, job: Job) -> list[tuple[str, str]]:
         """Earlier turns of a dialogue job's conversation, from the task table."""
         if not job.conversation_id:
             return []
-        return manager.conversation_history(self.engine, job.conversation_id, job)
+        return self.db(manager.conversation_history, job.conversation_id, job)
 
-    def complete(self, finished: Sequence["Finished"]) -> None:  # noqa: F821
-        outcomes = []
+    def complete(self, finished: Sequence[Any]) -> None:
+        """Write a batch's outcomes: results and errors in one transaction, retries with backoff."""
+        done, retry, delays = [], [], []
         for f in finished:
             job = f.job
             wait_ms = None
             if job.started_at and job.queued_at:
                 wait_ms = (as_utc(job.started_at) - as_utc(job.queued_at)).total_seconds() * 1000.0
-            outcomes.append(manager.Outcome(
+            outcome = manager.Outcome(
                 job_id=job.id, worker_id=self.worker_id, attempt=job.attempts,
                 result=f.outcome.result, error=f.outcome.error, compute_ms=f.compute_ms,
                 batch_size=f.batch_size, tokens_in=f.outcome.tokens_in,
-                tokens_out=f.outcome.tokens_out, queue_wait_ms=wait_ms))
-        manager.finish(self.engine, outcomes)
+                tokens_out=f.outcome.tokens_out, queue_wait_ms=wait_ms)
+            if f.outcome.transient and job.attempts < job.max_attempts:
+                retry.append(outcome)
+                delays.append(self.backoff(job.attempts))
+            else:
+                done.append(outcome)
         try:
-            publish_done(self.redis, [o.job_id for o in outcomes])
-        except Exception as exc:  # waiters fall back to polling the table
+            if done:
+                self.db(manager.finish, done)
+            if retry:
+                self.db(manager.retry_later, retry, delays)
+        except Exception as exc:
+            # Results cannot be recorded: this worker is not healthy. Exit without acking, so
+            # the heartbeat stops and the reconciler sends these jobs to another worker.
+            event(log, "cannot_record_exiting", logging.CRITICAL, error=repr(exc),
+                  jobs=[o.job_id for o in done + retry])
+            os._exit(3)
+        if done:
+            self.notify([o.job_id for o in done])
+        if retry:
+            event(log, "retry_later", jobs=[o.job_id for o in retry], delays=[round(d, 2) for d in delays])
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter for the next try after `attempt` failed."""
+        base = self.settings.retry_base_s * (2 ** (attempt - 1))
+        return min(300.0, base) * (0.5 + random.random())
+
+    def notify(self, job_ids: list[str]) -> None:
+        try:
+            publish_done(self.redis, job_ids)
+        except redis.exceptions.RedisError as exc:  # waiters fall back to polling the table
             event(log, "notify_failed", logging.WARNING, error=repr(exc))
 
+    def db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call a manager function, retrying connection errors (a database restart) for a while."""
+        deadline = time.monotonic() + self.settings.db_retry_s
+        delay = 0.2
+        while True:
+            try:
+                return fn(self.engine, *args, **kwargs)
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                event(log, "db_retry", logging.WARNING, call=fn.__name__, error=str(exc).splitlines()[0])
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # -- background threads ------------------------------------------------------------------
     def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+        while not self._stop.wait(self.settings.heartbeat_s):
             try:
                 manager.heartbeat(self.engine, self.worker_id)
             except Exception as exc:
                 event(log, "heartbeat_failed", logging.WARNING, error=repr(exc))
+
+    def _listen_cancels(self) -> None:
+        """Hear cancels of running jobs (the table already says cancelled; this stops the work)."""
+        while not self._stop.is_set():
+            try:
+                pubsub = redis_client(self.settings).pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CANCEL_CHANNEL)
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=1.0)
+                    if msg and msg.get("type") == "message":
+                        data = msg["data"]
+                        self.control.cancel(data.decode() if isinstance(data, bytes) else str(data))
+            except redis.exceptions.RedisError as exc:
+                event(log, "cancel_listener_retry", logging.WARNING, error=repr(exc))
+                self._stop.wait(1.0)
 
 
 def main(model: str, device: str | None = None, concurrency: int | None = None) -> int:

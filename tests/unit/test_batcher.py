@@ -1,31 +1,39 @@
-"""The batcher with a fake runner: per-job outcomes, error isolation, no mixing between jobs."""
+"""The batcher with a fake runner and a fake claim: per-job outcomes, isolation, OOM splitting."""
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import torch
 
 from llmos.jobs import Job, JobStatus
+from llmos.tasks import SentimentTask
 from llmos.registry import ModelSpec
 from workers.batcher import Batcher
+from workers.control import RunControl
 from workers.model_cache import LoadedModel
 from workers.runners.base import ItemOutcome, Runner
 
 
 class EchoRunner(Runner):
-    """Upper-cases each text; raises for the whole batch if any text is 'boom'."""
+    """Upper-cases each text; 'boom' fails the batch; batches over `oom_over` run out of memory."""
 
     task_type = "sentiment"
-    batches: list[int]
 
-    def __init__(self):
+    def __init__(self, oom_over=None):
         spec = ModelSpec(name="fake", source="x", tasks=("sentiment",))
         super().__init__(LoadedModel(spec=spec, tokenizer=None, model=None, device="cpu", source="x"))
         self.batches = []
+        self.oom_over = oom_over
 
     def preprocess(self, requests, jobs):
         return [r.text for r in requests]
 
     def forward(self, texts):
         self.batches.append(len(texts))
+        if self.oom_over is not None and len(texts) > self.oom_over:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         if "boom" in texts:
             raise RuntimeError("boom in batch")
         return [t.upper() for t in texts]
@@ -34,25 +42,43 @@ class EchoRunner(Runner):
         return [ItemOutcome(result={"label": o, "score": 1.0}, tokens_in=len(o)) for o in outputs]
 
 
-def job(i, text):
+def job(i, text, **kw):
+    kw.setdefault("attempts", 1)
     return Job(id=f"id-{i}", model="fake", task_type="sentiment", priority=5,
-               status=JobStatus.RUNNING, input={"text": text}, attempts=1)
+               status=JobStatus.RUNNING, input={"text": text}, **kw)
 
 
-def run_jobs(texts, max_batch_size=8, max_wait_ms=200):
-    runner = EchoRunner()
+class FakeTable:
+    """Claims each job once, like the conditional UPDATE."""
+
+    def __init__(self, jobs):
+        self.jobs = {j.id: j for j in jobs}
+        self.claimed = set()
+        self.lock = threading.Lock()
+
+    def claim(self, ids, fresh_only):
+        with self.lock:
+            fresh = [i for i in dict.fromkeys(ids) if i in self.jobs and i not in self.claimed]
+            self.claimed.update(fresh)
+            return [self.jobs[i] for i in fresh]
+
+
+def run_jobs(jobs, runner=None, max_batch_size=8, max_wait_ms=200, submit_ids=None):
+    runner = runner or EchoRunner()
+    table = FakeTable(jobs)
     done, lock = {}, threading.Lock()
 
     def complete(finished):
         with lock:
             for f in finished:
+                assert f.job.id not in done, "recorded twice"
                 done[f.job.id] = f
 
     batcher = Batcher({"sentiment": runner}, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                      complete=complete).start()
-    with ThreadPoolExecutor(len(texts)) as pool:
-        futures = [pool.submit(lambda j: batcher.submit(j).result(5), job(i, t)) for i, t in enumerate(texts)]
-        for f in futures:
+                      claim=table.claim, complete=complete).start()
+    ids = submit_ids or [j.id for j in jobs]
+    with ThreadPoolExecutor(len(ids)) as pool:
+        for f in [pool.submit(lambda i: batcher.submit(i).result(5), i) for i in ids]:
             f.result()
     batcher.stop()
     return runner, done
@@ -60,28 +86,51 @@ def run_jobs(texts, max_batch_size=8, max_wait_ms=200):
 
 def test_results_are_never_mixed_between_jobs():
     texts = [f"text number {i}" for i in range(40)]
-    runner, done = run_jobs(texts)
+    runner, done = run_jobs([job(i, t) for i, t in enumerate(texts)])
     assert len(done) == 40
     for i, t in enumerate(texts):
         assert done[f"id-{i}"].outcome.result["label"] == t.upper()
     assert max(runner.batches) > 1  # jobs really were batched
-    assert all(done[f"id-{i}"].batch_size >= 1 for i in range(40))
+    assert sum(runner.batches) == 40
+
+
+def test_duplicate_and_unknown_ids_run_nothing_twice():
+    jobs = [job(i, f"t{i}") for i in range(5)]
+    ids = [j.id for j in jobs] * 3 + ["id-missing"]
+    runner, done = run_jobs(jobs, submit_ids=ids)
+    assert sorted(done) == sorted(j.id for j in jobs)
+    assert sum(runner.batches) == 5
 
 
 def test_one_bad_input_fails_only_its_job():
     texts = ["good one", "boom", "good two", "good three"]
-    runner, done = run_jobs(texts, max_batch_size=4, max_wait_ms=500)
+    runner, done = run_jobs([job(i, t) for i, t in enumerate(texts)], max_batch_size=4, max_wait_ms=500)
     assert done["id-1"].outcome.error == "RuntimeError: boom in batch"
     for i in (0, 2, 3):
         assert done[f"id-{i}"].outcome.error is None
         assert done[f"id-{i}"].outcome.result["label"] == texts[i].upper()
 
 
+def test_out_of_memory_splits_the_batch_and_retries_the_halves():
+    runner = EchoRunner(oom_over=2)
+    batcher = Batcher({"sentiment": runner}, max_batch_size=8, max_wait_ms=0,
+                      claim=lambda ids, fresh: [], complete=lambda fs: None)
+    texts = [f"t{i}" for i in range(8)]
+    finished = batcher.run_group("sentiment", [job(i, t) for i, t in enumerate(texts)])
+    assert [f.outcome.result["label"] for f in finished] == [t.upper() for t in texts]
+    assert runner.batches == [8, 4, 2, 2, 4, 2, 2]  # 8 and 4 ran out of memory, the 2s fit
+
+
+def test_out_of_memory_alone_is_transient():
+    runner = EchoRunner(oom_over=0)
+    out = runner.run([SentimentTask(text="x")])
+    assert out[0].transient is True and "out of memory" in out[0].error
+
+
 def test_unparseable_input_fails_alone():
     runner = EchoRunner()
-    got = {}
     batcher = Batcher({"sentiment": runner}, max_batch_size=4, max_wait_ms=0,
-                      complete=lambda fs: got.update({f.job.id: f for f in fs}))
+                      claim=lambda ids, fresh: [], complete=lambda fs: None)
     finished = batcher.run_group("sentiment", [job(0, "fine"), job(1, ""), job(2, "also fine")])
     errors = [f.outcome.error for f in finished]
     assert errors[0] is None and errors[2] is None
@@ -90,6 +139,57 @@ def test_unparseable_input_fails_alone():
 
 
 def test_unknown_task_type_fails_the_job():
-    batcher = Batcher({}, max_batch_size=4, max_wait_ms=0, complete=lambda fs: None)
+    batcher = Batcher({}, max_batch_size=4, max_wait_ms=0, claim=lambda ids, fresh: [], complete=lambda fs: None)
     (f,) = batcher.run_group("embed", [job(0, "x").evolve(task_type="embed", input={"texts": ["x"]})])
     assert "cannot run 'embed'" in f.outcome.error
+
+
+def test_cancelled_and_timed_out_jobs_say_so():
+    control = RunControl()
+    batcher = Batcher({"sentiment": EchoRunner()}, max_batch_size=4, max_wait_ms=0,
+                      claim=lambda ids, fresh: [], complete=lambda fs: None, control=control)
+    long_ago = datetime.now(timezone.utc) - timedelta(seconds=10)
+    jobs = [job(0, "a"), job(1, "b", timeout_s=1.0, started_at=long_ago), job(2, "c")]
+    control.cancel("id-0")
+    out = [f.outcome for f in batcher.run_group("sentiment", jobs)]
+    assert out[0].error == "cancelled while running"
+    assert out[1].error == "timeout: ran over its 1 s limit"
+    assert out[2].error is None
+
+
+def test_claim_failure_reaches_the_callers():
+    def claim(ids, fresh_only):
+        raise RuntimeError("database down")
+
+    batcher = Batcher({"sentiment": EchoRunner()}, max_batch_size=4, max_wait_ms=0,
+                      claim=claim, complete=lambda fs: None).start()
+    with pytest.raises(RuntimeError, match="database down"):
+        batcher.submit("id-0").result(5)
+    batcher.stop()
+
+
+def test_jobs_that_ran_before_are_claimed_and_run_alone_after_the_others():
+    order, table = [], {}
+
+    class Recording(EchoRunner):
+        def forward(self, texts):
+            order.append(list(texts))
+            return super().forward(texts)
+
+    jobs = [job(0, "new a"), job(1, "again b", attempts=2), job(2, "new c"), job(3, "again d", attempts=3)]
+    table = {j.id: j for j in jobs}
+    calls = []
+
+    def claim(ids, fresh_only):
+        calls.append((list(ids), fresh_only))
+        return [table.pop(i) for i in ids if i in table and (table[i].attempts <= 1 or not fresh_only)]
+
+    batcher = Batcher({"sentiment": Recording()}, max_batch_size=8, max_wait_ms=300,
+                      claim=claim, complete=lambda fs: None).start()
+    with ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(lambda i: batcher.submit(i).result(5), j.id) for j in jobs]:
+            f.result()
+    batcher.stop()
+    assert order[0] == ["new a", "new c"]  # the fresh ones together, first
+    assert sorted(order[1:]) == [["again b"], ["again d"]]  # each one that ran before, alone
+    assert [c for c in calls if not c[1]] == [(["id-1"], False), (["id-3"], False)]

@@ -28,8 +28,8 @@ def test_create_writes_queued_rows(engine):
 
 def test_claim_is_conditional_and_counts_attempts(engine):
     (job, _), = manager.create_jobs(engine, new())
-    first = manager.claim(engine, [job.id], worker_id="w1", device="cpu")
-    second = manager.claim(engine, [job.id], worker_id="w2", device="cpu")
+    first, _ = manager.claim(engine, [job.id], worker_id="w1", device="cpu")
+    second, _ = manager.claim(engine, [job.id], worker_id="w2", device="cpu")
     assert [j.id for j in first] == [job.id] and first[0].attempts == 1
     assert first[0].status == JobStatus.RUNNING and first[0].worker_id == "w1"
     assert second == []  # a duplicate message claims nothing
@@ -37,13 +37,13 @@ def test_claim_is_conditional_and_counts_attempts(engine):
 
 def test_claim_skips_other_models(engine):
     (job, _), = manager.create_jobs(engine, new(model="other"))
-    assert manager.claim(engine, [job.id], worker_id="w", device="cpu", model="minilm") == []
+    assert manager.claim(engine, [job.id], worker_id="w", device="cpu", model="minilm") == ([], [])
     assert manager.get_job(engine, job.id).status == JobStatus.QUEUED
 
 
 def test_finish_applies_only_to_the_current_attempt(engine):
     (a, _), (b, _) = manager.create_jobs(engine, new(2))
-    ca, cb = manager.claim(engine, [a.id, b.id], worker_id="w1", device="cpu")
+    (ca, cb), _ = manager.claim(engine, [a.id, b.id], worker_id="w1", device="cpu")
     applied = manager.finish(engine, [
         manager.Outcome(job_id=a.id, worker_id="w1", attempt=1, result={"label": "POSITIVE", "score": 0.9},
                         compute_ms=3.0, batch_size=2, queue_wait_ms=1.5),
@@ -61,14 +61,78 @@ def test_finish_applies_only_to_the_current_attempt(engine):
     assert manager.get_job(engine, a.id).status == JobStatus.SUCCEEDED
 
 
-def test_cancel_only_queued(engine):
+def test_cancel_queued_and_running(engine):
     (a, _), (b, _) = manager.create_jobs(engine, new(2))
     manager.claim(engine, [b.id], worker_id="w", device="cpu")
     assert manager.cancel(engine, a.id) is True
-    assert manager.cancel(engine, a.id) is False
-    assert manager.cancel(engine, b.id) is False
+    assert manager.cancel(engine, a.id) is False  # already final
+    assert manager.cancel(engine, b.id) is True  # running: its worker stops it, its finish won't apply
     assert manager.get_job(engine, a.id).status == JobStatus.CANCELLED
-    assert manager.claim(engine, [a.id], worker_id="w", device="cpu") == []  # its message is a no-op
+    assert manager.claim(engine, [a.id], worker_id="w", device="cpu") == ([], [])  # its message is a no-op
+    late = manager.finish(engine, [manager.Outcome(job_id=b.id, worker_id="w", attempt=1, result={})])
+    assert late == 0 and manager.get_job(engine, b.id).status == JobStatus.CANCELLED
+
+
+def test_finish_from_an_older_attempt_does_not_overwrite_a_newer_one(engine):
+    (a, _), = manager.create_jobs(engine, new())
+    manager.claim(engine, [a.id], worker_id="w1", device="cpu")
+    manager.register_worker(engine, worker_id="w1", host="h", pid=1, model="minilm", device="cpu")
+    manager.stop_worker(engine, "w1")  # w1 is presumed dead
+    requeued, failed = manager.requeue_dead(engine, dead_after_s=30)
+    assert [j.id for j in requeued] == [a.id] and failed == []
+    (again,), _ = manager.claim(engine, [a.id], worker_id="w2", device="cpu")
+    assert again.attempts == 2 and again.status == JobStatus.RUNNING
+    # w1 was only slow: its finish of attempt 1 arrives now, while attempt 2 runs on w2
+    assert manager.finish(engine, [manager.Outcome(job_id=a.id, worker_id="w1", attempt=1, result={"x": 1})]) == 0
+    assert manager.finish(engine, [manager.Outcome(job_id=a.id, worker_id="w2", attempt=1, result={"x": 1})]) == 0
+    assert manager.get_job(engine, a.id).status == JobStatus.RUNNING
+    assert manager.finish(engine, [manager.Outcome(job_id=a.id, worker_id="w2", attempt=2, result={"x": 2})]) == 1
+    done = manager.get_job(engine, a.id)
+    assert done.result == {"x": 2} and done.finishes == 1
+
+
+def test_requeue_dead_fails_past_max_attempts(engine):
+    (a, _), = manager.create_jobs(engine, new(max_attempts=2))
+    for attempt in (1, 2):
+        (job,), _ = manager.claim(engine, [a.id], worker_id=f"gone{attempt}", device="cpu")
+        assert job.attempts == attempt
+        requeued, failed = manager.requeue_dead(engine, dead_after_s=30)  # no worker row: dead
+    assert requeued == [] and [j.id for j in failed] == [a.id]
+    j = manager.get_job(engine, a.id)
+    assert j.status == JobStatus.FAILED and "worker lost during attempt 2 of 2" in j.error
+
+
+def test_deadline_expires_at_claim_and_in_the_reconciler(engine):
+    from datetime import timedelta
+
+    past = manager.utcnow() - timedelta(seconds=1)
+    (a, _), (b, _), (c, _) = manager.create_jobs(engine, new(deadline=past) + new(deadline=past) + new())
+    claimed, expired = manager.claim(engine, [a.id, c.id], worker_id="w", device="cpu")
+    assert [j.id for j in claimed] == [c.id] and expired == [a.id]
+    assert manager.expire_overdue(engine) == [b.id]
+    assert manager.get_job(engine, b.id).status == JobStatus.EXPIRED
+
+
+def test_retry_later_waits_out_its_backoff(engine):
+    (a, _), = manager.create_jobs(engine, new())
+    (job,), _ = manager.claim(engine, [a.id], worker_id="w", device="cpu")
+    out = manager.Outcome(job_id=a.id, worker_id="w", attempt=1, error="429 from the endpoint")
+    assert manager.retry_later(engine, [out], [3600]) == 1
+    assert manager.claim(engine, [a.id], worker_id="w", device="cpu") == ([], [])  # not due yet
+    assert manager.due_retries(engine) == []
+    manager.retry_later(engine, [out], [0])  # no-op: no longer running
+    j = manager.get_job(engine, a.id)
+    assert j.status == JobStatus.QUEUED and "retrying: 429" in j.error and j.run_after is not None
+
+
+def test_timeouts_are_failed_by_the_reconciler(engine):
+    (a, _), (b, _) = manager.create_jobs(engine, new(timeout_s=0.01) + new(timeout_s=3600))
+    manager.claim(engine, [a.id, b.id], worker_id="w", device="cpu")
+    import time
+
+    time.sleep(0.05)
+    assert manager.fail_timed_out(engine, grace_s=0) == [a.id]
+    assert "timeout" in manager.get_job(engine, a.id).error
 
 
 def test_idempotency_key_returns_existing_job(engine):

@@ -8,11 +8,21 @@ alone so one bad input fails only its own job. Runners get the claimed jobs besi
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from typing import Any, Callable, ClassVar, Sequence
 
 from llmos.jobs import Job
 from llmos.tasks import Task
 from workers.model_cache import LoadedModel
+
+FAULT_RAISE_ENV = "LLMOS_FAULT_RAISE_ON"
+"""Fault injection for the fault tests: a batch holding a request whose input contains this text
+raises inside the runner, as a model bug would. Unset in production."""
+
+FAULT_KILL_ENV = "LLMOS_FAULT_KILL_ON"
+"""Fault injection for the fault tests: running a request whose input contains this text
+SIGKILLs the worker, as a native crash on a poison input would. Unset in production."""
 
 History = Callable[[Job], list[tuple[str, str]]]
 """Earlier (user utterance, response) turns of a dialogue job's conversation, oldest first."""
@@ -26,10 +36,23 @@ class ItemOutcome:
     error: str | None = None
     tokens_in: int | None = None
     tokens_out: int | None = None
+    transient: bool = False  # worth retrying later (rate limit, server error, out of memory)
 
 
 class ItemError(Exception):
     """An error that belongs to one request (its job fails with this message, the batch goes on)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 class Runner:
@@ -41,6 +64,8 @@ class Runner:
         self.loaded = loaded
         self.spec = loaded.spec
         self.history = history
+        self._jobs: list[Job] | None = None
+        self._control: Any = None
 
     def preprocess(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> Any:
         raise NotImplementedError
@@ -51,21 +76,60 @@ class Runner:
     def postprocess(self, outputs: Any, requests: Sequence[Task]) -> list[ItemOutcome]:
         raise NotImplementedError
 
-    def run(self, requests: Sequence[Task], jobs: Sequence[Job] | None = None) -> list[ItemOutcome]:
-        """Results in request order; a failure in the batch falls back to one request at a time."""
+    def run(self, requests: Sequence[Task], jobs: Sequence[Job] | None = None,
+            control: Any = None) -> list[ItemOutcome]:
+        """Results in request order.
+
+        Out of memory: the batch is split in halves and each half retried (a single request
+        that still does not fit fails as transient, to be retried later). Any other failure
+        of the batch: each request runs alone, so one bad input fails only its own job.
+        """
+        self._jobs, self._control = list(jobs) if jobs else None, control
         try:
             return self._run(requests, jobs)
         except ItemError as exc:
             if len(requests) == 1:
-                return [ItemOutcome(error=str(exc))]
+                return [ItemOutcome(error=str(exc), transient=exc.transient)]
         except Exception as exc:
+            if is_out_of_memory(exc):
+                self._free_memory()
+                if len(requests) == 1:
+                    return [ItemOutcome(error=f"out of memory even alone: {exc}", transient=True)]
+                half = len(requests) // 2
+                return (self.run(requests[:half], jobs[:half] if jobs else None, control)
+                        + self.run(requests[half:], jobs[half:] if jobs else None, control))
             if len(requests) == 1:
                 return [ItemOutcome(error=f"{type(exc).__name__}: {exc}")]
-        return [self.run([r], [j] if jobs else None)[0] for r, j in zip(requests, jobs or [None] * len(requests))]
+        js = list(jobs) if jobs else [None] * len(requests)
+        return [self.run([r], [j] if j is not None else None, control)[0] for r, j in zip(requests, js)]
+
+    def stopped(self, index: int) -> bool:
+        """True if request `index` of the running batch was cancelled or ran over its timeout."""
+        if self._control is None or not self._jobs:
+            return False
+        return self._control.reason(self._jobs[index]) is not None
+
+    def _stopper(self, index: int) -> Callable[[], bool] | None:
+        """A check for the generation loop, or None when nothing can stop this batch early."""
+        if self._control is None or not self._jobs:
+            return None
+        return lambda: self.stopped(index)
+
+    def _free_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _run(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> list[ItemOutcome]:
         import torch
 
+        for env, fault in ((FAULT_KILL_ENV, "kill"), (FAULT_RAISE_ENV, "raise")):
+            marker = os.environ.get(env)
+            if marker and any(marker in r.model_dump_json() for r in requests):
+                if fault == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError("injected fault")
         with torch.inference_mode():
             outputs = self.forward(self.preprocess(requests, jobs))
         out = self.postprocess(outputs, requests)

@@ -13,15 +13,20 @@ from workers.runners.encoder import encode_texts
 class EmbedRunner(Runner):
     task_type = "embed"
 
-    def preprocess(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> list[str]:
+    def preprocess(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> tuple[list[str], list[int]]:
         texts: list[str] = []
-        for r in requests:
+        owners: list[int] = []
+        for i, r in enumerate(requests):
             assert isinstance(r, EmbeddingTask)
             texts.extend(r.texts)
-        return texts
+            owners.extend([i] * len(r.texts))
+        return texts, owners
 
-    def forward(self, texts: list[str]) -> tuple[Any, list[int]]:
-        return encode_texts(self.loaded, texts, self.spec.max_batch_size)
+    def forward(self, inputs: tuple[list[str], list[int]]) -> tuple[Any, list[int]]:
+        texts, owners = inputs
+        # between chunks, skip the texts of a job that was cancelled or ran over its timeout
+        return encode_texts(self.loaded, texts, self.spec.max_batch_size,
+                            skip=lambda j: self.stopped(owners[j]))
 
     def postprocess(self, outputs: tuple[Any, list[int]], requests: Sequence[Task]) -> list[ItemOutcome]:
         vectors, counts = outputs

@@ -5,7 +5,7 @@ This is all-MiniLM-L6-v2's recipe (equal to sentence-transformers' output to ~1e
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from workers.model_cache import LoadedModel
 
@@ -30,13 +30,27 @@ def token_counts(enc: dict[str, Any]) -> list[int]:
     return [int(n) for n in enc["attention_mask"].sum(dim=1).tolist()]
 
 
-def encode_texts(loaded: LoadedModel, texts: Sequence[str], chunk: int) -> tuple[Any, list[int]]:
-    """Embed many texts in chunks of `chunk`; returns (vectors, tokens per text)."""
+def encode_texts(loaded: LoadedModel, texts: Sequence[str], chunk: int,
+                 skip: Callable[[int], bool] | None = None) -> tuple[Any, list[int]]:
+    """Embed many texts in chunks of `chunk`; returns (vectors, tokens per text).
+
+    `skip(i)` is asked before each chunk: texts it names (their job was cancelled or timed
+    out) are not computed and get zero vectors.
+    """
     import torch
 
-    vectors, counts = [], []
-    for i in range(0, len(texts), chunk):
-        enc = tokenize(loaded, texts[i:i + chunk])
-        vectors.append(embed(loaded, enc))
-        counts.extend(token_counts(enc))
-    return torch.cat(vectors), counts
+    n = len(texts)
+    rows: list[Any] = [None] * n
+    counts = [0] * n
+    for i in range(0, n, chunk):
+        idx = [j for j in range(i, min(i + chunk, n)) if not (skip and skip(j))]
+        if not idx:
+            continue
+        enc = tokenize(loaded, [texts[j] for j in idx])
+        got = embed(loaded, enc)
+        for k, (j, c) in enumerate(zip(idx, token_counts(enc))):
+            rows[j], counts[j] = got[k], c
+    dim = next((r.shape[0] for r in rows if r is not None), 0)
+    if not n:
+        return torch.zeros(0, dim), counts
+    return torch.stack([r if r is not None else torch.zeros(dim) for r in rows]), counts

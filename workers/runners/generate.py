@@ -25,7 +25,8 @@ class WritingRunner(Runner):
             fitted, max_new, truncated = fit_prompt(self.loaded, ids, r.new_tokens(self.spec.max_new_tokens))
             reqs.append(GenRequest(ids=fitted, max_new_tokens=max_new, temperature=r.temperature,
                                    top_p=r.top_p, seed=r.seed, stop=r.stop,
-                                   min_new_tokens=int(self.spec.options.get("min_new_tokens", 0))))
+                                   min_new_tokens=int(self.spec.options.get("min_new_tokens", 0)),
+                                   should_stop=self._stopper(len(reqs))))
             meta.append((len(fitted), truncated))
         return reqs, meta
 
@@ -88,7 +89,8 @@ class DialogueRunner(Runner):
             ids, kept, max_new, truncated = self.build_prompt(r, turns, max_new)
             reqs.append(GenRequest(ids=ids, max_new_tokens=max_new, temperature=r.temperature,
                                    top_p=r.top_p, seed=r.seed,
-                                   min_new_tokens=int(self.spec.options.get("min_new_tokens", 0))))
+                                   min_new_tokens=int(self.spec.options.get("min_new_tokens", 0)),
+                                   should_stop=self._stopper(i)))
             meta.append((r.conversation_id or "", kept, truncated, ids))
         return reqs, meta
 

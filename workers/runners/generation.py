@@ -10,7 +10,7 @@ the batch, because a seed forms a group of its own.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from workers.model_cache import LoadedModel
 from workers.runners.base import ItemError
@@ -27,6 +27,7 @@ class GenRequest:
     seed: int | None = None
     stop: Sequence[str] = ()
     min_new_tokens: int = 0
+    should_stop: Callable[[], bool] | None = None  # cancelled or over its timeout: stop decoding
 
     def sampling_key(self) -> tuple:
         if self.temperature <= 0:
@@ -62,7 +63,9 @@ def generate_causal(loaded: LoadedModel, requests: Sequence[GenRequest]) -> list
     out: list[GenOut | None] = [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
-        groups.setdefault(r.sampling_key(), []).append(i)
+        # a seeded request samples alone, so its text never depends on its batch mates
+        key = r.sampling_key() + ((i,) if r.seed is not None and r.temperature > 0 else ())
+        groups.setdefault(key, []).append(i)
     for idx in groups.values():
         for i, g in zip(idx, _generate_group(loaded, [requests[i] for i in idx])):
             out[i] = g
@@ -87,9 +90,29 @@ def _generate_group(loaded: LoadedModel, reqs: list[GenRequest]) -> list[GenOut]
             torch.manual_seed(first.seed)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if any(r.should_stop for r in reqs):
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopRows([r.should_stop for r in reqs])])
     generated = loaded.model.generate(**enc, **kwargs)
     new = generated[:, enc["input_ids"].shape[1]:].tolist()
     return [_finish(tok, row[:r.max_new_tokens], r) for row, r in zip(new, reqs)]
+
+
+try:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+except ImportError:  # pragma: no cover - transformers is a dependency
+    StoppingCriteria, StoppingCriteriaList = object, list  # type: ignore[assignment,misc]
+
+
+class _StopRows(StoppingCriteria):  # type: ignore[misc,valid-type]
+    """Stops each row whose job was cancelled or ran over its timeout, between decoding steps."""
+
+    def __init__(self, checks: list[Callable[[], bool] | None]) -> None:
+        self.checks = checks
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.tensor([bool(c and c()) for c in self.checks], device=input_ids.device)
 
 
 def _finish(tok: Any, ids: list[int], req: GenRequest) -> GenOut:

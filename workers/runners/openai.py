@@ -62,7 +62,8 @@ class OpenAIClient:
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
                     raise ItemError(f"cannot reach the OpenAI-compatible endpoint {url}: "
-                                    f"{type(exc).__name__}: {exc} (after {attempt + 1} tries)") from None
+                                    f"{type(exc).__name__}: {exc} (after {attempt + 1} tries)",
+                                    transient=True) from None
                 self._sleep(attempt, None)
                 attempt += 1
                 continue
@@ -73,7 +74,8 @@ class OpenAIClient:
                 attempt += 1
                 continue
             raise ItemError(f"{url} answered {resp.status_code}: {resp.text[:300]}"
-                            + (f" (after {attempt + 1} tries)" if attempt else ""))
+                            + (f" (after {attempt + 1} tries)" if attempt else ""),
+                            transient=resp.status_code in RETRY_STATUSES)
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
         delay = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
@@ -101,14 +103,17 @@ class OpenAIRunner(Runner):
         try:
             return self.call(client, task, history)
         except ItemError as exc:
-            return ItemOutcome(error=str(exc))
+            return ItemOutcome(error=str(exc), transient=exc.transient)
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             return ItemOutcome(error=f"unexpected answer from {client.base_url}: {exc!r}")
+        except Exception as exc:  # one job's failure, never the batch's
+            return ItemOutcome(error=f"{type(exc).__name__}: {exc}")
 
     def postprocess(self, outputs: list[ItemOutcome], requests: Sequence[Task]) -> list[ItemOutcome]:
         return outputs
 
-    def run(self, requests: Sequence[Task], jobs: Sequence[Job] | None = None) -> list[ItemOutcome]:
+    def run(self, requests: Sequence[Task], jobs: Sequence[Job] | None = None,
+            control: Any = None) -> list[ItemOutcome]:
         return self.postprocess(self.forward(self.preprocess(requests, jobs)), requests)
 
     def call(self, client: OpenAIClient, task: Any, history: list) -> ItemOutcome:
@@ -204,9 +209,13 @@ class OpenAIEmbedRunner(OpenAIRunner):
         texts = [t for task, _ in items for t in task.texts]  # type: ignore[attr-defined]
         try:
             data = client.post("embeddings", {"model": client.embedding_model, "input": texts})
-            rows = [d["embedding"] for d in sorted(data["data"], key=lambda d: d["index"])]
+            rows = [d["embedding"] for d in sorted(data["data"], key=lambda d: d.get("index", 0))]
+            if len(rows) != len(texts):
+                raise ItemError(f"{client.base_url}/embeddings returned {len(rows)} vectors for {len(texts)} texts")
         except ItemError as exc:
-            return [ItemOutcome(error=str(exc)) for _ in items]
+            return [ItemOutcome(error=str(exc), transient=exc.transient) for _ in items]
+        except Exception as exc:
+            return [ItemOutcome(error=f"unexpected answer from {client.base_url}: {exc!r}") for _ in items]
         out, i = [], 0
         for task, _ in items:
             n = len(task.texts)  # type: ignore[attr-defined]
