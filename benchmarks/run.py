@@ -147,18 +147,18 @@ class Env:
             self.embedded.stop()
 
 
-def wait_done(engine: sa.Engine, ids: list[str], timeout: float = 900) -> None:
+def wait_done(engine: sa.Engine, batch_id: str, n: int, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        counts = manager.status_counts(engine, ids)
-        if sum(n for s, n in counts.items() if s.is_final) == len(ids):
+        counts = manager.batch_status_counts(engine, batch_id)
+        if sum(n for s, n in counts.items() if s.is_final) == n:
             bad = {s: n for s, n in counts.items() if s != JobStatus.SUCCEEDED}
             if bad:
                 raise RuntimeError(f"jobs did not all succeed: {bad}")
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"jobs not done after {timeout} s: {counts}")
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -173,11 +173,12 @@ def llmos_run(env: Env, model: str, config: Path | None, tasks: list, warm: list
     settings = env.settings(config)
     with llmos.Client(settings) as client:
         m = client.load_model(model)
-        wait_done(client.engine, [h.id for h in m.submit_many(warm)])
+        m.submit_many(warm, batch_id="warm")
+        wait_done(client.engine, "warm", len(warm))
         t0 = time.perf_counter()
-        handles = m.submit_many(tasks)
+        handles = m.submit_many(tasks, batch_id="run")
         ids = [h.id for h in handles]
-        wait_done(client.engine, ids)
+        wait_done(client.engine, "run", len(ids))
         elapsed = time.perf_counter() - t0
         jobs = list(manager.get_jobs(client.engine, ids).values())
     env.stop(w)
@@ -259,6 +260,13 @@ def write_config(path: Path, entries: dict[str, dict]) -> Path:
     return path
 
 
+def _bare(runner, tasks: list, batch: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(0, len(tasks), batch):
+        runner.run(tasks[i:i + batch])
+    return round(len(tasks) / (time.perf_counter() - t0), 1)
+
+
 def encoder_suite(env: Env, workdir: Path, n: int, task_type: str) -> dict:
     from workers import model_cache
     from workers.runners import runners_for
@@ -275,14 +283,13 @@ def encoder_suite(env: Env, workdir: Path, n: int, task_type: str) -> dict:
     spec = Registry.load(Settings(config=batched)).get("minilm")
     runner = runners_for(model_cache.get(spec, "cpu"))[task_type]
     runner.run(warm[:32])
-    t0 = time.perf_counter()
-    for i in range(0, n, spec.max_batch_size):
-        runner.run(tasks[i:i + spec.max_batch_size])
-    bare = round(n / (time.perf_counter() - t0), 1)
+    bare = _bare(runner, tasks, spec.max_batch_size)
 
     on = llmos_run(env, "minilm", batched, tasks, warm)
-    off = llmos_run(env, "minilm", single, tasks, warm)
-    naive = naive_run(env, "minilm", single, tasks, warm)
+    slow = tasks[: min(n, 500)]  # the one-at-a-time designs run on a subset: rates, not totals
+    off = llmos_run(env, "minilm", single, slow, warm)
+    naive = naive_run(env, "minilm", single, slow, warm)
+    bare = max(bare, _bare(runner, tasks, spec.max_batch_size))  # the ceiling: the better of two passes
     rate = submit_rate(env, "minilm", batched, tasks + tasks[: max(0, 5000 - n)])
     prio = priority_wait(env, "minilm", batched, tasks, tasks[0])
     return {
@@ -300,8 +307,6 @@ def encoder_suite(env: Env, workdir: Path, n: int, task_type: str) -> dict:
 
 def generation_suite(env: Env, workdir: Path, n: int) -> dict:
     """Writing tasks of 32 new tokens on a random-weight GPT-2 of 4 layers × 256 wide."""
-    import torch
-
     from tests.tiny_models import build_gpt2
     from workers import model_cache
     from workers.runners import runners_for
@@ -318,15 +323,12 @@ def generation_suite(env: Env, workdir: Path, n: int) -> dict:
     spec = Registry.load(Settings(config=batched)).get("gen")
     runner = runners_for(model_cache.get(spec, "cpu"))["writing"]
     runner.run(warm)
-    t0 = time.perf_counter()
-    for i in range(0, n, 64):  # one left-padded generate per 64 prompts
-        runner.run(tasks[i:i + 64])
-    bare = round(n / (time.perf_counter() - t0), 1)
-    torch.set_num_threads(torch.get_num_threads())
+    bare = _bare(runner, tasks, 64)  # one left-padded generate per 64 prompts
 
     on = llmos_run(env, "gen", batched, tasks, warm)
     off = llmos_run(env, "gen", single, tasks[: max(64, n // 4)], warm)
     naive = naive_run(env, "gen", single, tasks[: max(64, n // 4)], warm)
+    bare = max(bare, _bare(runner, tasks, 64))
     return {
         "model": "gpt2 4x256 (random weights)", "task": "writing", "n": n, "new_tokens": 32,
         "bare_items_per_s": bare, "bare_tokens_per_s": round(bare * 32, 1),

@@ -95,7 +95,7 @@ def reconcile(once: Annotated[bool, typer.Option("--once", help="One pass, print
 @app.command()
 def worker(model: Annotated[str, typer.Option("--model", "-m", help="Registered model name.")],
            device: Annotated[Optional[str], typer.Option(help="cpu or cuda:N (default: the model's entry).")] = None,
-           concurrency: Annotated[Optional[int], typer.Option(help="Jobs held at once (default: max_batch_size).")] = None) -> None:
+           concurrency: Annotated[Optional[int], typer.Option(help="Messages held at once (default: 2 × max_batch_size).")] = None) -> None:
     """Run one worker: load MODEL once and serve its queue until SIGTERM."""
     from workers.worker import main as worker_main
 

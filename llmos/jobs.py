@@ -67,11 +67,13 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in row.items() if k in fields}
+        values = {k: v for k, v in row.items() if k in _FIELDS}
         values["id"] = str(values["id"])
         values["status"] = JobStatus(values["status"])
         return cls(**values)
 
     def evolve(self, **changes: Any) -> "Job":
         return dataclasses.replace(self, **changes)
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Job))

@@ -101,7 +101,7 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True) -
             existing[key] = job  # a repeated key inside one call yields one job
     if rows:
         try:
-            with engine.begin() as conn:
+            with engine.begin() as conn:  # one executemany: psycopg 3 pipelines every row
                 conn.execute(jobs.insert(), rows)
         except sa.exc.IntegrityError:
             if not keyed or not _retry:
@@ -144,6 +144,13 @@ def status_counts(engine: sa.Engine, job_ids: Sequence[str]) -> dict[JobStatus, 
             for status, n in conn.execute(q):
                 counts[JobStatus(status)] = counts.get(JobStatus(status), 0) + n
     return counts
+
+
+def batch_status_counts(engine: sa.Engine, batch_id: str) -> dict[JobStatus, int]:
+    """Jobs of one submitted batch per status (one indexed query)."""
+    q = sa.select(jobs.c.status, sa.func.count()).where(jobs.c.batch_id == batch_id).group_by(jobs.c.status)
+    with engine.connect() as conn:
+        return {JobStatus(s): n for s, n in conn.execute(q)}
 
 
 def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: str,
@@ -205,14 +212,8 @@ def finish(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:
                    b_result=o.result, b_error=o.error, b_compute=o.compute_ms, b_batch=o.batch_size,
                    b_tin=o.tokens_in, b_tout=o.tokens_out, b_wait=o.queue_wait_ms)
               for o in outcomes]
-    applied = 0
-    with engine.begin() as conn:
-        if len(params) == 1:
-            applied = conn.execute(stmt, params[0]).rowcount
-        else:
-            for p in params:  # per row so the count of applied updates is exact on every driver
-                applied += conn.execute(stmt, p).rowcount
-    return applied
+    with engine.begin() as conn:  # one executemany: psycopg 3 pipelines it into one round trip
+        return conn.execute(stmt, params).rowcount
 
 
 def conversation_history(engine: sa.Engine, conversation_id: str, before: Job,

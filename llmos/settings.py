@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     timeout_grace_s: float = Field(default=10.0, ge=0, description="Extra time before the reconciler fails a job over its timeout.")
     db_retry_s: float = Field(default=60.0, ge=0, description="How long workers retry the database before giving up a step.")
     retry_base_s: float = Field(default=1.0, gt=0, description="First backoff of a transient retry (doubles each attempt).")
+    task_events: bool = Field(default=False, description="Workers send Celery task events (for Flower).")
     openai_base_url: str | None = Field(default=None, description="Endpoint behind the built-in `gpt3` alias.")
     openai_model: str = Field(default="gpt-3.5-turbo-instruct", description="Remote model name for `gpt3`.")
 

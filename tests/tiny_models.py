@@ -63,14 +63,15 @@ def wordpiece_tokenizer():
                                    model_input_names=["input_ids", "attention_mask"])
 
 
-def build_gpt2(folder: Path, n_positions: int = 128) -> Path:
+def build_gpt2(folder: Path, n_positions: int = 128, n_layer: int = 2, n_embd: int = 64,
+               n_head: int = 2) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = bpe_tokenizer("<|endoftext|>", "<|endoftext|>", "<|endoftext|>", template=False)
     torch.manual_seed(0)
     eos = tok.eos_token_id
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=64, n_layer=2, n_head=2,
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     GPT2LMHeadModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -55,18 +55,25 @@ class Batcher:
         self.control = control or RunControl()
         self._queue: queue.Queue[tuple[str, Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="llmos-batcher", daemon=True)
+        # Recording runs on its own thread, so the model starts the next batch while the last
+        # one's results are written (one transaction) and announced (one pipeline).
+        self._records: queue.Queue[tuple[list[Finished], list[Job], dict] | None] = queue.Queue()
+        self._recorder = threading.Thread(target=self._record_loop, name="llmos-recorder", daemon=True)
         self._stopping = threading.Event()
         self.batches = 0
 
     def start(self) -> "Batcher":
         self._thread.start()
+        self._recorder.start()
         return self
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Finish what is queued, then stop the thread."""
+        """Finish what is queued and record it, then stop the threads."""
         self._stopping.set()
         self._queue.put(None)
         self._thread.join(timeout)
+        self._records.put(None)
+        self._recorder.join(timeout)
 
     def submit(self, job_id: str) -> Future:
         """Hand in a job id; the future resolves once its outcome is written (or it was skipped)."""
@@ -127,20 +134,40 @@ class Batcher:
                 _resolve(futures.pop(job_id), exc)
                 continue
             if again:
+                self._records.join()  # the rest of the batch is recorded before a suspect runs
                 self._run_and_record(again[0].task_type, again, futures)
+                self._records.join()
             _resolve(futures.pop(job_id, []), None)  # duplicate, cancelled, expired, done...
         self.batches += 1
 
     def _run_and_record(self, task_type: str, jobs: list[Job], futures: dict[str, list[Future]]) -> None:
-        error: BaseException | None = None
+        waiting = {j.id: futures.pop(j.id, []) for j in jobs}
         try:
-            self.complete(self.run_group(task_type, jobs))
+            finished = self.run_group(task_type, jobs)
         except Exception as exc:
-            event(log, "complete_failed", logging.ERROR, error=repr(exc), jobs=len(jobs))
-            error = exc
-        for job in jobs:
-            _resolve(futures.pop(job.id, []), error)
-        self.control.forget([j.id for j in jobs])
+            for fs in waiting.values():
+                _resolve(fs, exc)
+            raise
+        self._records.put((finished, jobs, waiting))
+
+    def _record_loop(self) -> None:
+        while True:
+            item = self._records.get()
+            try:
+                if item is None:
+                    return
+                finished, jobs, waiting = item
+                error: BaseException | None = None
+                try:
+                    self.complete(finished)
+                except Exception as exc:
+                    event(log, "complete_failed", logging.ERROR, error=repr(exc), jobs=len(jobs))
+                    error = exc
+                for fs in waiting.values():
+                    _resolve(fs, error)
+                self.control.forget([j.id for j in jobs])
+            finally:
+                self._records.task_done()
 
     def run_group(self, task_type: str, jobs: list[Job]) -> list[Finished]:
         """Run jobs of one task type as one batch; every job gets its own outcome."""

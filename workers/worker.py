@@ -59,7 +59,9 @@ class Worker:
         self.torch_device = pin_device(self.device)
         self.host = socket.gethostname()
         self.worker_id = f"{self.spec.name}@{self.host}:{os.getpid()}"
-        self.concurrency = concurrency or self.spec.max_batch_size
+        # Two batches' worth of messages in hand: the next batch is ready while one computes.
+        # A more urgent message waits behind at most these, i.e. about two batch cycles.
+        self.concurrency = concurrency or 2 * self.spec.max_batch_size
         self.engine = get_engine(self.settings.db_url)
         self.redis = redis_client(self.settings)
         self.control = RunControl()
@@ -87,7 +89,8 @@ class Worker:
         celery_worker = app.Worker(
             hostname=self.worker_id.replace(":", "-"), queues=[queue_name(self.spec.name)],
             pool_cls="threads", concurrency=self.concurrency, loglevel=self.settings.log_level,
-            without_gossip=True, without_mingle=True, optimization="fair", quiet=True,
+            without_gossip=True, without_mingle=True, without_heartbeat=not self.settings.task_events,
+            optimization="fair", quiet=True,
         )
         try:
             celery_worker.start()

@@ -143,3 +143,25 @@ def test_half_precision_generation_runs(tiny_registry, dtype):
     r = runners(tiny_registry, "tiny-gpt2", dtype=dtype)["writing"]
     out = r.run([WritingTask(prompt="The cat likes", max_new_tokens=4)])[0]
     assert out.error is None and out.result["tokens"] == 4
+
+
+def test_length_buckets_keep_padding_small():
+    from workers.runners.generation import length_buckets
+
+    lengths = [3, 100, 4, 5, 90, 30, 6]
+    buckets = length_buckets(list(range(7)), lengths)
+    assert sorted(i for b in buckets for i in b) == list(range(7))
+    for b in buckets:
+        ls = [lengths[i] for i in b]
+        assert max(ls) <= 1.5 * min(ls) + 8
+    assert [lengths[i] for i in buckets[0]] == [3, 4, 5, 6]
+
+
+def test_mixed_lengths_batched_equal_alone_for_embeddings(tmp_path):
+    reg = Registry.load(Settings(home=tmp_path))
+    r = runners(reg, "minilm")["embed"]
+    texts = ["short", "a much longer sentence about the weather in the mountains in spring " * 3, "mid length text"]
+    together = r.run([EmbeddingTask(texts=texts)])[0].result["vectors"]
+    for t, v in zip(texts, together):
+        alone = r.run([EmbeddingTask(texts=[t])])[0].result["vectors"][0]
+        assert sum(a * b for a, b in zip(v, alone)) > 0.9999  # same text, same vector: order kept

@@ -34,16 +34,18 @@ def encode_texts(loaded: LoadedModel, texts: Sequence[str], chunk: int,
                  skip: Callable[[int], bool] | None = None) -> tuple[Any, list[int]]:
     """Embed many texts in chunks of `chunk`; returns (vectors, tokens per text).
 
-    `skip(i)` is asked before each chunk: texts it names (their job was cancelled or timed
-    out) are not computed and get zero vectors.
+    Texts are sorted by length first, so each chunk pads to a similar length (results come back
+    in input order). `skip(i)` is asked before each chunk: texts it names (their job was
+    cancelled or timed out) are not computed and get zero vectors.
     """
     import torch
 
     n = len(texts)
     rows: list[Any] = [None] * n
     counts = [0] * n
+    by_length = sorted(range(n), key=lambda j: len(texts[j]))  # similar lengths share a chunk
     for i in range(0, n, chunk):
-        idx = [j for j in range(i, min(i + chunk, n)) if not (skip and skip(j))]
+        idx = [j for j in by_length[i:i + chunk] if not (skip and skip(j))]
         if not idx:
             continue
         enc = tokenize(loaded, [texts[j] for j in idx])

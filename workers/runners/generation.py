@@ -67,9 +67,27 @@ def generate_causal(loaded: LoadedModel, requests: Sequence[GenRequest]) -> list
         key = r.sampling_key() + ((i,) if r.seed is not None and r.temperature > 0 else ())
         groups.setdefault(key, []).append(i)
     for idx in groups.values():
-        for i, g in zip(idx, _generate_group(loaded, [requests[i] for i in idx])):
-            out[i] = g
+        for bucket in length_buckets(idx, [len(requests[i].ids) for i in idx]):
+            for i, g in zip(bucket, _generate_group(loaded, [requests[i] for i in bucket])):
+                out[i] = g
     return out  # type: ignore[return-value]
+
+
+def length_buckets(idx: list[int], lengths: list[int], slack: int = 8, ratio: float = 1.5) -> list[list[int]]:
+    """Split a group into runs of similar length so left padding stays small.
+
+    Sorted by length; a new bucket starts when a prompt is longer than `ratio` × the bucket's
+    shortest + `slack` tokens. Short prompts no longer pay for one long one.
+    """
+    order = sorted(range(len(idx)), key=lambda k: lengths[k])
+    buckets: list[list[int]] = []
+    shortest = 0
+    for k in order:
+        if not buckets or lengths[k] > ratio * shortest + slack:
+            buckets.append([])
+            shortest = lengths[k]
+        buckets[-1].append(idx[k])
+    return buckets
 
 
 def _generate_group(loaded: LoadedModel, reqs: list[GenRequest]) -> list[GenOut]:
