@@ -158,7 +158,7 @@ def wait_done(engine: sa.Engine, batch_id: str, n: int, timeout: float = 900) ->
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"jobs not done after {timeout} s: {counts}")
-        time.sleep(0.1)
+        time.sleep(0.5)  # a light poll: the waiting side should not take CPU from the model
 
 
 def pct(values: list[float], q: float) -> float:
