@@ -10,6 +10,9 @@ PENDING_SET_PREFIX = "llmos:pending:"
 """Redis set per model of job ids whose message sits in the queue (added before a send,
 removed when a worker takes the message); the reconciler re-sends queued jobs missing from it."""
 
+HELD_SET_PREFIX = "llmos:held:"
+"""Redis set per worker of job ids whose message it took and has not yet recorded."""
+
 CANCEL_CHANNEL = "llmos:cancel"
 """Redis pub/sub channel announcing the cancel of a running job (payload: its id)."""
 

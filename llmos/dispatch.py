@@ -18,7 +18,7 @@ from typing import Protocol, Sequence
 import redis
 from celery import Celery
 
-from llmos.constants import PENDING_SET_PREFIX, QUEUE_PREFIX, RUN_JOB_TASK
+from llmos.constants import HELD_SET_PREFIX, PENDING_SET_PREFIX, QUEUE_PREFIX, RUN_JOB_TASK
 from llmos.db import first_line
 from llmos.errors import BrokerUnavailableError
 from llmos.jobs import Job
@@ -146,28 +146,42 @@ def pending_set(model: str) -> str:
     return PENDING_SET_PREFIX + model
 
 
-def unmark_pending(client: redis.Redis, model: str, job_ids: Sequence[str]) -> None:
-    """A worker took these messages off the queue."""
+def held_set(worker_id: str) -> str:
+    return HELD_SET_PREFIX + worker_id
+
+
+def take(client: redis.Redis, model: str, worker_id: str, job_id: str) -> None:
+    """A worker took this job's message: pending → held by it, in one atomic step."""
+    pipe = client.pipeline(transaction=True)
+    pipe.srem(pending_set(model), job_id)
+    pipe.sadd(held_set(worker_id), job_id)
+    pipe.execute()
+
+
+def release(client: redis.Redis, worker_id: str, job_ids: Sequence[str]) -> None:
+    """The worker recorded these jobs (or found them not to run): it holds them no more."""
     if job_ids:
-        client.srem(pending_set(model), *job_ids)
+        client.srem(held_set(worker_id), *job_ids)
 
 
 UNACKED_HASH, UNACKED_INDEX = "unacked", "unacked_index"
 """Where kombu's Redis transport keeps delivered, not yet acked messages (acks_late)."""
 
 
-def delivered_before(client: redis.Redis, older_than_s: float) -> set[str]:
-    """Job ids whose message a worker took more than `older_than_s` ago and has not acked.
+def delivered_before(client: redis.Redis, older_than_s: float) -> dict[str, float]:
+    """Job id → delivery time (epoch s) of messages delivered over `older_than_s` ago, not acked.
 
-    A live worker claims a taken job within milliseconds; a job still `queued` whose message
-    was taken long ago sits in the buffer of a worker that died before claiming it, and its
-    message would only come back after the visibility timeout. The reconciler re-sends those.
+    A live worker moves a delivered message's id to its held set within milliseconds; a job
+    still `queued`, neither pending nor held, whose message was delivered (after its last send)
+    long ago sat in the buffer of a worker that died at that moment, and its message would only
+    come back after the visibility timeout. The reconciler re-sends those.
     """
-    tags = client.zrangebyscore(UNACKED_INDEX, "-inf", time.time() - older_than_s)
-    if not tags:
-        return set()
-    ids = set()
-    for item in client.hmget(UNACKED_HASH, tags):
+    pairs = client.zrangebyscore(UNACKED_INDEX, "-inf", time.time() - older_than_s, withscores=True)
+    if not pairs:
+        return {}
+    tags = [t for t, _ in pairs]
+    ids: dict[str, float] = {}
+    for (_, when), item in zip(pairs, client.hmget(UNACKED_HASH, tags)):
         try:
             payload = json.loads(item)[0]
             if payload["headers"].get("task") != RUN_JOB_TASK:
@@ -175,7 +189,8 @@ def delivered_before(client: redis.Redis, older_than_s: float) -> set[str]:
             body = payload["body"]
             if payload.get("properties", {}).get("body_encoding") == "base64":
                 body = base64.b64decode(body)
-            ids.add(str(json.loads(body)[0][0]))
+            job_id = str(json.loads(body)[0][0])
+            ids[job_id] = max(ids.get(job_id, 0.0), float(when))
         except (TypeError, ValueError, KeyError, IndexError):
             continue  # not one of ours, or a format we do not know: leave it to the visibility timeout
     return ids

@@ -407,6 +407,11 @@ def stop_worker(engine: sa.Engine, worker_id: str) -> None:
         conn.execute(workers.update().where(workers.c.id == worker_id).values(stopped_at=utcnow()))
 
 
+def worker_ids(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return [r[0] for r in conn.execute(sa.select(workers.c.id))]
+
+
 def live_workers(engine: sa.Engine, model: str | None = None, *, within_s: float = 30.0) -> list[dict]:
     """Workers that heartbeated within `within_s` seconds and have not stopped."""
     with engine.connect() as conn:

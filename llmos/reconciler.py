@@ -7,10 +7,10 @@ Each pass, in this order:
    crash-loop workers forever;
 3. fails running jobs past their timeout (plus a grace) that their worker did not stop;
 4. sends jobs whose retry backoff has passed;
-5. re-sends queued jobs last sent over `resend_after_s` ago whose message is gone: not in the
-   model's pending set in Redis (a FLUSHALL, a Redis restart, a send that failed, a worker
-   that took it off the queue and died before claiming it), or taken by a worker that long ago
-   and still not claimed (kombu's unacked hash); and any queued job last sent over
+5. re-sends queued jobs last sent over `resend_after_s` ago that no live worker holds and whose
+   message is gone: not in the model's pending set (a FLUSHALL, a Redis restart, a send that
+   failed), held by a worker that died, or delivered (kombu's unacked hash) after their last
+   send to a worker that died before taking it; and any queued job last sent over
    `lost_after_s` ago, whatever Redis says.
 A duplicate message is harmless: claims are conditional. `llmos up` runs it in a thread;
 production runs `llmos reconcile` (one process is enough; two are safe, only wasteful).
@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from llmos import manager
 from llmos.db import get_engine
-from llmos.dispatch import CeleryDispatcher, Dispatcher, delivered_before, pending_set
+from llmos.dispatch import CeleryDispatcher, Dispatcher, delivered_before, held_set, pending_set
 from llmos.jobs import Job
 from llmos.logs import event
 from llmos.notify import publish_done, redis_client
@@ -80,22 +80,33 @@ class Reconciler:
         return report
 
     def _resend_lost(self) -> int:
+        s = self.settings
         total = 0
-        taken: set[str] | None = None
+        live = {w["id"] for w in manager.live_workers(self.engine, within_s=s.dead_after_s)}
+        dead = set(manager.worker_ids(self.engine)) - live
+        held_live = _union(self.redis, [held_set(w) for w in live])
+        held_dead = _union(self.redis, [held_set(w) for w in dead])
+        delivered: dict[str, float] | None = None
         for model in manager.queued_counts(self.engine):
-            stale = manager.stale_queued(self.engine, model, self.settings.resend_after_s)
+            stale = manager.stale_queued(self.engine, model, s.resend_after_s)
+            stale = [j for j in stale if j.id not in held_live]  # a live worker has it in hand
             if not stale:
                 continue
-            if taken is None:
-                taken = delivered_before(self.redis, self.settings.resend_after_s)
+            if delivered is None:
+                delivered = delivered_before(self.redis, s.dead_after_s)
             present = self.redis.smismember(pending_set(model), [j.id for j in stale])
-            lost_after = self.settings.lost_after_s
             now = manager.utcnow()
-            lost = [j for j, here in zip(stale, present)
-                    if not here or j.id in taken
-                    or (now - manager.as_utc(j.dispatched_at or j.queued_at)).total_seconds() > lost_after]
+            lost = []
+            for j, here in zip(stale, present):
+                sent = manager.as_utc(j.dispatched_at or j.queued_at)
+                if (not here or j.id in held_dead
+                        or delivered.get(j.id, 0.0) > sent.timestamp()  # taken by a worker that died
+                        or (now - sent).total_seconds() > s.lost_after_s):
+                    lost.append(j)
             self._send(lost)
             total += len(lost)
+        if dead:
+            self.redis.delete(*[held_set(w) for w in dead])
         return total
 
     def _send(self, jobs: list[Job]) -> None:
@@ -129,3 +140,9 @@ class Reconciler:
     def close(self) -> Any:
         self.dispatcher.close()
         self.redis.close()
+
+
+def _union(client: redis.Redis, keys: list[str]) -> set[str]:
+    if not keys:
+        return set()
+    return {m.decode() if isinstance(m, bytes) else m for m in client.sunion(keys)}

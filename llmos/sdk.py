@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
 
 import redis
@@ -109,6 +109,8 @@ class Client:
             raise ValidationError(f"deadline must be a datetime or seconds from now, got {deadline!r}")
         if deadline is not None and deadline.tzinfo is None:
             raise ValidationError("deadline must be timezone-aware (e.g. datetime.now(timezone.utc) + ...)")
+        if deadline is not None:
+            deadline = deadline.astimezone(timezone.utc)  # SQLite keeps wall-clock time only
         if not isinstance(max_attempts, int) or not 1 <= max_attempts <= 100:
             raise ValidationError(f"max_attempts must be 1–100, got {max_attempts!r}")
         new = [manager.NewJob(model=spec.name, task_type=t.task_type, input=t.model_dump(mode="json"),

@@ -72,6 +72,8 @@ class Batcher:
         self._stopping.set()
         self._queue.put(None)
         self._thread.join(timeout)
+        if self._thread.is_alive():  # still running a batch: its results must still be recorded
+            self._thread.join()
         self._records.put(None)
         self._recorder.join(timeout)
 
@@ -144,10 +146,11 @@ class Batcher:
         waiting = {j.id: futures.pop(j.id, []) for j in jobs}
         try:
             finished = self.run_group(task_type, jobs)
-        except Exception as exc:
-            for fs in waiting.values():
-                _resolve(fs, exc)
-            raise
+        except Exception as exc:  # a runner bug or a database error outside its isolation
+            event(log, "group_failed", logging.ERROR, error=repr(exc), jobs=len(jobs))
+            transient = _is_transient(exc)
+            finished = [Finished(j, ItemOutcome(error=f"{type(exc).__name__}: {exc}", transient=transient), 0.0, len(jobs))
+                        for j in jobs]
         self._records.put((finished, jobs, waiting))
 
     def _record_loop(self) -> None:
@@ -160,12 +163,14 @@ class Batcher:
                 error: BaseException | None = None
                 try:
                     self.complete(finished)
-                except Exception as exc:
+                except BaseException as exc:
                     event(log, "complete_failed", logging.ERROR, error=repr(exc), jobs=len(jobs))
                     error = exc
                 for fs in waiting.values():
                     _resolve(fs, error)
                 self.control.forget([j.id for j in jobs])
+            except BaseException as exc:  # never let the recorder die: every later batch would wait
+                event(log, "recorder_error", logging.ERROR, error=repr(exc))
             finally:
                 self._records.task_done()
 
@@ -198,8 +203,16 @@ class Batcher:
         return [Finished(job, outcomes[i], compute_ms, len(ready) or 1) for i, job in enumerate(jobs)]
 
 
+def _is_transient(exc: BaseException) -> bool:
+    import sqlalchemy as sa
+
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, ConnectionError, TimeoutError))
+
+
 def _resolve(futures: list[Future], error: BaseException | None) -> None:
     for fut in futures:
+        if fut.done():
+            continue
         if error is None:
             fut.set_result(None)
         else:

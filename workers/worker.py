@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import socket
+import uuid
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -26,7 +27,7 @@ import sqlalchemy as sa
 from llmos import manager
 from llmos.constants import CANCEL_CHANNEL, RUN_JOB_TASK
 from llmos.db import check_database, get_engine
-from llmos.dispatch import make_celery, queue_name, unmark_pending
+from llmos.dispatch import make_celery, queue_name, release, take
 from llmos.jobs import Job
 from llmos.logs import event, setup
 from llmos.manager import as_utc
@@ -58,13 +59,16 @@ class Worker:
         self.device = device or self.spec.device
         self.torch_device = pin_device(self.device)
         self.host = socket.gethostname()
-        self.worker_id = f"{self.spec.name}@{self.host}:{os.getpid()}"
+        # Unique per start: a restarted container reuses hostname and pid, and must not inherit
+        # (and so hide from the reconciler) the running jobs of the process that died.
+        self.worker_id = f"{self.spec.name}@{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         # Two batches' worth of messages in hand: the next batch is ready while one computes.
         # A more urgent message waits behind at most these, i.e. about two batch cycles.
         self.concurrency = concurrency or 2 * self.spec.max_batch_size
         self.engine = get_engine(self.settings.db_url)
         self.redis = redis_client(self.settings)
         self.control = RunControl()
+        self._in_hand: set[str] = set()  # job ids whose message this worker holds
         self._stop = threading.Event()
 
     def run(self) -> int:
@@ -106,19 +110,29 @@ class Worker:
 
     # -- Celery task body and batcher callbacks -------------------------------------------------
     def run_job(self, job_id: str) -> None:
-        """Celery task body: hand the id to the batcher, wait until its outcome is written."""
+        """Celery task body: mark the job held by this worker, hand it to the batcher, wait."""
+        self._in_hand.add(job_id)
+        try:
+            take(self.redis, self.spec.name, self.worker_id, job_id)
+        except redis.exceptions.RedisError as exc:  # the reconciler may then re-send: harmless
+            event(log, "take_unrecorded", logging.WARNING, error=repr(exc))
         self.batcher.submit(job_id).result(timeout=self.settings.max_job_seconds * 2)
 
     def claim(self, job_ids: list[str], fresh_only: bool) -> list[Job]:
-        try:
-            unmark_pending(self.redis, self.spec.name, job_ids)
-        except redis.exceptions.RedisError as exc:  # the reconciler may then re-send: harmless
-            event(log, "unmark_failed", logging.WARNING, error=repr(exc))
         claimed, expired = self.db(manager.claim, job_ids, worker_id=self.worker_id,
                                    device=self.device, model=self.spec.name, fresh_only=fresh_only)
         if expired:
             self.notify(expired)
+        if not fresh_only:
+            self._release([i for i in job_ids if i not in {j.id for j in claimed}])
         return claimed
+
+    def _release(self, job_ids: list[str]) -> None:
+        self._in_hand.difference_update(job_ids)
+        try:
+            release(self.redis, self.worker_id, job_ids)
+        except redis.exceptions.RedisError as exc:
+            event(log, "release_unrecorded", logging.WARNING, error=repr(exc))
 
     def history(self, job: Job) -> list[tuple[str, str]]:
         """Earlier turns of a dialogue job's conversation, from the task table."""
@@ -155,6 +169,7 @@ class Worker:
             event(log, "cannot_record_exiting", logging.CRITICAL, error=repr(exc),
                   jobs=[o.job_id for o in done + retry])
             os._exit(3)
+        self._release([o.job_id for o in done + retry])
         if done:
             self.notify([o.job_id for o in done])
         if retry:
@@ -203,7 +218,9 @@ class Worker:
                     msg = pubsub.get_message(timeout=1.0)
                     if msg and msg.get("type") == "message":
                         data = msg["data"]
-                        self.control.cancel(data.decode() if isinstance(data, bytes) else str(data))
+                        job_id = data.decode() if isinstance(data, bytes) else str(data)
+                        if job_id in self._in_hand:  # every worker hears every cancel
+                            self.control.cancel(job_id)
             except redis.exceptions.RedisError as exc:
                 event(log, "cancel_listener_retry", logging.WARNING, error=repr(exc))
                 self._stop.wait(1.0)

@@ -96,3 +96,27 @@ def test_result_timeout_while_queued(client):
 def test_unknown_job_id(client):
     with pytest.raises(llmos.JobNotFoundError):
         client.job("00000000-0000-0000-0000-000000000000")
+
+
+def test_deadline_in_another_timezone_is_stored_as_the_same_instant(client):
+    from datetime import datetime, timedelta, timezone
+
+    eastern = timezone(timedelta(hours=-5))
+    deadline = datetime.now(eastern) + timedelta(minutes=30)
+    h = client.load_model("small").submit(llmos.SentimentTask(text="hi"), deadline=deadline)
+    stored = h.job().deadline
+    stored = stored if stored.tzinfo else stored.replace(tzinfo=timezone.utc)
+    assert abs((stored - deadline).total_seconds()) < 1
+    from llmos import manager
+
+    assert manager.expire_overdue(client.engine) == []  # 30 minutes ahead is not overdue
+
+
+def test_bad_deadline_and_timeout_are_refused(client):
+    from datetime import datetime
+
+    m = client.load_model("small")
+    with pytest.raises(ValidationError, match="timezone-aware"):
+        m.submit(llmos.SentimentTask(text="hi"), deadline=datetime.now())
+    with pytest.raises(ValidationError, match="timeout_s"):
+        m.submit(llmos.SentimentTask(text="hi"), timeout_s=-1)

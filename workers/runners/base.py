@@ -99,7 +99,10 @@ class Runner:
                 return (self.run(requests[:half], jobs[:half] if jobs else None, control)
                         + self.run(requests[half:], jobs[half:] if jobs else None, control))
             if len(requests) == 1:
-                return [ItemOutcome(error=f"{type(exc).__name__}: {exc}")]
+                import sqlalchemy as sa
+
+                transient = isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))  # history read
+                return [ItemOutcome(error=f"{type(exc).__name__}: {exc}", transient=transient)]
         js = list(jobs) if jobs else [None] * len(requests)
         return [self.run([r], [j] if j is not None else None, control)[0] for r, j in zip(requests, js)]
 

@@ -114,7 +114,13 @@ class OpenAIRunner(Runner):
 
     def run(self, requests: Sequence[Task], jobs: Sequence[Job] | None = None,
             control: Any = None) -> list[ItemOutcome]:
-        return self.postprocess(self.forward(self.preprocess(requests, jobs)), requests)
+        try:
+            return self.postprocess(self.forward(self.preprocess(requests, jobs)), requests)
+        except Exception as exc:  # e.g. the history read failed: every job of the batch says so
+            from workers.batcher import _is_transient
+
+            return [ItemOutcome(error=f"{type(exc).__name__}: {exc}", transient=_is_transient(exc))
+                    for _ in requests]
 
     def call(self, client: OpenAIClient, task: Any, history: list) -> ItemOutcome:
         raise NotImplementedError
