@@ -1,6 +1,6 @@
 """LLMOS against the bare model, against itself unbatched, and against the naive Celery design.
 
-    .venv/bin/python benchmarks/run.py [--n 2000] [--task sentiment|embed] [--gen-n 256]
+    .venv/bin/python benchmarks/run.py [--n 2000] [--task sentiment|embed] [--gen-n 512]
                                        [--skip-generation] [--out results.json]
 
 Same texts, same machine, one run. Uses Postgres and Redis on 127.0.0.1 when they answer (a
@@ -346,7 +346,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="encoder jobs (default 2000)")
     ap.add_argument("--task", choices=["sentiment", "embed"], default="sentiment")
-    ap.add_argument("--gen-n", type=int, default=256, help="generation jobs (default 256)")
+    ap.add_argument("--gen-n", type=int, default=512, help="generation jobs (default 512)")
     ap.add_argument("--skip-generation", action="store_true")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
