@@ -229,17 +229,6 @@ def conversation_history(engine: sa.Engine, conversation_id: str, before: Job,
     return [(r.input["user_utterance"], r.result["response"]) for r in reversed(rows)]
 
 
-def fail_queued(engine: sa.Engine, job_ids: Sequence[str], reason: str) -> int:
-    """queued → failed with `reason` (the job could not be sent or can never run)."""
-    if not job_ids:
-        return 0
-    stmt = (jobs.update()
-            .where(jobs.c.id.in_([str(i) for i in job_ids]), jobs.c.status == JobStatus.QUEUED.value)
-            .values(status=JobStatus.FAILED.value, error=reason, finished_at=utcnow()))
-    with engine.begin() as conn:
-        return conn.execute(stmt).rowcount
-
-
 def cancel(engine: sa.Engine, job_id: str) -> bool:
     """queued or running → cancelled; True if this call cancelled it.
 

@@ -149,12 +149,12 @@ def test_repeated_key_in_one_call_yields_one_job(engine):
     assert len(manager.get_jobs(engine, [out[0][0].id])) == 1
 
 
-def test_fail_queued_and_status_counts(engine):
+def test_status_counts(engine):
     created = manager.create_jobs(engine, new(3))
     ids = [j.id for j, _ in created]
-    assert manager.fail_queued(engine, ids[:2], "could not be queued") == 2
+    assert manager.cancel(engine, ids[0])
     counts = manager.status_counts(engine, ids)
-    assert counts == {JobStatus.FAILED: 2, JobStatus.QUEUED: 1}
+    assert counts == {JobStatus.CANCELLED: 1, JobStatus.QUEUED: 2}
 
 
 def test_worker_rows_and_heartbeat(engine):
