@@ -12,7 +12,6 @@ from typing import Callable, Iterable, Sequence
 import redis
 
 from llmos.constants import DONE_CHANNEL_PREFIX
-from llmos.errors import BrokerUnavailableError
 from llmos.settings import Settings
 
 
@@ -84,5 +83,3 @@ def ping(client: redis.Redis, settings: Settings) -> None:
 
         raise broker_error(settings, exc) from None
 
-
-__all__ = ["BrokerUnavailableError", "channel", "ping", "publish_done", "redis_client", "wait_until"]

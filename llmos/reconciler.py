@@ -24,7 +24,6 @@ import threading
 from typing import Any
 
 import redis
-import sqlalchemy as sa
 
 from llmos import manager
 from llmos.db import get_engine
@@ -128,7 +127,7 @@ class Reconciler:
         while not stop.is_set():
             try:
                 self.run_once()
-            except (sa.exc.SQLAlchemyError, redis.exceptions.RedisError, OSError, Exception) as exc:
+            except Exception as exc:  # Redis or the database away: log, wait, try the next pass
                 event(log, "reconcile_failed", logging.WARNING, error=str(exc).splitlines()[0] if str(exc) else repr(exc))
             stop.wait(interval)
 

@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from llmos.jobs import Job
 from llmos.manager import as_utc
 
-from llmos.constants import CANCEL_CHANNEL  # noqa: F401  (re-exported for the worker)
 
 
 class RunControl:

@@ -23,7 +23,6 @@ from llmos.db import get_engine, jobs
 from llmos.jobs import JobStatus
 from llmos.sdk import Client
 from llmos.settings import Settings
-from tests import helpers
 from tests.helpers import REPO, WorkerProcess
 
 pytestmark = pytest.mark.integration

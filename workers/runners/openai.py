@@ -20,7 +20,7 @@ import httpx
 
 from llmos.jobs import Job
 from llmos.registry import ModelSpec
-from llmos.tasks import (DialogueTask, EmbeddingTask, SummarizationTask, Task, TranslationTask,
+from llmos.tasks import (DialogueTask, SummarizationTask, Task, TranslationTask,
                          WritingTask)
 from workers.runners.base import ItemError, ItemOutcome, Runner
 from workers.runners.seq2seq import LANGUAGE_NAMES
