@@ -196,6 +196,46 @@ def delivered_before(client: redis.Redis, older_than_s: float) -> dict[str, floa
     return ids
 
 
+def _job_id_of(raw: bytes | str) -> str | None:
+    try:
+        payload = json.loads(raw)
+        if payload["headers"].get("task") != RUN_JOB_TASK:
+            return None
+        body = payload["body"]
+        if payload.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        return str(json.loads(body)[0][0])
+    except (TypeError, ValueError, KeyError, IndexError):
+        return None
+
+
+def queue_keys(model: str) -> list[str]:
+    """The ten priority lists of a model's queue."""
+    q = queue_name(model)
+    return [q] + [f"{q}:{p}" for p in range(1, 10)]
+
+
+def orphaned_pending(client: redis.Redis, model: str) -> set[str]:
+    """Pending ids with no message in the queue lists (a worker popped it and died before kombu
+    recorded the delivery). Cheap when nothing is missing: the lists are only read when they
+    hold fewer messages than the pending set has ids."""
+    keys = queue_keys(model)
+    pending = client.scard(pending_set(model))
+    pipe = client.pipeline(transaction=False)
+    for k in keys:
+        pipe.llen(k)
+    if sum(pipe.execute()) >= pending:
+        return set()
+    present: set[str] = set()
+    for k in keys:
+        for raw in client.lrange(k, 0, -1):
+            job_id = _job_id_of(raw)
+            if job_id:
+                present.add(job_id)
+    members = {m.decode() if isinstance(m, bytes) else m for m in client.smembers(pending_set(model))}
+    return members - present
+
+
 class InMemoryDispatcher:
     """Records what would be sent, per queue, with the broker priority (unit tests)."""
 

@@ -27,7 +27,8 @@ import redis
 
 from llmos import manager
 from llmos.db import get_engine
-from llmos.dispatch import CeleryDispatcher, Dispatcher, delivered_before, held_set, pending_set
+from llmos.dispatch import (CeleryDispatcher, Dispatcher, delivered_before, held_set,
+                            orphaned_pending, pending_set)
 from llmos.jobs import Job
 from llmos.logs import event
 from llmos.notify import publish_done, redis_client
@@ -94,11 +95,12 @@ class Reconciler:
             if delivered is None:
                 delivered = delivered_before(self.redis, s.dead_after_s)
             present = self.redis.smismember(pending_set(model), [j.id for j in stale])
+            orphans = orphaned_pending(self.redis, model)
             now = manager.utcnow()
             lost = []
             for j, here in zip(stale, present):
                 sent = manager.as_utc(j.dispatched_at or j.queued_at)
-                if (not here or j.id in held_dead
+                if (not here or j.id in held_dead or j.id in orphans
                         or delivered.get(j.id, 0.0) > sent.timestamp()  # taken by a worker that died
                         or (now - sent).total_seconds() > s.lost_after_s):
                     lost.append(j)

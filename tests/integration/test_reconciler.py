@@ -69,3 +69,17 @@ def test_held_by_a_live_worker_is_not_resent_held_by_a_dead_one_is(world):
     assert rec.run_once().resent == 1
     assert r.sismember(pending_set("minilm"), gone.id) and not r.sismember(pending_set("minilm"), alive.id)
     assert not r.exists(held_set("dead-w")) and r.sismember(held_set("live-w"), alive.id)
+
+
+def test_a_message_popped_by_a_worker_that_died_unrecorded_is_sent_again(world):
+    settings, engine, r, d, rec = world
+    lost, kept = make_jobs(engine, d, 2)
+    # a worker's BRPOP took one message and the process died before kombu wrote "unacked"
+    key = "llmos.minilm:4"
+    msgs = r.lrange(key, 0, -1)
+    r.delete(key)
+    r.rpush(key, *[m for m in msgs if lost.id.encode() not in m])
+    time.sleep(0.3)
+    assert rec.run_once().resent == 1
+    ids = {__import__("llmos.dispatch", fromlist=["_job_id_of"])._job_id_of(m) for m in r.lrange(key, 0, -1)}
+    assert ids == {lost.id, kept.id}
