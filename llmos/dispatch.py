@@ -18,6 +18,7 @@ from typing import Protocol, Sequence
 import redis
 from celery import Celery
 
+from llmos import transport
 from llmos.constants import HELD_SET_PREFIX, PENDING_SET_PREFIX, QUEUE_PREFIX, RUN_JOB_TASK
 from llmos.db import first_line
 from llmos.errors import BrokerUnavailableError
@@ -33,6 +34,7 @@ def queue_name(model: str) -> str:
 
 def make_celery(settings: Settings) -> Celery:
     """The Celery app shared by producers and workers (JSON only, late acks, prefetch 1)."""
+    transport.register()  # settings.kombu_url names our transport (llmos-redis://)
     app = Celery("llmos", broker=settings.kombu_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",

@@ -71,11 +71,13 @@ class Settings(BaseSettings):
 
     @property
     def kombu_url(self) -> str:
-        """The same Redis, spelled the way kombu wants it."""
+        """The same Redis, spelled the way kombu wants it, on our transport (`llmos.transport`)."""
         url = self.broker_url
         if url.startswith("unix://"):
-            return "redis+socket://" + url[len("unix://"):]
-        return url
+            return "llmos-redis+socket://" + url[len("unix://"):]
+        if url.startswith("redis://"):
+            return "llmos-redis://" + url[len("redis://"):]
+        return url  # rediss:// (TLS) stays on kombu's own transport
 
     @property
     def model_names(self) -> list[str]:

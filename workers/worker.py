@@ -24,10 +24,10 @@ from typing import Any, Callable, Sequence
 import redis
 import sqlalchemy as sa
 
-from llmos import manager
+from llmos import manager, transport
 from llmos.constants import CANCEL_CHANNEL, RUN_JOB_TASK
 from llmos.db import check_database, get_engine
-from llmos.dispatch import make_celery, queue_name, release, take
+from llmos.dispatch import held_set, make_celery, pending_set, queue_name, release, take
 from llmos.jobs import Job
 from llmos.logs import event, setup
 from llmos.manager import as_utc
@@ -70,6 +70,8 @@ class Worker:
         self.control = RunControl()
         self._in_hand: set[str] = set()  # job ids whose message this worker holds
         self._stop = threading.Event()
+        # On our transport the delivery itself takes the job; on another (rediss://) the task does.
+        self.transport_takes = self.settings.kombu_url.startswith(transport.SCHEME)
 
     def run(self) -> int:
         check_database(self.settings.db_url)
@@ -87,6 +89,10 @@ class Worker:
         for target, name in ((self._heartbeat, "llmos-heartbeat"), (self._listen_cancels, "llmos-cancels")):
             threading.Thread(target=target, name=name, daemon=True).start()
         app = make_celery(self.settings)
+        if self.transport_takes:  # the delivery's MULTI moves the id pending → held (llmos.transport)
+            app.conf.broker_transport_options = {
+                **app.conf.broker_transport_options,
+                "llmos_take": {"pending": pending_set(self.spec.name), "held": held_set(self.worker_id)}}
         app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)(self.run_job)
         event(log, "worker_start", worker=self.worker_id, model=self.spec.name, device=self.device,
               queue=queue_name(self.spec.name))
@@ -110,12 +116,14 @@ class Worker:
 
     # -- Celery task body and batcher callbacks -------------------------------------------------
     def run_job(self, job_id: str) -> None:
-        """Celery task body: mark the job held by this worker, hand it to the batcher, wait."""
+        """Celery task body: hand the job to the batcher and wait (the delivery already marked it
+        held by this worker, on our transport; on another, this does)."""
         self._in_hand.add(job_id)
-        try:
-            take(self.redis, self.spec.name, self.worker_id, job_id)
-        except redis.exceptions.RedisError as exc:  # the reconciler may then re-send: harmless
-            event(log, "take_unrecorded", logging.WARNING, error=repr(exc))
+        if not self.transport_takes:
+            try:
+                take(self.redis, self.spec.name, self.worker_id, job_id)
+            except redis.exceptions.RedisError as exc:  # the reconciler may then re-send: harmless
+                event(log, "take_unrecorded", logging.WARNING, error=repr(exc))
         self.batcher.submit(job_id).result(timeout=self.settings.max_job_seconds * 2)
 
     def claim(self, job_ids: list[str], fresh_only: bool) -> list[Job]:

@@ -6,7 +6,7 @@ def test_embedded_defaults_live_under_home(tmp_path):
     assert s.embedded_db and s.embedded_redis
     assert s.db_url == f"sqlite:///{tmp_path.resolve()}/llmos.db"
     assert s.broker_url == f"unix://{tmp_path.resolve()}/redis.sock"
-    assert s.kombu_url == f"redis+socket://{tmp_path.resolve()}/redis.sock"
+    assert s.kombu_url == f"llmos-redis+socket://{tmp_path.resolve()}/redis.sock"
 
 
 def test_environment_overrides(monkeypatch, tmp_path):
@@ -15,7 +15,7 @@ def test_environment_overrides(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMOS_MODELS", "minilm, other")
     s = Settings()
     assert s.db_url == "postgresql+psycopg://u:secret@db:5432/llmos"
-    assert s.kombu_url == "redis://cache:6379/2"
+    assert s.kombu_url == "llmos-redis://cache:6379/2"
     assert s.model_names == ["minilm", "other"]
     assert not s.embedded_db and not s.embedded_redis
 

@@ -1,0 +1,102 @@
+"""Our kombu transport on a real Redis: delivery takes the job, acks are written in bulk."""
+
+import time
+
+import pytest
+import redis
+
+from llmos.dispatch import CeleryDispatcher, held_set, make_celery, pending_set, queue_name
+from llmos.jobs import Job, JobStatus
+from llmos.settings import Settings
+from llmos.transport import SCHEME
+
+pytestmark = pytest.mark.integration
+
+
+def job(i: int) -> Job:
+    return Job(id=f"7a1f0e4e-1111-4222-8333-94445555{i:04d}", model="tr", task_type="sentiment",
+               priority=5, status=JobStatus.QUEUED, input={"text": "x"})
+
+
+@pytest.fixture
+def setup(redis_url, tmp_path):
+    settings = Settings(home=tmp_path, redis_url=redis_url, database_url=f"sqlite:///{tmp_path / 'x.db'}")
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    app = make_celery(settings)
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "llmos_take": {"pending": pending_set("tr"), "held": held_set("w1")}}
+    yield settings, r, app
+    app.close()
+    r.close()
+
+
+def send(settings: Settings, jobs: list[Job]) -> None:
+    d = CeleryDispatcher(settings)
+    d.send(jobs)
+    d.close()
+
+
+def test_worker_urls_use_our_transport(setup):
+    settings, _, app = setup
+    assert settings.kombu_url.startswith(SCHEME + "://")
+    with app.connection_for_read() as conn:
+        from llmos.transport import Transport
+
+        assert isinstance(conn.transport, Transport)
+        channel = conn.default_channel
+        assert channel._create_client() is channel._create_client()  # one client, not one per call
+
+
+def test_delivery_records_unacked_and_moves_the_job_to_held(setup):
+    settings, r, app = setup
+    jobs = [job(i) for i in range(3)]
+    send(settings, jobs)
+    assert r.scard(pending_set("tr")) == 3
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue_name("tr"))
+        got = [q.get(timeout=5) for _ in jobs]
+        # kombu's unacked record and our held set were written in one MULTI on delivery
+        assert r.hlen("unacked") == 3 and r.zcard("unacked_index") == 3
+        assert r.scard(pending_set("tr")) == 0
+        assert {m.decode() for m in r.smembers(held_set("w1"))} == {j.id for j in jobs}
+        for m in got:
+            m.ack()
+        deadline = time.monotonic() + 5  # the flusher writes acks a few ms later, in bulk
+        while r.hlen("unacked") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0
+        q.close()
+
+
+def test_closing_the_channel_writes_pending_acks(setup):
+    settings, r, app = setup
+    send(settings, [job(7)])
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue_name("tr"))
+        q.get(timeout=5).ack()
+        q.close()
+    assert r.hlen("unacked") == 0 and r.llen(queue_name("tr")) == 0
+
+
+def test_unacked_messages_still_come_back_at_shutdown(setup):
+    settings, r, app = setup
+    send(settings, [job(8)])
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue_name("tr"))
+        q.get(timeout=5)  # delivered, never acked: kombu restores it when the channel closes
+        q.close()
+    assert r.hlen("unacked") == 0
+    assert sum(r.llen(k) for k in [queue_name("tr")] + [f"{queue_name('tr')}:{p}" for p in range(1, 10)]) == 1
+
+
+def test_messages_of_other_tasks_are_not_taken(setup):
+    settings, r, app = setup
+    with app.producer_or_acquire() as producer:
+        app.send_task("some.other.task", args=["x"], queue=queue_name("tr"), producer=producer)
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue_name("tr"))
+        q.get(timeout=5).ack()
+        q.close()
+    assert not r.exists(held_set("w1"))
