@@ -185,29 +185,18 @@ def delivered_before(client: redis.Redis, older_than_s: float) -> dict[str, floa
     ids: dict[str, float] = {}
     for (_, when), item in zip(pairs, client.hmget(UNACKED_HASH, tags)):
         try:
-            payload = json.loads(item)[0]
-            if payload["headers"].get("task") != RUN_JOB_TASK:
-                continue
-            body = payload["body"]
-            if payload.get("properties", {}).get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            job_id = str(json.loads(body)[0][0])
-            ids[job_id] = max(ids.get(job_id, 0.0), float(when))
+            job_id = transport.job_id_of_payload(json.loads(item)[0])
         except (TypeError, ValueError, KeyError, IndexError):
-            continue  # not one of ours, or a format we do not know: leave it to the visibility timeout
+            job_id = None
+        if job_id:  # else not one of ours, or a format we do not know: left to the visibility timeout
+            ids[job_id] = max(ids.get(job_id, 0.0), float(when))
     return ids
 
 
 def _job_id_of(raw: bytes | str) -> str | None:
     try:
-        payload = json.loads(raw)
-        if payload["headers"].get("task") != RUN_JOB_TASK:
-            return None
-        body = payload["body"]
-        if payload.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        return str(json.loads(body)[0][0])
-    except (TypeError, ValueError, KeyError, IndexError):
+        return transport.job_id_of_payload(json.loads(raw))
+    except (TypeError, ValueError):
         return None
 
 

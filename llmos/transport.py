@@ -1,10 +1,9 @@
 """Our kombu transport: kombu's Redis transport with less work per message on the worker.
 
 A worker's consumer thread (Celery's event loop) spends its time on Redis round trips made for
-each message, and it shares the CPU and the GIL with the model. Measured per job here (a tiny
-model, `docs/benchmarks.md`): about 0.8 ms on the event loop and 0.3–0.5 ms in the pool
-threads. This transport keeps kombu's keys and wire format (producers, Flower and plain
-`redis://` Celery workers see the same lists, `unacked` hash and index) and changes three things:
+each message, and it shares the CPU and the GIL with the model. This transport keeps kombu's
+keys and wire format (producers, Flower and plain `redis://` Celery workers see the same lists,
+`unacked` hash and index) and changes three things:
 
 - **One Redis client per channel.** kombu builds a new `redis.Redis` for every delivery it
   records and every ack; redis-py's constructor costs ~160 µs of Python here. The channel keeps
@@ -14,43 +13,73 @@ threads. This transport keeps kombu's keys and wire format (producers, Flower an
   (the worker sets it: its model's pending set and its own held set), the MULTI that writes
   kombu's `unacked` record also moves the job id pending → held (see `llmos.dispatch.take` and
   the reconciler), so "delivered" and "held by this worker" change in one atomic step, and the
-  pool thread makes no round trip of its own.
+  pool thread makes no round trip of its own. Whenever kombu puts a message back in its queue
+  (restore at shutdown or reconnect, a requeue, a visibility-timeout sweep by any worker), the
+  same MULTI puts the job id back in its model's pending set and out of this worker's held set.
 - **Acks are written in bulk.** An ack still leaves kombu's in-memory state at once (prefetch
   counting, restore at shutdown), but its removal from `unacked` is written by a flusher thread,
-  up to `ACK_DELAY_S` later, for every tag acked meanwhile in one ZREM and one HDEL. A worker
-  that dies in that window leaves those messages in `unacked`; kombu redelivers them after the
-  visibility timeout and the worker's claim finds their jobs already final (a no-op).
+  up to `ACK_DELAY_S` later, for every tag acked meanwhile in one ZREM and one HDEL. A failed
+  write is retried; a worker that dies before the write leaves those messages in `unacked`, and
+  kombu redelivers them after the visibility timeout: their jobs are already final, so the
+  worker's claim is a no-op. Acks made after the channel started closing are written at once.
 
-The transport is chosen by the URL scheme `llmos-redis://` (`llmos-redis+socket://` for a unix
-socket), which `Settings.kombu_url` writes; `make_celery` registers the alias.
+Measured effect: docs/benchmarks.md ("Where the encoder's gap goes"). The transport is chosen by
+the URL scheme `llmos-redis://` (`llmos-redis+socket://` for a unix socket), which
+`Settings.kombu_url` writes; `make_celery` registers the alias.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import threading
 import time
+from typing import Any
 
+import redis
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 
-from llmos.constants import RUN_JOB_TASK
+from llmos.constants import PENDING_SET_PREFIX, QUEUE_PREFIX, RUN_JOB_TASK
+
+log = logging.getLogger("llmos.transport")
 
 SCHEME = "llmos-redis"
 ACK_DELAY_S = 0.002
 """How long the flusher gathers acks before writing them (a batch's acks arrive together)."""
+ACK_RETRY_S = 60.0
+"""How long a failed ack write is retried before the acks are left to the visibility timeout."""
 
 
-def job_id_of(message) -> str | None:
-    """The job id an LLMOS message carries, or None for any other message."""
+def job_id_from(headers: Any, body: Any) -> str | None:
+    """The job id an LLMOS message carries (its decoded JSON body), or None for any other."""
+    if not isinstance(headers, dict) or headers.get("task") != RUN_JOB_TASK:
+        return None
     try:
-        if (message.headers or {}).get("task") != RUN_JOB_TASK:
-            return None
-        body = message.body
-        return str(json.loads(body)[0][0])
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+        decoded = json.loads(body)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(decoded, list) or len(decoded) < 2:
+        return None
+    args, kwargs = decoded[0], decoded[1]
+    if isinstance(args, list) and args:
+        job_id = args[0]
+    else:
+        job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
+    return job_id if isinstance(job_id, str) and job_id else None
+
+
+def job_id_of_payload(payload: Any) -> str | None:
+    """The job id of a message as kombu stores it (the JSON payload, body still encoded)."""
+    try:
+        body = payload["body"]
+        if payload["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        return job_id_from(payload["headers"], body)
+    except (TypeError, ValueError, KeyError, AttributeError):
         return None
 
 
@@ -66,7 +95,7 @@ class QoS(kombu_redis.QoS):
     def append(self, message, delivery_tag) -> None:
         delivery = message.delivery_info
         take = self.channel.llmos_take
-        job_id = job_id_of(message) if take else None
+        job_id = job_id_from(message.headers, message.body) if take else None
         pipe = self.channel.client_for_commands().pipeline()  # MULTI … EXEC
         pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
         pipe.hset(self.unacked_key, delivery_tag,
@@ -80,30 +109,45 @@ class QoS(kombu_redis.QoS):
     def ack(self, delivery_tag) -> None:
         with self._ack_lock:
             self._acked.append(delivery_tag)
-            if self._flusher is None and not self._closing:
+            closing = self._closing
+            if self._flusher is None and not closing:
                 self._flusher = threading.Thread(target=self._flush_loop, name="llmos-acks", daemon=True)
                 self._flusher.start()
-        self._ack_ready.set()
         virtual.QoS.ack(self, delivery_tag)
+        if closing:  # no flusher any more: write it now
+            try:
+                self.flush_acks()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("ack not written (the message comes back after the visibility timeout): %r", exc)
+        else:
+            self._ack_ready.set()
 
     def flush_acks(self) -> None:
-        """Write every pending ack now (one ZREM and one HDEL)."""
+        """Write every pending ack now (one ZREM and one HDEL); on failure they stay pending."""
         with self._ack_lock:
             tags, self._acked = self._acked, []
-        if tags:
+        if not tags:
+            return
+        try:
             pipe = self.channel.client_for_commands().pipeline()
             pipe.zrem(self.unacked_index_key, *tags)
             pipe.hdel(self.unacked_key, *tags)
             pipe.execute()
+        except BaseException:
+            with self._ack_lock:
+                self._acked[:0] = tags
+            raise
 
     def close(self) -> None:
-        self._closing = True
+        with self._ack_lock:
+            self._closing = True
         self._ack_ready.set()
         if self._flusher is not None and self._flusher is not threading.current_thread():
-            self._flusher.join(5.0)
+            self._flusher.join(1.0)
         self.flush_acks()
 
     def _flush_loop(self) -> None:
+        failing_since = None
         while not self._closing:
             self._ack_ready.wait()
             if self._closing:
@@ -112,8 +156,24 @@ class QoS(kombu_redis.QoS):
             time.sleep(ACK_DELAY_S)  # let the rest of the batch's acks arrive
             try:
                 self.flush_acks()
-            except Exception:  # Redis is down: the tags stay in unacked, redelivery is harmless
-                pass
+                failing_since = None
+            except (redis.RedisError, OSError) as exc:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > ACK_RETRY_S:  # give up: redelivery finds the jobs final
+                    with self._ack_lock:
+                        dropped, self._acked = len(self._acked), []
+                    log.warning("%d acks not written after %.0f s (their messages come back after the "
+                                "visibility timeout, as no-ops): %r", dropped, ACK_RETRY_S, exc)
+                    failing_since = None
+                else:
+                    self._ack_ready.set()
+                    time.sleep(0.5)
+            except Exception as exc:  # not a Redis error: stop; the next ack starts a new flusher
+                log.warning("ack flusher stopped: %r", exc)
+                with self._ack_lock:
+                    self._flusher = None
+                return
 
 
 class Channel(kombu_redis.Channel):
@@ -136,13 +196,23 @@ class Channel(kombu_redis.Channel):
             client = self._llmos_client = super()._create_client(asynchronous=False)
         return client
 
+    def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
+        """kombu puts a message back in its queue: its job is pending again, held by nobody here."""
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        job_id = job_id_of_payload(payload)
+        queue = str(routing_key or "")
+        if job_id and queue.startswith(QUEUE_PREFIX):
+            pipe.sadd(PENDING_SET_PREFIX + queue[len(QUEUE_PREFIX):], job_id)
+            if self.llmos_take:
+                pipe.srem(self.llmos_take["held"], job_id)
+
     def close(self) -> None:
         qos = self._qos
         if qos is not None and not self.closed:
             try:
                 qos.close()
-            except Exception:  # Redis is gone: the messages come back after the visibility timeout
-                pass
+            except Exception as exc:  # Redis is gone: the messages come back after the visibility timeout
+                log.warning("acks not written at close: %r", exc)
         super().close()
 
 

@@ -5,7 +5,7 @@ import time
 import pytest
 import redis
 
-from llmos.dispatch import CeleryDispatcher, held_set, make_celery, pending_set, queue_name
+from llmos.dispatch import CeleryDispatcher, held_set, make_celery, pending_set, queue_keys, queue_name
 from llmos.jobs import Job, JobStatus
 from llmos.settings import Settings
 from llmos.transport import SCHEME
@@ -70,27 +70,6 @@ def test_delivery_records_unacked_and_moves_the_job_to_held(setup):
         q.close()
 
 
-def test_closing_the_channel_writes_pending_acks(setup):
-    settings, r, app = setup
-    send(settings, [job(7)])
-    with app.connection_for_read() as conn:
-        q = conn.SimpleQueue(queue_name("tr"))
-        q.get(timeout=5).ack()
-        q.close()
-    assert r.hlen("unacked") == 0 and r.llen(queue_name("tr")) == 0
-
-
-def test_unacked_messages_still_come_back_at_shutdown(setup):
-    settings, r, app = setup
-    send(settings, [job(8)])
-    with app.connection_for_read() as conn:
-        q = conn.SimpleQueue(queue_name("tr"))
-        q.get(timeout=5)  # delivered, never acked: kombu restores it when the channel closes
-        q.close()
-    assert r.hlen("unacked") == 0
-    assert sum(r.llen(k) for k in [queue_name("tr")] + [f"{queue_name('tr')}:{p}" for p in range(1, 10)]) == 1
-
-
 def test_messages_of_other_tasks_are_not_taken(setup):
     settings, r, app = setup
     with app.producer_or_acquire() as producer:
@@ -100,3 +79,80 @@ def test_messages_of_other_tasks_are_not_taken(setup):
         q.get(timeout=5).ack()
         q.close()
     assert not r.exists(held_set("w1"))
+
+
+def all_queued(r, model: str) -> int:
+    return sum(r.llen(k) for k in queue_keys(model))
+
+
+def test_closing_the_channel_writes_pending_acks(setup, monkeypatch):
+    from llmos import transport
+
+    settings, r, app = setup
+    monkeypatch.setattr(transport.QoS, "_flush_loop", lambda self: None)  # only close() can write it
+    send(settings, [job(7)])
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue_name("tr"))
+        q.get(timeout=5).ack()
+        assert r.hlen("unacked") == 1  # not written yet
+        q.close()
+    assert r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0 and all_queued(r, "tr") == 0
+
+
+def test_a_restored_message_puts_its_job_back_in_pending(setup):
+    settings, r, app = setup
+    send(settings, [job(8)])
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue_name("tr"))
+        q.get(timeout=5)  # delivered, never acked: kombu restores it when the channel closes
+        assert r.sismember(held_set("w1"), job(8).id)
+        q.close()
+    assert r.hlen("unacked") == 0 and all_queued(r, "tr") == 1
+    assert r.sismember(pending_set("tr"), job(8).id) and not r.sismember(held_set("w1"), job(8).id)
+
+
+def test_a_requeued_message_puts_its_job_back_in_pending(setup):
+    settings, r, app = setup
+    send(settings, [job(9)])
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue_name("tr"))
+        q.get(timeout=5).requeue()
+        assert r.sismember(pending_set("tr"), job(9).id) and not r.sismember(held_set("w1"), job(9).id)
+        assert all_queued(r, "tr") == 1
+        q.close()
+
+
+def test_a_failed_ack_write_is_kept_and_written_later(setup):
+    settings, r, app = setup
+    send(settings, [job(10)])
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue_name("tr"))
+        msg = q.get(timeout=5)
+        qos = conn.default_channel.qos
+        real = qos.channel.client_for_commands
+        qos.channel.client_for_commands = lambda: (_ for _ in ()).throw(redis.ConnectionError("down"))
+        with qos._ack_lock:
+            qos._acked.append(msg.delivery_tag)
+        with pytest.raises(redis.ConnectionError):
+            qos.flush_acks()
+        assert qos._acked == [msg.delivery_tag]  # kept for the next try
+        qos.channel.client_for_commands = real
+        qos.flush_acks()
+        assert r.hlen("unacked") == 0
+        q.close()
+
+
+@pytest.mark.parametrize("body, want", [
+    (b'[["abc-1"], {}, {}]', "abc-1"),
+    (b'[[], {"job_id": "abc-2"}, {}]', "abc-2"),
+    (b'[[null], {}, {}]', None),
+    (b'"a string"', None),
+    (b'not json', None),
+    (b'[[42], {}, {}]', None),
+])
+def test_job_id_parsing(body, want):
+    from llmos.constants import RUN_JOB_TASK
+    from llmos.transport import job_id_from
+
+    assert job_id_from({"task": RUN_JOB_TASK}, body) == want
+    assert job_id_from({"task": "other"}, body) is None
