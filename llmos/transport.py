@@ -3,7 +3,7 @@
 A worker's consumer thread (Celery's event loop) spends its time on Redis round trips made for
 each message, and it shares the CPU and the GIL with the model. This transport keeps kombu's
 keys and wire format (producers, Flower and plain `redis://` Celery workers see the same lists,
-`unacked` hash and index) and changes three things:
+`unacked` hash and index) and changes four things:
 
 - **One Redis client per channel.** kombu builds a new `redis.Redis` for every delivery it
   records and every ack; redis-py's constructor costs ~160 µs of Python here. The channel keeps
@@ -16,6 +16,10 @@ keys and wire format (producers, Flower and plain `redis://` Celery workers see 
   pool thread makes no round trip of its own. Whenever kombu puts a message back in its queue
   (restore at shutdown or reconnect, a requeue, a visibility-timeout sweep by any worker), the
   same MULTI puts the job id back in its model's pending set and out of this worker's held set.
+- **Messages are popped in bulk.** kombu pops one message per BRPOP and then records it with a
+  MULTI: two round trips per message on the event loop. After each BRPOP a worker's channel
+  runs one Lua script that pops up to its free prefetch room, in priority order, and writes
+  the same `unacked` records and takes as `QoS.append` would.
 - **Acks are written in bulk.** An ack still leaves kombu's in-memory state at once (prefetch
   counting, restore at shutdown), but its removal from `unacked` is written by a flusher thread,
   up to `ACK_DELAY_S` later, for every tag acked meanwhile in one ZREM and one HDEL. A failed
@@ -41,7 +45,7 @@ import redis
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps
+from kombu.utils.json import dumps, loads
 
 from llmos.constants import PENDING_SET_PREFIX, QUEUE_PREFIX, RUN_JOB_TASK
 
@@ -91,8 +95,13 @@ class QoS(kombu_redis.QoS):
         self._ack_ready = threading.Event()
         self._flusher: threading.Thread | None = None
         self._closing = False
+        self.prerecorded: set[str] = set()  # delivered by the bulk pop, already in `unacked`
 
     def append(self, message, delivery_tag) -> None:
+        if delivery_tag in self.prerecorded:
+            self.prerecorded.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+            return
         delivery = message.delivery_info
         take = self.channel.llmos_take
         job_id = job_id_from(message.headers, message.body) if take else None
@@ -176,11 +185,57 @@ class QoS(kombu_redis.QoS):
                 return
 
 
+BULK_POP_MAX = 64
+"""Most messages one bulk pop takes (it never takes more than the free prefetch room)."""
+
+_BULK_POP = """
+-- KEYS: the queue's lists in priority order, then unacked_index, unacked, pending set, held set
+-- ARGV: room, now, task name
+local n = #KEYS - 4
+local index, hash, pending, held = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
+local room, now, task = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local out = {}
+local taken = 0
+for i = 1, n do
+  while taken < room do
+    local item = redis.call('RPOP', KEYS[i])
+    if not item then break end
+    local ok, msg = pcall(cjson.decode, item)
+    local props = ok and type(msg) == 'table' and msg.properties
+    if type(props) ~= 'table' or type(props.delivery_tag) ~= 'string' then
+      redis.call('RPUSH', KEYS[i], item)  -- not one we can record: kombu's own path takes it
+      return out
+    end
+    local info = type(props.delivery_info) == 'table' and props.delivery_info or {}
+    redis.call('ZADD', index, now, props.delivery_tag)
+    redis.call('HSET', hash, props.delivery_tag, '[' .. item .. ',' .. cjson.encode(info.exchange or '')
+               .. ',' .. cjson.encode(info.routing_key or '') .. ']')
+    local id = ''
+    local h = msg.headers
+    if type(h) == 'table' and h.task == task and type(h.argsrepr) == 'string' then
+      id = string.match(h.argsrepr, "^%['([%w%-]+)'%]$") or ''
+      if id ~= '' then
+        redis.call('SREM', pending, id)
+        redis.call('SADD', held, id)
+      end
+    end
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = item
+    out[#out + 1] = id
+    taken = taken + 1
+  end
+end
+return out
+"""
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _llmos_client = None
+    _bulk_pop = None
 
     def __init__(self, *args, **kwargs) -> None:
+        self._no_ack_queues: set[str] = set()
         super().__init__(*args, **kwargs)
         take = self.connection.client.transport_options.get("llmos_take")
         self.llmos_take = dict(take) if take else None
@@ -195,6 +250,69 @@ class Channel(kombu_redis.Channel):
         if client is None or client.connection_pool is not self.pool:
             client = self._llmos_client = super()._create_client(asynchronous=False)
         return client
+
+    def basic_consume(self, queue, *args, **kwargs):
+        no_ack = kwargs.get("no_ack", args[0] if args else False)
+        (self._no_ack_queues.add if no_ack else self._no_ack_queues.discard)(queue)
+        return super().basic_consume(queue, *args, **kwargs)
+
+    def _brpop_read(self, **options):
+        """kombu's one-message BRPOP, then (on a worker) a bulk pop of up to the free prefetch room.
+
+        One Lua script pops the messages in priority order and, for each, writes kombu's
+        `unacked` record and moves the job pending → held, as `QoS.append` would: two round trips
+        for a burst of messages instead of two per message.
+        """
+        delivered = super()._brpop_read(**options)
+        if delivered and self.llmos_take is not None and not self._closing and not self.global_keyprefix:
+            self._pop_more()
+        return delivered
+
+    def _pop_more(self) -> None:
+        room = self.qos.can_consume_max_estimate()
+        room = BULK_POP_MAX if room is None else min(room, BULK_POP_MAX)
+        # our queues only, and only where every delivery is acked (else `unacked` would fill up)
+        queues = [q for q in self.active_queues if q.startswith(QUEUE_PREFIX) and q not in self._no_ack_queues]
+        if room <= 0 or not queues:
+            return
+        client = self.client_for_commands()
+        if self._bulk_pop is None:
+            self._bulk_pop = client.register_script(_BULK_POP)
+        keys = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
+        take = self.llmos_take
+        try:
+            out = self._bulk_pop(keys=[*keys, self.unacked_index_key, self.unacked_key, take["pending"],
+                                       take["held"]], args=[room, time.time(), RUN_JOB_TASK], client=client)
+        except (redis.RedisError, OSError) as exc:  # popped or not, each is in `unacked` or in its list
+            log.warning("bulk pop failed: %r", exc)
+            return
+        burst, missed = [], []
+        for i in range(0, len(out), 3):
+            key, item, taken = (x.decode() if isinstance(x, bytes) else x for x in out[i:i + 3])
+            payload = loads(item)
+            job_id = job_id_of_payload(payload)
+            if job_id and job_id != taken:  # argsrepr did not name it: take it here, before delivery
+                missed.append(job_id)
+            queue = key if key in queues else key.rsplit(self.sep, 1)[0]
+            burst.append((payload["properties"]["delivery_tag"], payload, queue))
+        if missed:
+            pipe = client.pipeline()
+            pipe.srem(take["pending"], *missed)
+            pipe.sadd(take["held"], *missed)
+            pipe.execute()
+        for n, (tag, payload, queue) in enumerate(burst):
+            self.qos.prerecorded.add(tag)
+            try:
+                self.connection._deliver(payload, queue)
+            except BaseException:
+                # The rest of the burst never reached the consumer: put it back in its lists (in
+                # pop order, so RPUSH restores it), its jobs pending again, before the error goes up.
+                undelivered = [t for t, _, _ in burst[n:] if t not in self.qos._delivered]
+                for t in reversed(undelivered):
+                    self.qos.restore_by_tag(t)
+                raise
+            finally:
+                self.qos.prerecorded.discard(tag)
 
     def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
         """kombu puts a message back in its queue: its job is pending again, held by nobody here."""

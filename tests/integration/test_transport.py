@@ -156,3 +156,79 @@ def test_job_id_parsing(body, want):
 
     assert job_id_from({"task": RUN_JOB_TASK}, body) == want
     assert job_id_from({"task": "other"}, body) is None
+
+
+def test_one_brpop_delivers_a_burst_recorded_and_taken(setup):
+    """A worker's channel pops what its prefetch room allows in one go (BRPOP + one script)."""
+    from kombu import Consumer, Queue
+
+    settings, r, app = setup
+    jobs = [job(20 + i) for i in range(10)]
+    send(settings, jobs)
+    got = []
+    with app.connection_for_read() as conn:
+        channel = conn.channel()
+        consumer = Consumer(channel, [Queue(queue_name("tr"))], callbacks=[lambda body, m: got.append(m)],
+                            accept=["json"])
+        consumer.qos(prefetch_count=6)
+        with consumer:
+            conn.drain_events(timeout=5)  # one BRPOP
+            assert len(got) == 6  # the first message, then five more up to the prefetch room
+            assert r.hlen("unacked") == 6 and r.zcard("unacked_index") == 6
+            held = {m.decode() for m in r.smembers(held_set("w1"))}
+            assert held == {j.id for j in jobs[:6]}  # priority order is list order here
+            assert r.scard(pending_set("tr")) == 4 and all_queued(r, "tr") == 4
+            for m in got:
+                m.ack()
+            while len(got) < 10:
+                conn.drain_events(timeout=5)
+            for m in got[6:]:
+                m.ack()
+        channel.close()
+    assert r.hlen("unacked") == 0 and not r.exists(pending_set("tr"))
+    assert sorted(m.headers["argsrepr"] for m in got) == sorted(repr([j.id]) for j in jobs)
+
+
+def consume_once(app, prefetch: int):
+    """One BRPOP (plus the bulk pop) on a worker channel; returns (connection, channel, messages)."""
+    from kombu import Consumer, Queue
+
+    got = []
+    conn = app.connection_for_read()
+    channel = conn.channel()
+    consumer = Consumer(channel, [Queue(queue_name("tr"))], callbacks=[lambda body, m: got.append(m)],
+                        accept=["json"])
+    consumer.qos(prefetch_count=prefetch)
+    consumer.consume()
+    conn.drain_events(timeout=5)
+    return conn, channel, got
+
+
+def test_a_burst_comes_back_whole_when_the_worker_stops_before_acking(setup):
+    settings, r, app = setup
+    jobs = [job(40 + i) for i in range(5)]
+    send(settings, jobs)
+    conn, channel, got = consume_once(app, prefetch=10)
+    assert len(got) == 5 and r.hlen("unacked") == 5 and r.scard(held_set("w1")) == 5
+    assert not channel.qos.prerecorded
+    channel.close()  # kombu restores what was delivered and not acked
+    conn.close()
+    assert r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0 and all_queued(r, "tr") == 5
+    assert {m.decode() for m in r.smembers(pending_set("tr"))} == {j.id for j in jobs}
+    assert not r.exists(held_set("w1"))
+
+
+def test_a_burst_is_popped_in_priority_order(setup):
+    from dataclasses import replace
+
+    settings, r, app = setup
+    jobs = [replace(job(60 + i), priority=p) for i, p in enumerate([1, 9, 5, 9, 3])]
+    send(settings, jobs)
+    conn, channel, got = consume_once(app, prefetch=10)
+    order = [m.headers["argsrepr"] for m in got]
+    for m in got:
+        m.ack()
+    channel.close()
+    conn.close()
+    by_priority = sorted(jobs, key=lambda j: -j.priority)  # stable: equal priorities in send order
+    assert order == [repr([j.id]) for j in by_priority]
