@@ -290,8 +290,8 @@ class Channel(kombu_redis.Channel):
         for i in range(0, len(out), 3):
             key, item, taken = (x.decode() if isinstance(x, bytes) else x for x in out[i:i + 3])
             payload = loads(item)
-            job_id = job_id_of_payload(payload)
-            if job_id and job_id != taken:  # argsrepr did not name it: take it here, before delivery
+            job_id = None if taken else job_id_of_payload(payload)  # the script read it from argsrepr
+            if job_id:  # argsrepr did not name it: take it here, before delivery
                 missed.append(job_id)
             queue = key if key in queues else key.rsplit(self.sep, 1)[0]
             burst.append((payload["properties"]["delivery_tag"], payload, queue))
