@@ -101,7 +101,7 @@ def main() -> None:
                 p1, t1 = proc_cpu(), thread_cpu(w.pid)
                 names = thread_names(w.pid)
                 notices.close()
-                jobs = list(manager.get_jobs(client.engine, [h.id for h in handles]).values())
+                jobs = list(manager.get_jobs(client.engine, [h.id for h in handles], tenant=manager.ANY_TENANT).values())
             env.stop(w)
         finally:
             env.close()

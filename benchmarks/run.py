@@ -160,7 +160,7 @@ def wait_done(engine: sa.Engine, batch_id: str, n: int, timeout: float = 900,
     deadline = time.monotonic() + timeout
     announced: set[bytes] = set()
     while True:
-        counts = manager.batch_status_counts(engine, batch_id)
+        counts = manager.batch_status_counts(engine, batch_id, tenant=manager.ANY_TENANT)
         if sum(n for s, n in counts.items() if s.is_final) == n:
             bad = {s: n for s, n in counts.items() if s != JobStatus.SUCCEEDED}
             if bad:
@@ -219,7 +219,7 @@ def llmos_run(env: Env, model: str, config: Path | None, tasks: list, warm: list
             wait_done(client.engine, f"run{p}", len(ids), notices=notices)
             rates.append(len(tasks) / (time.perf_counter() - t0))
             notices.close()
-            jobs += list(manager.get_jobs(client.engine, ids).values())
+            jobs += list(manager.get_jobs(client.engine, ids, tenant=manager.ANY_TENANT).values())
     env.stop(w)
     lat = [(as_utc(j.finished_at) - as_utc(j.created_at)).total_seconds() * 1000 for j in jobs]
     out = {
@@ -286,7 +286,7 @@ def priority_wait(env: Env, model: str, config: Path | None, backlog: list, urge
         job = client.wait([hot.id], timeout=300)[hot.id]
         for h in low:
             client.cancel(h.id)
-        batches = [j.compute_ms for j in manager.get_jobs(client.engine, [h.id for h in low]).values()
+        batches = [j.compute_ms for j in manager.get_jobs(client.engine, [h.id for h in low], tenant=manager.ANY_TENANT).values()
                    if j.status == JobStatus.SUCCEEDED and j.compute_ms]
     env.stop(w)
     cycle = statistics.mean(batches) if batches else float("nan")

@@ -71,7 +71,7 @@ def _run(client: Client, model: str, lines: list[str], console: Console, timeout
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         bar = progress.add_task(f"{len(ids)} jobs on {model}", total=len(ids))
         while True:
-            counts = client._db(manager.status_counts, ids)
+            counts = client._db(manager.status_counts, ids, tenant=client.tenant)
             done = sum(n for s, n in counts.items() if s.is_final)
             progress.update(bar, completed=done)
             if done == len(ids):
@@ -81,7 +81,7 @@ def _run(client: Client, model: str, lines: list[str], console: Console, timeout
                                  "see `llmos job ID` and the worker logs")
             time.sleep(0.2)
     elapsed = time.perf_counter() - started
-    jobs = manager.get_jobs(client.engine, ids)
+    jobs = manager.get_jobs(client.engine, ids, tenant=client.tenant)
     labels = [result_of(jobs[h.id]) for h in sentiment]
     vectors = [result_of(jobs[h.id]).vectors[0] for h in embed]
 

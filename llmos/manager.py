@@ -20,7 +20,44 @@ from llmos.jobs import Job, JobStatus
 
 
 def utcnow() -> datetime:
+    """This process's clock; only for local use (anything compared across processes uses `db_now`)."""
     return datetime.now(timezone.utc)
+
+
+def db_now(bind: sa.Engine | sa.Connection) -> datetime:
+    """The database's clock (aware, UTC): every timestamp written and compared across processes.
+
+    Postgres answers `now()` (the transaction's start when called inside one). SQLite is a local file
+    that only processes of one machine share, so the local clock is the database's clock there.
+    """
+    if bind.dialect.name == "sqlite":
+        return utcnow()
+    if isinstance(bind, sa.Engine):
+        with bind.connect() as conn:
+            return db_now(conn)
+    return bind.execute(sa.select(sa.func.now())).scalar_one().astimezone(timezone.utc)
+
+
+class _AnyTenant:
+    """The tenant argument of system callers (workers, the reconciler) that act for every tenant."""
+
+    def __repr__(self) -> str:
+        return "ANY_TENANT"
+
+
+ANY_TENANT = _AnyTenant()
+"""Pass as `tenant=` to act for every tenant; user-facing callers pass the caller's tenant."""
+
+Tenant = str | _AnyTenant
+
+
+def _scoped(conditions: list[Any], tenant: Tenant) -> list[Any]:
+    """`conditions` limited to one tenant's rows (another tenant's id then reads as not found)."""
+    if tenant is ANY_TENANT:
+        return conditions
+    if not isinstance(tenant, str):
+        raise TypeError(f"tenant must be a tenant name or ANY_TENANT, got {tenant!r}")
+    return [*conditions, jobs.c.tenant == tenant]
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -45,6 +82,7 @@ class NewJob:
     max_attempts: int = 3
     timeout_s: float | None = None
     deadline: datetime | None = None
+    deadline_in_s: float | None = None  # a deadline relative to the database's clock at insert
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,14 +115,14 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True) -
     A job whose (tenant, idempotency_key) already exists is not created again: the existing job
     comes back with created=False, so the caller does not send it twice.
     """
-    now = utcnow()
+    now = db_now(engine)
     existing: dict[tuple[str, str], Job] = {}
-    keyed = [(n.tenant, n.idempotency_key) for n in new if n.idempotency_key]
+    keyed = [(n.tenant, n.idempotency_key) for n in new if n.idempotency_key is not None]
     if keyed:
         existing = _find_by_keys(engine, keyed)
     rows, out = [], []
     for n in new:
-        key = (n.tenant, n.idempotency_key) if n.idempotency_key else None
+        key = (n.tenant, n.idempotency_key) if n.idempotency_key is not None else None
         if key is not None and key in existing:
             out.append((existing[key], False))
             continue
@@ -93,7 +131,9 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True) -
                    attempts=0, max_attempts=n.max_attempts, tenant=n.tenant,
                    idempotency_key=n.idempotency_key, batch_id=n.batch_id,
                    conversation_id=n.conversation_id, created_at=now, queued_at=now,
-                   timeout_s=n.timeout_s, deadline=n.deadline, dispatched_at=now, finishes=0)
+                   timeout_s=n.timeout_s, dispatched_at=now, finishes=0,
+                   deadline=(now + timedelta(seconds=n.deadline_in_s)) if n.deadline_in_s is not None
+                   else n.deadline)
         rows.append(row)
         job = Job.from_row(row)
         out.append((job, True))
@@ -112,43 +152,64 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True) -
 
 
 def _find_by_keys(engine: sa.Engine, keys: list[tuple[str, str]]) -> dict:
+    """Existing jobs by (tenant, idempotency key): filtered on both, so the unique index serves it."""
     found: dict[tuple[str, str], Job] = {}
-    names = sorted({k for _, k in keys})
+    by_tenant: dict[str, set[str]] = {}
+    for tenant, key in keys:
+        by_tenant.setdefault(tenant, set()).add(key)
     with engine.connect() as conn:
-        for chunk in _chunks(names, 500):
-            for job in _jobs_from(conn.execute(sa.select(jobs).where(jobs.c.idempotency_key.in_(chunk)))):
-                found[(job.tenant, job.idempotency_key)] = job
+        for tenant, names in by_tenant.items():
+            for chunk in _chunks(sorted(names), 500):
+                q = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key.in_(chunk))
+                for job in _jobs_from(conn.execute(q)):
+                    found[(job.tenant, job.idempotency_key)] = job
     return found
 
 
-def get_job(engine: sa.Engine, job_id: str) -> Job | None:
+def get_job(engine: sa.Engine, job_id: str, *, tenant: Tenant) -> Job | None:
+    """One job of `tenant` (None if there is none, or it is another tenant's)."""
     with engine.connect() as conn:
-        row = conn.execute(sa.select(jobs).where(jobs.c.id == str(job_id))).first()
+        row = conn.execute(sa.select(jobs).where(*_scoped([jobs.c.id == str(job_id)], tenant))).first()
     return Job.from_row(row._mapping) if row else None
 
 
-def get_jobs(engine: sa.Engine, job_ids: Sequence[str]) -> dict[str, Job]:
+def get_jobs(engine: sa.Engine, job_ids: Sequence[str], *, tenant: Tenant) -> dict[str, Job]:
+    """Jobs of `tenant` by id (ids that name none of its jobs are absent)."""
     out: dict[str, Job] = {}
     with engine.connect() as conn:
         for chunk in _chunks([str(i) for i in job_ids], 500):
-            for job in _jobs_from(conn.execute(sa.select(jobs).where(jobs.c.id.in_(chunk)))):
+            q = sa.select(jobs).where(*_scoped([jobs.c.id.in_(chunk)], tenant))
+            for job in _jobs_from(conn.execute(q)):
                 out[job.id] = job
     return out
 
 
-def status_counts(engine: sa.Engine, job_ids: Sequence[str]) -> dict[JobStatus, int]:
+def job_statuses(engine: sa.Engine, job_ids: Sequence[str], *, tenant: Tenant) -> dict[str, JobStatus]:
+    """Status of each of `tenant`'s jobs by id (two columns read, not the whole row)."""
+    out: dict[str, JobStatus] = {}
+    with engine.connect() as conn:
+        for chunk in _chunks([str(i) for i in job_ids], 500):
+            q = sa.select(jobs.c.id, jobs.c.status).where(*_scoped([jobs.c.id.in_(chunk)], tenant))
+            for job_id, status in conn.execute(q):
+                out[str(job_id)] = JobStatus(status)
+    return out
+
+
+def status_counts(engine: sa.Engine, job_ids: Sequence[str], *, tenant: Tenant) -> dict[JobStatus, int]:
     counts: dict[JobStatus, int] = {}
     with engine.connect() as conn:
         for chunk in _chunks([str(i) for i in job_ids], 500):
-            q = sa.select(jobs.c.status, sa.func.count()).where(jobs.c.id.in_(chunk)).group_by(jobs.c.status)
+            q = (sa.select(jobs.c.status, sa.func.count())
+                 .where(*_scoped([jobs.c.id.in_(chunk)], tenant)).group_by(jobs.c.status))
             for status, n in conn.execute(q):
                 counts[JobStatus(status)] = counts.get(JobStatus(status), 0) + n
     return counts
 
 
-def batch_status_counts(engine: sa.Engine, batch_id: str) -> dict[JobStatus, int]:
-    """Jobs of one submitted batch per status (one indexed query)."""
-    q = sa.select(jobs.c.status, sa.func.count()).where(jobs.c.batch_id == batch_id).group_by(jobs.c.status)
+def batch_status_counts(engine: sa.Engine, batch_id: str, *, tenant: Tenant) -> dict[JobStatus, int]:
+    """Jobs of one of `tenant`'s submitted batches per status (one indexed query)."""
+    q = (sa.select(jobs.c.status, sa.func.count())
+         .where(*_scoped([jobs.c.batch_id == batch_id], tenant)).group_by(jobs.c.status))
     with engine.connect() as conn:
         return {JobStatus(s): n for s, n in conn.execute(q)}
 
@@ -164,27 +225,25 @@ def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: 
     if not job_ids:
         return [], []
     ids = [str(i) for i in job_ids]
-    now = utcnow()
     queued = [jobs.c.id.in_(ids), jobs.c.status == JobStatus.QUEUED.value]
-    expire = (jobs.update()
-              .where(*queued, jobs.c.deadline.is_not(None), jobs.c.deadline <= now)
-              .values(status=JobStatus.EXPIRED.value, finished_at=now,
-                      error="expired: its deadline passed before it started")
-              .returning(jobs.c.id))
-    cond = [*queued, sa.or_(jobs.c.deadline.is_(None), jobs.c.deadline > now),
-            sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now)]
-    if model is not None:  # a worker only ever claims its own model's jobs
-        cond.append(jobs.c.model == model)
-    if fresh_only:  # jobs that never ran; a job that ran before is claimed on its own
-        cond.append(jobs.c.attempts == 0)
-    stmt = (
-        jobs.update()
-        .where(*cond)
-        .values(status=JobStatus.RUNNING.value, started_at=now, worker_id=worker_id,
-                device=device, attempts=jobs.c.attempts + 1)
-        .returning(*jobs.c)
-    )
     with engine.begin() as conn:
+        now = db_now(conn)
+        expire = (jobs.update()
+                  .where(*queued, jobs.c.deadline.is_not(None), jobs.c.deadline <= now)
+                  .values(status=JobStatus.EXPIRED.value, finished_at=now,
+                          error="expired: its deadline passed before it started")
+                  .returning(jobs.c.id))
+        cond = [*queued, sa.or_(jobs.c.deadline.is_(None), jobs.c.deadline > now),
+                sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now)]
+        if model is not None:  # a worker only ever claims its own model's jobs
+            cond.append(jobs.c.model == model)
+        if fresh_only:  # jobs that never ran; a job that ran before is claimed on its own
+            cond.append(jobs.c.attempts == 0)
+        stmt = (jobs.update()
+                .where(*cond)
+                .values(status=JobStatus.RUNNING.value, started_at=now, worker_id=worker_id,
+                        device=device, attempts=jobs.c.attempts + 1)
+                .returning(*jobs.c))
         expired = [str(r[0]) for r in conn.execute(expire)]
         return _jobs_from(conn.execute(stmt)), expired
 
@@ -197,50 +256,51 @@ def finish(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:
     """
     if not outcomes:
         return 0
-    now = utcnow()
     stmt = (
         jobs.update()
         .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.status == JobStatus.RUNNING.value,
                jobs.c.worker_id == sa.bindparam("b_worker"), jobs.c.attempts == sa.bindparam("b_attempt"))
         .values(status=sa.bindparam("b_status"), result=sa.bindparam("b_result", type_=jobs.c.result.type),
-                error=sa.bindparam("b_error"), finished_at=now,
+                error=sa.bindparam("b_error"), finished_at=sa.bindparam("b_now"),
                 compute_ms=sa.bindparam("b_compute"), batch_size=sa.bindparam("b_batch"),
                 tokens_in=sa.bindparam("b_tin"), tokens_out=sa.bindparam("b_tout"),
                 queue_wait_ms=sa.bindparam("b_wait"), finishes=jobs.c.finishes + 1)
     )
-    params = [dict(b_id=o.job_id, b_worker=o.worker_id, b_attempt=o.attempt, b_status=o.status.value,
-                   b_result=o.result, b_error=o.error, b_compute=o.compute_ms, b_batch=o.batch_size,
-                   b_tin=o.tokens_in, b_tout=o.tokens_out, b_wait=o.queue_wait_ms)
-              for o in outcomes]
     with engine.begin() as conn:  # one executemany: psycopg 3 pipelines it into one round trip
+        now = db_now(conn)
+        params = [dict(b_id=o.job_id, b_worker=o.worker_id, b_attempt=o.attempt, b_status=o.status.value,
+                       b_result=o.result, b_error=o.error, b_compute=o.compute_ms, b_batch=o.batch_size,
+                       b_tin=o.tokens_in, b_tout=o.tokens_out, b_wait=o.queue_wait_ms, b_now=now)
+                  for o in outcomes]
         return conn.execute(stmt, params).rowcount
 
 
-def conversation_history(engine: sa.Engine, conversation_id: str, before: Job,
+def conversation_history(engine: sa.Engine, conversation_id: str, before: Job, *, tenant: Tenant,
                          limit: int = 50) -> list[tuple[str, str]]:
-    """Earlier succeeded turns of a conversation as (user utterance, response), oldest first."""
-    q = (sa.select(jobs.c.input, jobs.c.result)
-         .where(jobs.c.conversation_id == conversation_id, jobs.c.task_type == "dialogue",
-                jobs.c.status == JobStatus.SUCCEEDED.value, jobs.c.created_at <= before.created_at,
-                jobs.c.id != before.id)
+    """Earlier succeeded turns of `tenant`'s conversation as (user utterance, response), oldest first.
+
+    Scoped by tenant: another tenant's conversation of the same id never enters the prompt.
+    """
+    cond = [jobs.c.conversation_id == conversation_id, jobs.c.task_type == "dialogue",
+            jobs.c.status == JobStatus.SUCCEEDED.value, jobs.c.created_at <= before.created_at,
+            jobs.c.id != before.id]
+    q = (sa.select(jobs.c.input, jobs.c.result).where(*_scoped(cond, tenant))
          .order_by(jobs.c.created_at.desc()).limit(limit))
     with engine.connect() as conn:
         rows = conn.execute(q).all()
     return [(r.input["user_utterance"], r.result["response"]) for r in reversed(rows)]
 
 
-def cancel(engine: sa.Engine, job_id: str) -> bool:
-    """queued or running → cancelled; True if this call cancelled it.
+def cancel(engine: sa.Engine, job_id: str, *, tenant: Tenant) -> bool:
+    """queued or running → cancelled for one of `tenant`'s jobs; True if this call cancelled it.
 
     A queued job's message becomes a no-op; a running job's worker stops it between decoding
     steps (it hears of it on the cancel channel) and its late finish does not apply.
     """
-    stmt = (jobs.update()
-            .where(jobs.c.id == str(job_id),
-                   jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
-            .values(status=JobStatus.CANCELLED.value, finished_at=utcnow(),
-                    error="cancelled by user"))
+    cond = [jobs.c.id == str(job_id), jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])]
     with engine.begin() as conn:
+        stmt = (jobs.update().where(*_scoped(cond, tenant))
+                .values(status=JobStatus.CANCELLED.value, finished_at=db_now(conn), error="cancelled by user"))
         return conn.execute(stmt).rowcount == 1
 
 
@@ -248,9 +308,9 @@ def retry_later(engine: sa.Engine, outcomes: Sequence[Outcome], delays_s: Sequen
     """running → queued after a transient failure, to be sent again once `run_after` passes."""
     if not outcomes:
         return 0
-    now = utcnow()
     applied = 0
     with engine.begin() as conn:
+        now = db_now(conn)
         for o, delay in zip(outcomes, delays_s):
             stmt = (jobs.update()
                     .where(jobs.c.id == o.job_id, jobs.c.status == JobStatus.RUNNING.value,
@@ -265,14 +325,19 @@ def retry_later(engine: sa.Engine, outcomes: Sequence[Outcome], delays_s: Sequen
 def requeue_dead(engine: sa.Engine, dead_after_s: float) -> tuple[list[Job], list[Job]]:
     """Running jobs whose worker stopped heartbeating: back to queued, or failed past max_attempts.
 
-    Returns (requeued, failed). Each update is conditional on the attempt it saw, so a worker
-    that was only slow and finishes later cannot overwrite the newer attempt.
+    Returns (requeued, failed). Heartbeats are judged by the database's clock, which wrote them.
+    Each update is conditional on the attempt it saw, so a worker that was only slow and finishes
+    later cannot overwrite the newer attempt.
     """
-    now = utcnow()
     with engine.connect() as conn:
+        now = db_now(conn)
         running = _jobs_from(conn.execute(sa.select(jobs).where(jobs.c.status == JobStatus.RUNNING.value)))
-        beats = {r.id: (as_utc(r.last_heartbeat), r.stopped_at)
-                 for r in conn.execute(sa.select(workers.c.id, workers.c.last_heartbeat, workers.c.stopped_at))}
+        beats = {}
+        if running:
+            ids = sorted({j.worker_id for j in running if j.worker_id})
+            for chunk in _chunks(ids, 500):
+                q = sa.select(workers.c.id, workers.c.last_heartbeat, workers.c.stopped_at).where(workers.c.id.in_(chunk))
+                beats.update({r.id: (as_utc(r.last_heartbeat), r.stopped_at) for r in conn.execute(q)})
 
     def dead(worker_id: str | None) -> bool:
         if worker_id not in beats:
@@ -282,6 +347,7 @@ def requeue_dead(engine: sa.Engine, dead_after_s: float) -> tuple[list[Job], lis
 
     requeued, failed = [], []
     with engine.begin() as conn:
+        now = db_now(conn)
         for job in running:
             if not dead(job.worker_id):
                 continue
@@ -302,18 +368,21 @@ def requeue_dead(engine: sa.Engine, dead_after_s: float) -> tuple[list[Job], lis
 
 
 def fail_timed_out(engine: sa.Engine, grace_s: float) -> list[str]:
-    """Running jobs past started_at + timeout_s + grace: failed with reason timeout.
+    """Running jobs past started_at + timeout_s + grace (database clock): failed with reason timeout.
 
     The worker stops such a job itself between steps; this records it when the worker cannot
     (a single long forward pass), and the worker's late finish then does not apply.
     """
-    now = utcnow()
     with engine.connect() as conn:
+        now = db_now(conn)
         rows = conn.execute(sa.select(jobs.c.id, jobs.c.started_at, jobs.c.timeout_s, jobs.c.attempts)
                             .where(jobs.c.status == JobStatus.RUNNING.value, jobs.c.timeout_s.is_not(None))).all()
     overdue = [r for r in rows if (now - as_utc(r.started_at)).total_seconds() > r.timeout_s + grace_s]
     done = []
+    if not overdue:
+        return done
     with engine.begin() as conn:
+        now = db_now(conn)
         for r in overdue:
             stmt = (jobs.update()
                     .where(jobs.c.id == r.id, jobs.c.status == JobStatus.RUNNING.value, jobs.c.attempts == r.attempts)
@@ -325,75 +394,77 @@ def fail_timed_out(engine: sa.Engine, grace_s: float) -> list[str]:
 
 
 def expire_overdue(engine: sa.Engine) -> list[str]:
-    """Queued jobs whose deadline passed: expired (they never ran)."""
-    stmt = (jobs.update()
-            .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.deadline.is_not(None),
-                   jobs.c.deadline <= utcnow())
-            .values(status=JobStatus.EXPIRED.value, finished_at=utcnow(),
-                    error="expired: its deadline passed before it started")
-            .returning(jobs.c.id))
+    """Queued jobs whose deadline passed (database clock): expired (they never ran)."""
     with engine.begin() as conn:
+        now = db_now(conn)
+        stmt = (jobs.update()
+                .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.deadline.is_not(None),
+                       jobs.c.deadline <= now)
+                .values(status=JobStatus.EXPIRED.value, finished_at=now,
+                        error="expired: its deadline passed before it started")
+                .returning(jobs.c.id))
         return [str(r[0]) for r in conn.execute(stmt)]
 
 
 def queued_counts(engine: sa.Engine) -> dict[str, int]:
     """Queued jobs per model that are due now (not waiting out a retry backoff)."""
-    now = utcnow()
-    q = (sa.select(jobs.c.model, sa.func.count())
-         .where(jobs.c.status == JobStatus.QUEUED.value,
-                sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
-         .group_by(jobs.c.model))
     with engine.connect() as conn:
+        now = db_now(conn)
+        q = (sa.select(jobs.c.model, sa.func.count())
+             .where(jobs.c.status == JobStatus.QUEUED.value,
+                    sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
+             .group_by(jobs.c.model))
         return {m: n for m, n in conn.execute(q)}
 
 
 def due_retries(engine: sa.Engine, limit: int = 10_000) -> list[Job]:
     """Queued jobs whose retry backoff has passed and that were not sent since."""
-    now = utcnow()
-    q = (sa.select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.run_after.is_not(None),
-                               jobs.c.run_after <= now,
-                               sa.or_(jobs.c.dispatched_at.is_(None), jobs.c.dispatched_at < jobs.c.run_after))
-         .limit(limit))
     with engine.connect() as conn:
+        now = db_now(conn)
+        q = (sa.select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.run_after.is_not(None),
+                                   jobs.c.run_after <= now,
+                                   sa.or_(jobs.c.dispatched_at.is_(None), jobs.c.dispatched_at < jobs.c.run_after))
+             .limit(limit))
         return _jobs_from(conn.execute(q))
 
 
 def stale_queued(engine: sa.Engine, model: str, older_than_s: float, limit: int = 10_000) -> list[Job]:
-    """Queued, due jobs of `model` last sent more than `older_than_s` ago, oldest first."""
-    now = utcnow()
-    cutoff = now - timedelta(seconds=older_than_s)
-    q = (sa.select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.model == model,
-                               sa.func.coalesce(jobs.c.dispatched_at, jobs.c.queued_at) < cutoff,
-                               sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
-         .order_by(jobs.c.priority.desc(), jobs.c.queued_at).limit(limit))
+    """Queued, due jobs of `model` last sent more than `older_than_s` ago (database clock), oldest first."""
     with engine.connect() as conn:
+        now = db_now(conn)
+        cutoff = now - timedelta(seconds=older_than_s)
+        q = (sa.select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.model == model,
+                                   sa.func.coalesce(jobs.c.dispatched_at, jobs.c.queued_at) < cutoff,
+                                   sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
+             .order_by(jobs.c.priority.desc(), jobs.c.queued_at).limit(limit))
         return _jobs_from(conn.execute(q))
 
 
 def mark_dispatched(engine: sa.Engine, job_ids: Sequence[str]) -> None:
-    now = utcnow()
     with engine.begin() as conn:
+        now = db_now(conn)
         for chunk in _chunks([str(i) for i in job_ids], 500):
             conn.execute(jobs.update().where(jobs.c.id.in_(chunk)).values(dispatched_at=now))
 
 
 def register_worker(engine: sa.Engine, *, worker_id: str, host: str, pid: int, model: str,
                     device: str) -> None:
-    now = utcnow()
     with engine.begin() as conn:
+        now = db_now(conn)
         conn.execute(workers.delete().where(workers.c.id == worker_id))
         conn.execute(workers.insert().values(id=worker_id, host=host, pid=pid, model=model,
                                              device=device, started_at=now, last_heartbeat=now))
 
 
 def heartbeat(engine: sa.Engine, worker_id: str) -> None:
+    """The worker is alive, by the database's clock (so a worker whose own clock is off is judged right)."""
     with engine.begin() as conn:
-        conn.execute(workers.update().where(workers.c.id == worker_id).values(last_heartbeat=utcnow()))
+        conn.execute(workers.update().where(workers.c.id == worker_id).values(last_heartbeat=db_now(conn)))
 
 
 def stop_worker(engine: sa.Engine, worker_id: str) -> None:
     with engine.begin() as conn:
-        conn.execute(workers.update().where(workers.c.id == worker_id).values(stopped_at=utcnow()))
+        conn.execute(workers.update().where(workers.c.id == worker_id).values(stopped_at=db_now(conn)))
 
 
 def worker_ids(engine: sa.Engine) -> list[str]:
@@ -402,13 +473,13 @@ def worker_ids(engine: sa.Engine) -> list[str]:
 
 
 def live_workers(engine: sa.Engine, model: str | None = None, *, within_s: float = 30.0) -> list[dict]:
-    """Workers that heartbeated within `within_s` seconds and have not stopped."""
+    """Workers that heartbeated within `within_s` seconds (database clock) and have not stopped."""
     with engine.connect() as conn:
+        now = db_now(conn)
         q = sa.select(workers).where(workers.c.stopped_at.is_(None))
         if model:
             q = q.where(workers.c.model == model)
         rows = [dict(r._mapping) for r in conn.execute(q)]
-    now = utcnow()
     return [r for r in rows if (now - as_utc(r["last_heartbeat"])).total_seconds() <= within_s]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
 import redis
@@ -38,9 +38,11 @@ log = logging.getLogger("llmos.sdk")
 class Client:
     """A connection to one LLMOS deployment (database + Redis), from settings."""
 
-    def __init__(self, settings: Settings | None = None, *, dispatcher: Dispatcher | None = None,
-                 redis_conn: redis.Redis | None = None, registry: Registry | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, tenant: str | None = None,
+                 dispatcher: Dispatcher | None = None, redis_conn: redis.Redis | None = None,
+                 registry: Registry | None = None) -> None:
         self.settings = settings or get_settings()
+        self.tenant = tenant or DEFAULT_TENANT  # every read and write of this client is scoped by it
         self.registry = registry or Registry.load(self.settings)
         self._dispatcher = dispatcher
         self._redis = redis_conn
@@ -103,8 +105,9 @@ class Client:
         keys = _keys(idempotency_key, len(tasks))
         if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise ValidationError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        deadline_in_s = None
         if isinstance(deadline, (int, float)) and not isinstance(deadline, bool):
-            deadline = manager.utcnow() + timedelta(seconds=float(deadline))
+            deadline_in_s, deadline = float(deadline), None  # from the database's clock at insert
         elif deadline is not None and not isinstance(deadline, datetime):
             raise ValidationError(f"deadline must be a datetime or seconds from now, got {deadline!r}")
         if deadline is not None and deadline.tzinfo is None:
@@ -113,10 +116,12 @@ class Client:
             deadline = deadline.astimezone(timezone.utc)  # SQLite keeps wall-clock time only
         if not isinstance(max_attempts, int) or not 1 <= max_attempts <= 100:
             raise ValidationError(f"max_attempts must be 1–100, got {max_attempts!r}")
+        tenant = tenant or self.tenant
         new = [manager.NewJob(model=spec.name, task_type=t.task_type, input=t.model_dump(mode="json"),
-                              priority=prio, tenant=tenant or DEFAULT_TENANT, idempotency_key=k,
+                              priority=prio, tenant=tenant, idempotency_key=k,
                               batch_id=batch_id, conversation_id=getattr(t, "conversation_id", None),
-                              timeout_s=timeout_s, deadline=deadline, max_attempts=max_attempts)
+                              timeout_s=timeout_s, deadline=deadline, deadline_in_s=deadline_in_s,
+                              max_attempts=max_attempts)
                for t, k in zip([validate_for(spec, t) for t in tasks], keys)]
         if not new:
             return []
@@ -130,23 +135,26 @@ class Client:
             # The rows are written: the jobs are accepted. The reconciler sends them once Redis
             # answers again (their ids are not in the pending set), so the caller keeps handles.
             event(log, "send_deferred", logging.WARNING, jobs=len(to_send), error=str(exc))
-        return [JobHandle(self, job.id, job.model, job.task_type) for job, _ in created]
+        return [JobHandle(self, job.id, job.model, job.task_type, tenant) for job, _ in created]
 
-    def job(self, job_id: str) -> Job:
+    def job(self, job_id: str, *, tenant: str | None = None) -> Job:
+        """One of the tenant's jobs (JobNotFoundError for another tenant's id, as for none)."""
         job_id = _job_id(job_id)
-        job = self._db(manager.get_job, job_id)
+        job = self._db(manager.get_job, job_id, tenant=tenant or self.tenant)
         if job is None:
             raise JobNotFoundError(f"no job with id {job_id!r}")
         return job
 
-    def wait(self, job_ids: Sequence[str], timeout: float | None = None) -> dict[str, Job]:
+    def wait(self, job_ids: Sequence[str], timeout: float | None = None, *,
+             tenant: str | None = None) -> dict[str, Job]:
         """Wait until every job is final (or `timeout` passes); returns the jobs as last read."""
+        tenant = tenant or self.tenant
         ids = [_job_id(j) for j in job_ids]
         latest: dict[str, Job] = {}
         remaining = set(ids)
 
         def pending() -> set[str]:
-            found = self._db(manager.get_jobs, sorted(remaining))
+            found = self._db(manager.get_jobs, sorted(remaining), tenant=tenant)
             missing = remaining - set(found)
             if missing:
                 raise JobNotFoundError(f"no job with id {sorted(missing)[0]!r}")
@@ -157,12 +165,13 @@ class Client:
         wait_until(self.redis, ids, pending, timeout)
         return latest
 
-    def cancel(self, job_id: str) -> bool:
+    def cancel(self, job_id: str, *, tenant: str | None = None) -> bool:
         """Cancel a queued or running job; a running one's worker stops it between steps."""
+        tenant = tenant or self.tenant
         job_id = _job_id(job_id)
-        if self._db(manager.get_job, job_id) is None:
+        if self._db(manager.get_job, job_id, tenant=tenant) is None:
             raise JobNotFoundError(f"no job with id {job_id!r}")
-        done = self._db(manager.cancel, job_id)
+        done = self._db(manager.cancel, job_id, tenant=tenant)
         if done:
             try:
                 self.redis.publish(CANCEL_CHANNEL, str(job_id))
@@ -171,9 +180,9 @@ class Client:
                 pass  # the table says cancelled; a running job then just finishes unrecorded
         return done
 
-    def _db(self, fn: Any, *args: Any) -> Any:
+    def _db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(self.engine, *args)
+            return fn(self.engine, *args, **kwargs)
         except sa.exc.OperationalError as exc:
             raise DatabaseUnavailableError(
                 f"cannot reach the database at {redact(self.settings.db_url)}: "
@@ -223,30 +232,32 @@ def _keys(key: str | Sequence[str | None] | None, n: int) -> list[str | None]:
 class JobHandle:
     """A submitted job: its id, and ways to read its status, wait for its result, cancel it."""
 
-    def __init__(self, client: Client, job_id: str, model: str, task_type: str) -> None:
+    def __init__(self, client: Client, job_id: str, model: str, task_type: str,
+                 tenant: str | None = None) -> None:
         self.client = client
         self.id = job_id
         self.model = model
         self.task_type = task_type
+        self.tenant = tenant or client.tenant
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r}, model={self.model!r}, task={self.task_type!r})"
 
     def job(self) -> Job:
         """The job's row as it is now."""
-        return self.client.job(self.id)
+        return self.client.job(self.id, tenant=self.tenant)
 
     def status(self) -> JobStatus:
         return self.job().status
 
     def result(self, timeout: float | None = 300.0) -> TaskResult:
         """Wait for the job and return its typed result; raise JobFailedError if it failed."""
-        job = self.client.wait([self.id], timeout=timeout).get(self.id) or self.job()
+        job = self.client.wait([self.id], timeout=timeout, tenant=self.tenant).get(self.id) or self.job()
         return result_of(job, timeout)
 
     def cancel(self) -> bool:
         """Cancel the job if it is still queued; True if it is now cancelled by this call."""
-        return self.client.cancel(self.id)
+        return self.client.cancel(self.id, tenant=self.tenant)
 
 
 def result_of(job: Job, timeout: float | None = None) -> TaskResult:

@@ -21,7 +21,7 @@ def new(n=1, **kw):
 def test_create_writes_queued_rows(engine):
     created = manager.create_jobs(engine, new(3))
     assert [c for _, c in created] == [True] * 3
-    rows = manager.get_jobs(engine, [j.id for j, _ in created])
+    rows = manager.get_jobs(engine, [j.id for j, _ in created], tenant=manager.ANY_TENANT)
     assert {j.status for j in rows.values()} == {JobStatus.QUEUED}
     assert all(j.queued_at is not None and j.attempts == 0 for j in rows.values())
 
@@ -38,7 +38,7 @@ def test_claim_is_conditional_and_counts_attempts(engine):
 def test_claim_skips_other_models(engine):
     (job, _), = manager.create_jobs(engine, new(model="other"))
     assert manager.claim(engine, [job.id], worker_id="w", device="cpu", model="minilm") == ([], [])
-    assert manager.get_job(engine, job.id).status == JobStatus.QUEUED
+    assert manager.get_job(engine, job.id, tenant=manager.ANY_TENANT).status == JobStatus.QUEUED
 
 
 def test_finish_applies_only_to_the_current_attempt(engine):
@@ -50,7 +50,7 @@ def test_finish_applies_only_to_the_current_attempt(engine):
         manager.Outcome(job_id=b.id, worker_id="w1", attempt=1, error="boom", batch_size=2),
     ])
     assert applied == 2
-    ja, jb = manager.get_job(engine, a.id), manager.get_job(engine, b.id)
+    ja, jb = manager.get_job(engine, a.id, tenant=manager.ANY_TENANT), manager.get_job(engine, b.id, tenant=manager.ANY_TENANT)
     assert ja.status == JobStatus.SUCCEEDED and ja.result == {"label": "POSITIVE", "score": 0.9}
     assert ja.compute_ms == 3.0 and ja.batch_size == 2 and ja.queue_wait_ms == 1.5 and ja.finished_at
     assert jb.status == JobStatus.FAILED and jb.error == "boom"
@@ -58,19 +58,19 @@ def test_finish_applies_only_to_the_current_attempt(engine):
     late = manager.finish(engine, [manager.Outcome(job_id=a.id, worker_id="w2", attempt=1, error="late")])
     again = manager.finish(engine, [manager.Outcome(job_id=a.id, worker_id="w1", attempt=1, error="again")])
     assert late == 0 and again == 0
-    assert manager.get_job(engine, a.id).status == JobStatus.SUCCEEDED
+    assert manager.get_job(engine, a.id, tenant=manager.ANY_TENANT).status == JobStatus.SUCCEEDED
 
 
 def test_cancel_queued_and_running(engine):
     (a, _), (b, _) = manager.create_jobs(engine, new(2))
     manager.claim(engine, [b.id], worker_id="w", device="cpu")
-    assert manager.cancel(engine, a.id) is True
-    assert manager.cancel(engine, a.id) is False  # already final
-    assert manager.cancel(engine, b.id) is True  # running: its worker stops it, its finish won't apply
-    assert manager.get_job(engine, a.id).status == JobStatus.CANCELLED
+    assert manager.cancel(engine, a.id, tenant=manager.ANY_TENANT) is True
+    assert manager.cancel(engine, a.id, tenant=manager.ANY_TENANT) is False  # already final
+    assert manager.cancel(engine, b.id, tenant=manager.ANY_TENANT) is True  # running: its worker stops it, its finish won't apply
+    assert manager.get_job(engine, a.id, tenant=manager.ANY_TENANT).status == JobStatus.CANCELLED
     assert manager.claim(engine, [a.id], worker_id="w", device="cpu") == ([], [])  # its message is a no-op
     late = manager.finish(engine, [manager.Outcome(job_id=b.id, worker_id="w", attempt=1, result={})])
-    assert late == 0 and manager.get_job(engine, b.id).status == JobStatus.CANCELLED
+    assert late == 0 and manager.get_job(engine, b.id, tenant=manager.ANY_TENANT).status == JobStatus.CANCELLED
 
 
 def test_finish_from_an_older_attempt_does_not_overwrite_a_newer_one(engine):
@@ -85,9 +85,9 @@ def test_finish_from_an_older_attempt_does_not_overwrite_a_newer_one(engine):
     # w1 was only slow: its finish of attempt 1 arrives now, while attempt 2 runs on w2
     assert manager.finish(engine, [manager.Outcome(job_id=a.id, worker_id="w1", attempt=1, result={"x": 1})]) == 0
     assert manager.finish(engine, [manager.Outcome(job_id=a.id, worker_id="w2", attempt=1, result={"x": 1})]) == 0
-    assert manager.get_job(engine, a.id).status == JobStatus.RUNNING
+    assert manager.get_job(engine, a.id, tenant=manager.ANY_TENANT).status == JobStatus.RUNNING
     assert manager.finish(engine, [manager.Outcome(job_id=a.id, worker_id="w2", attempt=2, result={"x": 2})]) == 1
-    done = manager.get_job(engine, a.id)
+    done = manager.get_job(engine, a.id, tenant=manager.ANY_TENANT)
     assert done.result == {"x": 2} and done.finishes == 1
 
 
@@ -98,7 +98,7 @@ def test_requeue_dead_fails_past_max_attempts(engine):
         assert job.attempts == attempt
         requeued, failed = manager.requeue_dead(engine, dead_after_s=30)  # no worker row: dead
     assert requeued == [] and [j.id for j in failed] == [a.id]
-    j = manager.get_job(engine, a.id)
+    j = manager.get_job(engine, a.id, tenant=manager.ANY_TENANT)
     assert j.status == JobStatus.FAILED and "worker lost during attempt 2 of 2" in j.error
 
 
@@ -110,7 +110,7 @@ def test_deadline_expires_at_claim_and_in_the_reconciler(engine):
     claimed, expired = manager.claim(engine, [a.id, c.id], worker_id="w", device="cpu")
     assert [j.id for j in claimed] == [c.id] and expired == [a.id]
     assert manager.expire_overdue(engine) == [b.id]
-    assert manager.get_job(engine, b.id).status == JobStatus.EXPIRED
+    assert manager.get_job(engine, b.id, tenant=manager.ANY_TENANT).status == JobStatus.EXPIRED
 
 
 def test_retry_later_waits_out_its_backoff(engine):
@@ -121,7 +121,7 @@ def test_retry_later_waits_out_its_backoff(engine):
     assert manager.claim(engine, [a.id], worker_id="w", device="cpu") == ([], [])  # not due yet
     assert manager.due_retries(engine) == []
     manager.retry_later(engine, [out], [0])  # no-op: no longer running
-    j = manager.get_job(engine, a.id)
+    j = manager.get_job(engine, a.id, tenant=manager.ANY_TENANT)
     assert j.status == JobStatus.QUEUED and "retrying: 429" in j.error and j.run_after is not None
 
 
@@ -132,7 +132,7 @@ def test_timeouts_are_failed_by_the_reconciler(engine):
 
     time.sleep(0.05)
     assert manager.fail_timed_out(engine, grace_s=0) == [a.id]
-    assert "timeout" in manager.get_job(engine, a.id).error
+    assert "timeout" in manager.get_job(engine, a.id, tenant=manager.ANY_TENANT).error
 
 
 def test_idempotency_key_returns_existing_job(engine):
@@ -146,14 +146,14 @@ def test_idempotency_key_returns_existing_job(engine):
 def test_repeated_key_in_one_call_yields_one_job(engine):
     out = manager.create_jobs(engine, new(2, idempotency_key="same"))
     assert out[0][0].id == out[1][0].id and [c for _, c in out] == [True, False]  # sent once
-    assert len(manager.get_jobs(engine, [out[0][0].id])) == 1
+    assert len(manager.get_jobs(engine, [out[0][0].id], tenant=manager.ANY_TENANT)) == 1
 
 
 def test_status_counts(engine):
     created = manager.create_jobs(engine, new(3))
     ids = [j.id for j, _ in created]
-    assert manager.cancel(engine, ids[0])
-    counts = manager.status_counts(engine, ids)
+    assert manager.cancel(engine, ids[0], tenant=manager.ANY_TENANT)
+    counts = manager.status_counts(engine, ids, tenant=manager.ANY_TENANT)
     assert counts == {JobStatus.CANCELLED: 1, JobStatus.QUEUED: 2}
 
 
