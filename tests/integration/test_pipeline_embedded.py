@@ -71,3 +71,36 @@ def test_a_dead_worker_is_restarted(stack):
 def test_second_stack_on_the_same_home_is_refused(stack):
     with pytest.raises(llmos.LLMOSError, match="already runs"):
         Stack(stack.settings, ["minilm"]).start()
+
+
+def _modes(home):
+    """Every path under `home` (itself included) with its permission bits."""
+    out = {home: home.stat().st_mode & 0o777}
+    for p in home.rglob("*"):
+        out[p] = p.lstat().st_mode & 0o777
+    return out
+
+
+def test_embedded_files_are_private_to_the_user(tmp_path):
+    """LLMOS_HOME 0700 and every file in it 0600 (the SQLite file holds every input and result),
+    even when the user's umask would leave them readable to others."""
+    old = os.umask(0o022)
+    try:
+        settings = Settings(home=tmp_path / "h")
+        s = Stack(settings, ["minilm"]).start()
+        try:
+            s.wait_ready()
+            with Client(settings) as client:
+                assert client.load_model("minilm").execute(llmos.SentimentTask(text="Lovely."), timeout=60).label
+            running = _modes(settings.home_dir)
+        finally:
+            s.stop()
+        stopped = _modes(settings.home_dir)
+    finally:
+        os.umask(old)
+    for modes in (running, stopped):
+        names = {p.name for p in modes}
+        assert {"llmos.db", "redis.aof", "redis.log", "logs", "worker-minilm.log"} <= names, names
+        loose = {str(p): oct(m) for p, m in modes.items()
+                 if m != (0o700 if p.is_dir() else 0o600)}
+        assert not loose, loose
