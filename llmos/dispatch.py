@@ -123,7 +123,7 @@ class CeleryDispatcher:
                 "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
             },
         }
-        return (f"{queue}:{pri}" if pri else queue), json.dumps(payload)
+        return queue_key(job.model, job.priority), json.dumps(payload)
 
     def send(self, jobs: Sequence[Job]) -> None:
         if not jobs:
@@ -206,25 +206,26 @@ def queue_keys(model: str) -> list[str]:
     return [q] + [f"{q}:{p}" for p in range(1, 10)]
 
 
-def orphaned_pending(client: redis.Redis, model: str) -> set[str]:
-    """Pending ids with no message in the queue lists (a worker popped it and died before kombu
-    recorded the delivery). Cheap when nothing is missing: the lists are only read when they
-    hold fewer messages than the pending set has ids."""
+def queue_key(model: str, priority: int) -> str:
+    """The priority list a job's message is sent to (as `CeleryDispatcher.message` and kombu name it)."""
+    pri = broker_priority(priority)
+    return f"{queue_name(model)}:{pri}" if pri else queue_name(model)
+
+
+def queue_tails(client: redis.Redis, model: str) -> dict[str, tuple[int, str | None]]:
+    """Per priority list of `model`'s queue: (length, job id of its oldest message or None).
+
+    Twenty O(1) commands in one round trip, however long the lists are: messages are LPUSHed
+    and popped from the right, so the rightmost is the oldest, the next to be served.
+    """
     keys = queue_keys(model)
-    pending = client.scard(pending_set(model))
     pipe = client.pipeline(transaction=False)
     for k in keys:
         pipe.llen(k)
-    if sum(pipe.execute()) >= pending:
-        return set()
-    present: set[str] = set()
-    for k in keys:
-        for raw in client.lrange(k, 0, -1):
-            job_id = _job_id_of(raw)
-            if job_id:
-                present.add(job_id)
-    members = {m.decode() if isinstance(m, bytes) else m for m in client.smembers(pending_set(model))}
-    return members - present
+        pipe.lindex(k, -1)
+    replies = pipe.execute()
+    return {k: (int(replies[2 * i]), _job_id_of(replies[2 * i + 1]) if replies[2 * i + 1] else None)
+            for i, k in enumerate(keys)}
 
 
 class InMemoryDispatcher:

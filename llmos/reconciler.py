@@ -10,8 +10,13 @@ Each pass, in this order:
 5. re-sends queued jobs last sent over `resend_after_s` ago that no live worker holds and whose
    message is gone: not in the model's pending set (a FLUSHALL, a Redis restart, a send that
    failed), held by a worker that died, or delivered (kombu's unacked hash) after their last
-   send to a worker that died before taking it; and any queued job last sent over
-   `lost_after_s` ago, whatever Redis says.
+   send to a worker that died before taking it, or popped from its list by a worker that died
+   before recording it (found from each priority list's length and oldest message, O(1)); and
+   any queued job last sent over `lost_after_s` ago, whatever Redis says.
+After a pass that failed, or a gap between passes longer than `dead_after_s` (the database or
+Redis was away, so were the workers' heartbeats), no worker is judged dead by the age of its
+heartbeat until `dead_after_s` of successful passes have given every live worker time to beat
+again; the other steps run meanwhile, and a worker that recorded its own stop is dead at once.
 A duplicate message is harmless: claims are conditional. `llmos up` runs it in a thread;
 production runs `llmos reconcile` (one process is enough; two are safe, only wasteful).
 """
@@ -20,21 +25,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
+import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
 
 from llmos import manager
 from llmos.db import get_engine
-from llmos.dispatch import (CeleryDispatcher, Dispatcher, delivered_before, held_set,
-                            orphaned_pending, pending_set)
+from llmos.dispatch import (CeleryDispatcher, Dispatcher, delivered_before, held_set, pending_set,
+                            queue_key, queue_tails)
 from llmos.jobs import Job
 from llmos.logs import event
 from llmos.notify import publish_done, redis_client
 from llmos.settings import Settings
 
 log = logging.getLogger("llmos.reconciler")
+
+ORPHAN_MARGIN_S = 0.5
+"""A queue list's oldest message must have been sent this much later than a job's last send
+before the job counts as popped from that list (absorbs the gap between a send and its record)."""
 
 
 @dataclasses.dataclass
@@ -59,13 +71,34 @@ class Reconciler:
         self.engine = get_engine(settings.db_url)
         self.redis = redis_conn or redis_client(settings)
         self.dispatcher = dispatcher or CeleryDispatcher(settings)
+        self._last_ok: float | None = None  # monotonic end of the last successful pass
+        self._blind = False  # the last pass failed
+        self._judge_from = -math.inf  # monotonic time from which heartbeat ages are judged
 
     def run_once(self) -> PassReport:
+        """One pass; while it must not judge heartbeats (see the module doc), only stopped
+        workers count as dead."""
+        s = self.settings
+        started = time.monotonic()
+        if self._blind or (self._last_ok is not None and started - self._last_ok > s.dead_after_s):
+            self._judge_from = started + s.dead_after_s
+            self._blind = False
+            event(log, "reconcile_grace", seconds=s.dead_after_s)
+        dead_after = s.dead_after_s if started >= self._judge_from else math.inf
+        try:
+            report = self._pass(dead_after)
+        except BaseException:
+            self._blind = True
+            raise
+        self._last_ok = time.monotonic()
+        return report
+
+    def _pass(self, dead_after: float) -> PassReport:
         s = self.settings
         report = PassReport()
         expired = manager.expire_overdue(self.engine)
         report.expired = len(expired)
-        requeued, poisoned = manager.requeue_dead(self.engine, s.dead_after_s)
+        requeued, poisoned = manager.requeue_dead(self.engine, dead_after)
         report.requeued, report.poisoned = len(requeued), len(poisoned)
         timed_out = manager.fail_timed_out(self.engine, s.timeout_grace_s)
         report.timed_out = len(timed_out)
@@ -74,15 +107,15 @@ class Reconciler:
         retries = manager.due_retries(self.engine)
         report.retried = len(retries)
         self._send(retries)
-        report.resent = self._resend_lost()
+        report.resent = self._resend_lost(dead_after)
         if report.any():
             event(log, "reconcile", **dataclasses.asdict(report))
         return report
 
-    def _resend_lost(self) -> int:
+    def _resend_lost(self, dead_after: float) -> int:
         s = self.settings
         total = 0
-        live = {w["id"] for w in manager.live_workers(self.engine, within_s=s.dead_after_s)}
+        live = {w["id"] for w in manager.live_workers(self.engine, within_s=dead_after)}
         dead = set(manager.worker_ids(self.engine)) - live
         held_live = _union(self.redis, [held_set(w) for w in live])
         held_dead = _union(self.redis, [held_set(w) for w in dead])
@@ -95,11 +128,11 @@ class Reconciler:
             if delivered is None:
                 delivered = delivered_before(self.redis, s.dead_after_s)
             present = self.redis.smismember(pending_set(model), [j.id for j in stale])
-            orphans = orphaned_pending(self.redis, model)
-            now = manager.utcnow()
+            orphans = self._orphans(model, [j for j, here in zip(stale, present) if here])
+            now = manager.db_now(self.engine)
             lost = []
             for j, here in zip(stale, present):
-                sent = manager.as_utc(j.dispatched_at or j.queued_at)
+                sent = _sent_at(j)
                 if (not here or j.id in held_dead or j.id in orphans
                         or delivered.get(j.id, 0.0) > sent.timestamp()  # taken by a worker that died
                         or (now - sent).total_seconds() > s.lost_after_s):
@@ -109,6 +142,30 @@ class Reconciler:
         if dead:
             self.redis.delete(*[held_set(w) for w in dead])
         return total
+
+    def _orphans(self, model: str, pending: list[Job]) -> set[str]:
+        """Ids of `pending` jobs whose message cannot still be in its queue list: a worker popped
+        it and died before recording the delivery.
+
+        Lists are FIFO, so a job's message is gone when its list is empty, or when the list's
+        oldest message was sent (its job's last send) clearly after the job's own last send.
+        Bounded per pass: two O(1) reads per list and one query for the oldest messages' jobs.
+        A false positive only costs a duplicate message. A restored message (put back at the
+        oldest end) can hide an orphan behind it until a worker takes it; an oldest message
+        that is not a job's leaves its list undecided, for `lost_after_s`.
+        """
+        if not pending:
+            return set()
+        tails = queue_tails(self.redis, model)
+        oldest = manager.get_jobs(self.engine, sorted({t for _, t in tails.values() if t}),
+                                  tenant=manager.ANY_TENANT)
+        margin = timedelta(seconds=ORPHAN_MARGIN_S)
+        found = set()
+        for j in pending:
+            length, tail = tails[queue_key(model, j.priority)]
+            if length == 0 or (tail in oldest and _sent_at(oldest[tail]) > _sent_at(j) + margin):
+                found.add(j.id)
+        return found
 
     def _send(self, jobs: list[Job]) -> None:
         if not jobs:
@@ -141,6 +198,11 @@ class Reconciler:
     def close(self) -> Any:
         self.dispatcher.close()
         self.redis.close()
+
+
+def _sent_at(job: Job) -> datetime:
+    """When the job's message was last sent (database clock)."""
+    return manager.as_utc(job.dispatched_at or job.queued_at)
 
 
 def _union(client: redis.Redis, keys: list[str]) -> set[str]:

@@ -15,11 +15,15 @@ keys and wire format (producers, Flower and plain `redis://` Celery workers see 
   the reconciler), so "delivered" and "held by this worker" change in one atomic step, and the
   pool thread makes no round trip of its own. Whenever kombu puts a message back in its queue
   (restore at shutdown or reconnect, a requeue, a visibility-timeout sweep by any worker), the
-  same MULTI puts the job id back in its model's pending set and out of this worker's held set.
+  same MULTI puts the job id back in its model's pending set and (unless it is a sweep, which
+  may restore another worker's messages) out of this worker's held set.
 - **Messages are popped in bulk.** kombu pops one message per BRPOP and then records it with a
   MULTI: two round trips per message on the event loop. After each BRPOP a worker's channel
   runs one Lua script that pops up to its free prefetch room, in priority order, and writes
-  the same `unacked` records and takes as `QoS.append` would.
+  the same `unacked` records and takes as `QoS.append` would. The script also lists the tags it
+  recorded under a per-pop key (`BURST_PREFIX`); when its reply is lost (the connection dropped
+  after the script ran), the channel reads that key, at once or on its next read, and restores
+  those messages: back in their lists, their jobs pending again, out of the held set.
 - **Acks are written in bulk.** An ack still leaves kombu's in-memory state at once (prefetch
   counting, restore at shutdown), but its removal from `unacked` is written by a flusher thread,
   up to `ACK_DELAY_S` later, for every tag acked meanwhile in one ZREM and one HDEL. A failed
@@ -37,8 +41,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import threading
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -147,6 +153,14 @@ class QoS(kombu_redis.QoS):
                 self._acked[:0] = tags
             raise
 
+    def restore_visible(self, *args, **kwargs) -> None:
+        """kombu's visibility-timeout sweep, flagged so that restores leave held sets alone."""
+        self.channel._sweeping.active = True
+        try:
+            super().restore_visible(*args, **kwargs)
+        finally:
+            self.channel._sweeping.active = False
+
     def close(self) -> None:
         with self._ack_lock:
             self._closing = True
@@ -188,28 +202,43 @@ class QoS(kombu_redis.QoS):
 BULK_POP_MAX = 64
 """Most messages one bulk pop takes (it never takes more than the free prefetch room)."""
 
+BURST_PREFIX = "llmos:burst:"
+"""`llmos:burst:<token>`: the delivery tags one bulk pop recorded, kept until the next pop of the
+channel deletes it (or it expires), so a channel whose reply was lost can put them back."""
+
+FAULT_DROP_POP_REPLY_ENV = "LLMOS_FAULT_DROP_POP_REPLY"
+"""Fault injection for the fault tests: the first N bulk pops that popped a message raise
+`redis.ConnectionError` after the script ran, as if the reply was lost. Unset in production."""
+
+_drop_pop_replies = int(os.environ.get(FAULT_DROP_POP_REPLY_ENV) or 0)  # read once at start-up
+
 _BULK_POP = """
--- KEYS: the queue's lists in priority order, then unacked_index, unacked, pending set, held set
--- ARGV: room, now, task name
-local n = #KEYS - 4
+-- KEYS: the queue's lists in priority order, then unacked_index, unacked, pending set, held set,
+--       this pop's burst key, the channel's previous burst key (its reply arrived: deleted)
+-- ARGV: room, now, task name, burst key expiry (s)
+local n = #KEYS - 6
 local index, hash, pending, held = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
+local burst = KEYS[n + 5]
+redis.call('DEL', KEYS[n + 6])
 local room, now, task = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local out = {}
 local taken = 0
-for i = 1, n do
+local function pop(key)
   while taken < room do
-    local item = redis.call('RPOP', KEYS[i])
-    if not item then break end
+    local item = redis.call('RPOP', key)
+    if not item then return true end
     local ok, msg = pcall(cjson.decode, item)
     local props = ok and type(msg) == 'table' and msg.properties
     if type(props) ~= 'table' or type(props.delivery_tag) ~= 'string' then
-      redis.call('RPUSH', KEYS[i], item)  -- not one we can record: kombu's own path takes it
-      return out
+      redis.call('RPUSH', key, item)  -- not one we can record: kombu's own path takes it
+      return false
     end
     local info = type(props.delivery_info) == 'table' and props.delivery_info or {}
     redis.call('ZADD', index, now, props.delivery_tag)
     redis.call('HSET', hash, props.delivery_tag, '[' .. item .. ',' .. cjson.encode(info.exchange or '')
                .. ',' .. cjson.encode(info.routing_key or '') .. ']')
+    redis.call('RPUSH', burst, props.delivery_tag)
+    if taken == 0 then redis.call('EXPIRE', burst, ARGV[4]) end
     local id = ''
     local h = msg.headers
     if type(h) == 'table' and h.task == task and type(h.argsrepr) == 'string' then
@@ -219,11 +248,15 @@ for i = 1, n do
         redis.call('SADD', held, id)
       end
     end
-    out[#out + 1] = KEYS[i]
+    out[#out + 1] = key
     out[#out + 1] = item
     out[#out + 1] = id
     taken = taken + 1
   end
+  return true
+end
+for i = 1, n do
+  if not pop(KEYS[i]) then break end
 end
 return out
 """
@@ -236,6 +269,9 @@ class Channel(kombu_redis.Channel):
 
     def __init__(self, *args, **kwargs) -> None:
         self._no_ack_queues: set[str] = set()
+        self._burst_key = BURST_PREFIX + uuid.uuid4().hex  # the last bulk pop whose reply arrived
+        self._lost_bursts: list[str] = []  # bulk pops whose reply was lost, oldest first
+        self._sweeping = threading.local()  # set while this thread runs a visibility-timeout sweep
         super().__init__(*args, **kwargs)
         take = self.connection.client.transport_options.get("llmos_take")
         self.llmos_take = dict(take) if take else None
@@ -263,6 +299,8 @@ class Channel(kombu_redis.Channel):
         `unacked` record and moves the job pending → held, as `QoS.append` would: two round trips
         for a burst of messages instead of two per message.
         """
+        if self._lost_bursts:
+            self._recover_bursts()
         delivered = super()._brpop_read(**options)
         if delivered and self.llmos_take is not None and not self._closing and not self.global_keyprefix:
             self._pop_more()
@@ -280,12 +318,21 @@ class Channel(kombu_redis.Channel):
             self._bulk_pop = client.register_script(_BULK_POP)
         keys = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
         take = self.llmos_take
+        burst_key = BURST_PREFIX + uuid.uuid4().hex
         try:
             out = self._bulk_pop(keys=[*keys, self.unacked_index_key, self.unacked_key, take["pending"],
-                                       take["held"]], args=[room, time.time(), RUN_JOB_TASK], client=client)
-        except (redis.RedisError, OSError) as exc:  # popped or not, each is in `unacked` or in its list
+                                       take["held"], burst_key, self._burst_key],
+                                 args=[room, time.time(), RUN_JOB_TASK, max(1, int(self.visibility_timeout))],
+                                 client=client)
+            _maybe_drop_reply(out)
+        except (redis.RedisError, OSError) as exc:
+            # The script may have run, and its messages be recorded and taken, delivered to nobody:
+            # the burst key says which; they go back to their lists (now, or on a later read).
             log.warning("bulk pop failed: %r", exc)
+            self._lost_bursts.append(burst_key)
+            self._recover_bursts()
             return
+        self._burst_key = burst_key
         burst, missed = [], []
         for i in range(0, len(out), 3):
             key, item, taken = (x.decode() if isinstance(x, bytes) else x for x in out[i:i + 3])
@@ -314,17 +361,43 @@ class Channel(kombu_redis.Channel):
             finally:
                 self.qos.prerecorded.discard(tag)
 
+    def _recover_bursts(self) -> None:
+        """Put back the messages of bulk pops whose reply was lost (recorded, never delivered).
+
+        Each goes back to its list through kombu's `restore_by_tag` (so its job is pending
+        again and out of this worker's held set); a Redis error leaves the rest for the next read.
+        """
+        client = self.client_for_commands()
+        while self._lost_bursts:
+            burst_key = self._lost_bursts[0]
+            try:
+                tags = [t.decode() if isinstance(t, bytes) else t for t in client.lrange(burst_key, 0, -1)]
+                undelivered = [t for t in tags if t not in self.qos._delivered]
+                for tag in reversed(undelivered):  # RPUSH restores pop order
+                    self.qos.restore_by_tag(tag, client)
+                client.delete(burst_key)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("lost bulk pop not recovered yet: %r", exc)
+                return
+            self._lost_bursts.pop(0)
+            log.warning("lost bulk pop recovered: %d messages put back", len(undelivered))
+
     def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
-        """kombu puts a message back in its queue: its job is pending again, held by nobody here."""
+        """kombu puts a message back in its queue: its job is pending again, and held by nobody
+        here. A visibility-timeout sweep restores any worker's messages: it leaves every held set
+        alone (a dead holder's set is deleted by the reconciler; a live holder that no longer
+        has the job in hand drops it at its next held-set audits, `workers.worker`)."""
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
         job_id = job_id_of_payload(payload)
         queue = str(routing_key or "")
         if job_id and queue.startswith(QUEUE_PREFIX):
             pipe.sadd(PENDING_SET_PREFIX + queue[len(QUEUE_PREFIX):], job_id)
-            if self.llmos_take:
+            if self.llmos_take and not getattr(self._sweeping, "active", False):
                 pipe.srem(self.llmos_take["held"], job_id)
 
     def close(self) -> None:
+        if self._lost_bursts and not self.closed:
+            self._recover_bursts()
         qos = self._qos
         if qos is not None and not self.closed:
             try:
@@ -332,6 +405,14 @@ class Channel(kombu_redis.Channel):
             except Exception as exc:  # Redis is gone: the messages come back after the visibility timeout
                 log.warning("acks not written at close: %r", exc)
         super().close()
+
+
+def _maybe_drop_reply(out: Any) -> None:
+    """The LLMOS_FAULT_DROP_POP_REPLY hook: lose this reply if it carried messages."""
+    global _drop_pop_replies
+    if _drop_pop_replies > 0 and out:
+        _drop_pop_replies -= 1
+        raise redis.ConnectionError("injected fault: the bulk pop's reply was lost")
 
 
 class Transport(kombu_redis.Transport):

@@ -7,6 +7,8 @@ on its runner, and hands every job its own outcome; the outcomes of a group are 
 whose item raises, fails alone; a job cancelled or over its timeout is stopped and says so.
 A job that ran before (its worker died, or it is retrying) is claimed and run alone, after the
 rest of its batch is recorded, so a poison input that crashes the process takes only itself down.
+`busy_since` tells the worker's watchdog since when the model thread has been running its
+current group (a thread stuck there for longer than any job may run is a hung worker).
 """
 
 from __future__ import annotations
@@ -60,7 +62,13 @@ class Batcher:
         self._records: queue.Queue[tuple[list[Finished], list[Job], dict] | None] = queue.Queue()
         self._recorder = threading.Thread(target=self._record_loop, name="llmos-recorder", daemon=True)
         self._stopping = threading.Event()
+        self._busy_since: float | None = None
         self.batches = 0
+
+    @property
+    def busy_since(self) -> float | None:
+        """Monotonic time the model thread started its current group; None while it is not running one."""
+        return self._busy_since
 
     def start(self) -> "Batcher":
         self._thread.start()
@@ -189,7 +197,12 @@ class Batcher:
                 outcomes[i] = ItemOutcome(error=str(exc))
         started = time.perf_counter()
         if ready and runner is not None:
-            results = runner.run([task for _, task in ready], [jobs[i] for i, _ in ready], self.control)
+            self.control.start([jobs[i].id for i, _ in ready])  # timeouts count from here
+            self._busy_since = time.monotonic()
+            try:
+                results = runner.run([task for _, task in ready], [jobs[i] for i, _ in ready], self.control)
+            finally:
+                self._busy_since = None
             for (i, _), res in zip(ready, results):
                 outcomes[i] = res
         compute_ms = (time.perf_counter() - started) * 1000.0

@@ -6,12 +6,22 @@ workers table, start the heartbeat, the cancel listener and the batcher, then co
 waits; the batcher claims a whole batch with one conditional UPDATE (a duplicate, cancelled or
 expired job is a no-op), runs it, and `complete` writes every outcome in one transaction and
 publishes completion notices in one pipeline. Messages are acked only after that (acks_late).
-Transient failures go back to `queued` with a backoff; database errors are retried for
-`LLMOS_DB_RETRY_S`. SIGTERM: Celery's warm shutdown finishes the jobs held, then the worker exits.
+Transient failures go back to `queued` with a backoff; database connection errors are retried for
+`LLMOS_DB_RETRY_S`; an outcome the database refuses to store fails its own job only.
+SIGTERM: Celery's warm shutdown finishes the jobs held, then the worker exits.
+
+The heartbeat thread also guards the worker: it audits the Redis held set (an id held there that
+no Celery thread has in hand at two audits in a row, e.g. after a failed claim or a lost bulk-pop
+reply, is released, so the reconciler re-sends its job), and it is the watchdog of the model
+thread: stuck in one group for longer than any job may run (`LLMOS_MAX_JOB_SECONDS` plus
+`LLMOS_TIMEOUT_GRACE_S`), the worker records itself stopped, so the reconciler requeues its
+running jobs at once, and exits with code 4 without acking. Exit code 3: results could not be
+recorded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -19,6 +29,8 @@ import socket
 import uuid
 import threading
 import time
+from collections import Counter
+from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 import redis
@@ -26,9 +38,9 @@ import sqlalchemy as sa
 
 from llmos import manager, transport
 from llmos.constants import CANCEL_CHANNEL, RUN_JOB_TASK
-from llmos.db import check_database, get_engine
+from llmos.db import check_database, first_line, get_engine
 from llmos.dispatch import held_set, make_celery, pending_set, queue_name, release, take
-from llmos.jobs import Job
+from llmos.jobs import Job, JobStatus
 from llmos.logs import event, setup
 from llmos.manager import as_utc
 from llmos.notify import publish_done, redis_client
@@ -37,6 +49,18 @@ from llmos.settings import Settings, get_settings
 from workers.control import RunControl
 
 log = logging.getLogger("llmos.worker")
+
+CANNOT_RECORD_EXIT, HUNG_EXIT = 3, 4
+"""Exit codes: results could not be recorded; the model thread hung."""
+
+FAULT_CLAIM_FAILS_ENV = "LLMOS_FAULT_CLAIM_FAILS"
+"""Fault injection for the fault tests: the first N claims raise a non-connection database error,
+as a broken query would. Unset in production."""
+
+FAULT_CLOCK_SKEW_ENV = "LLMOS_FAULT_CLOCK_SKEW_S"
+"""Fault injection for the fault tests: this process's wall clock (`time.time`,
+`manager.utcnow`) is shifted by this many seconds. Unset in production."""
+
 
 def pin_device(device: str) -> str:
     """Make `device` the only visible GPU before torch starts; returns the torch device to use."""
@@ -68,7 +92,10 @@ class Worker:
         self.engine = get_engine(self.settings.db_url)
         self.redis = redis_client(self.settings)
         self.control = RunControl()
-        self._in_hand: set[str] = set()  # job ids whose message this worker holds
+        self._in_hand: Counter[str] = Counter()  # job id → Celery threads running run_job for it
+        self._hand_lock = threading.Lock()
+        self._suspects: set[str] = set()  # held in Redis but in no thread's hand at the last audit
+        self._claim_faults = int(os.environ.get(FAULT_CLAIM_FAILS_ENV) or 0)
         self._stop = threading.Event()
         # On our transport the delivery itself takes the job; on another (rediss://) the task does.
         self.transport_takes = self.settings.kombu_url.startswith(transport.SCHEME)
@@ -118,17 +145,38 @@ class Worker:
     def run_job(self, job_id: str) -> None:
         """Celery task body: hand the job to the batcher and wait (the delivery already marked it
         held by this worker, on our transport; on another, this does)."""
-        self._in_hand.add(job_id)
-        if not self.transport_takes:
-            try:
-                take(self.redis, self.spec.name, self.worker_id, job_id)
-            except redis.exceptions.RedisError as exc:  # the reconciler may then re-send: harmless
-                event(log, "take_unrecorded", logging.WARNING, error=repr(exc))
-        self.batcher.submit(job_id).result(timeout=self.settings.max_job_seconds * 2)
+        with self._hand_lock:
+            self._in_hand[job_id] += 1
+        try:
+            if not self.transport_takes:
+                try:
+                    take(self.redis, self.spec.name, self.worker_id, job_id)
+                except redis.exceptions.RedisError as exc:  # the reconciler may then re-send: harmless
+                    event(log, "take_unrecorded", logging.WARNING, error=repr(exc))
+            self.batcher.submit(job_id).result(timeout=self.settings.max_job_seconds * 2)
+        finally:
+            with self._hand_lock:
+                self._in_hand[job_id] -= 1
+                if self._in_hand[job_id] <= 0:
+                    del self._in_hand[job_id]
+
+    def in_hand(self, job_id: str) -> bool:
+        """Whether a Celery thread of this worker is running `run_job` for this job."""
+        with self._hand_lock:
+            return self._in_hand[job_id] > 0
 
     def claim(self, job_ids: list[str], fresh_only: bool) -> list[Job]:
-        claimed, expired = self.db(manager.claim, job_ids, worker_id=self.worker_id,
-                                   device=self.device, model=self.spec.name, fresh_only=fresh_only)
+        """queued → running; on failure the jobs are released at once, for the reconciler to re-send
+        (the Celery task fails and acks its message, which would strand them in the held set)."""
+        try:
+            if self._claim_faults > 0:
+                self._claim_faults -= 1
+                raise sa.exc.ProgrammingError("UPDATE jobs ...", {}, Exception("injected fault: broken claim"))
+            claimed, expired = self.db(manager.claim, job_ids, worker_id=self.worker_id,
+                                       device=self.device, model=self.spec.name, fresh_only=fresh_only)
+        except Exception:
+            self._release(job_ids)
+            raise
         if expired:
             self.notify(expired)
         if not fresh_only:
@@ -136,7 +184,6 @@ class Worker:
         return claimed
 
     def _release(self, job_ids: list[str]) -> None:
-        self._in_hand.difference_update(job_ids)
         try:
             release(self.redis, self.worker_id, job_ids)
         except redis.exceptions.RedisError as exc:
@@ -146,7 +193,7 @@ class Worker:
         """Earlier turns of a dialogue job's conversation, from the task table."""
         if not job.conversation_id:
             return []
-        return self.db(manager.conversation_history, job.conversation_id, job)
+        return self.db(manager.conversation_history, job.conversation_id, job, tenant=job.tenant)
 
     def complete(self, finished: Sequence[Any]) -> None:
         """Write a batch's outcomes: results and errors in one transaction, retries with backoff."""
@@ -166,22 +213,50 @@ class Worker:
                 delays.append(self.backoff(job.attempts))
             else:
                 done.append(outcome)
+        final = [o.job_id for o in done]
         try:
-            if done:
-                self.db(manager.finish, done)
-            if retry:
-                self.db(manager.retry_later, retry, delays)
+            try:
+                if done:
+                    self.db(manager.finish, done)
+                if retry:
+                    self.db(manager.retry_later, retry, delays)
+            except Exception as exc:
+                if not _refused(exc):
+                    raise
+                final = self._record_each(done, retry, delays)
         except Exception as exc:
             # Results cannot be recorded: this worker is not healthy. Exit without acking, so
             # the heartbeat stops and the reconciler sends these jobs to another worker.
             event(log, "cannot_record_exiting", logging.CRITICAL, error=repr(exc),
                   jobs=[o.job_id for o in done + retry])
-            os._exit(3)
+            os._exit(CANNOT_RECORD_EXIT)
         self._release([o.job_id for o in done + retry])
-        if done:
-            self.notify([o.job_id for o in done])
+        if final:
+            self.notify(final)
         if retry:
             event(log, "retry_later", jobs=[o.job_id for o in retry], delays=[round(d, 2) for d in delays])
+
+    def _record_each(self, done: list[manager.Outcome], retry: list[manager.Outcome],
+                     delays: list[float]) -> list[str]:
+        """Record outcomes one by one after the database refused a batch of them: an outcome it
+        refuses (a character it cannot store, say) fails its own job with the reason. Returns
+        the ids now final (finished, or failed instead of retried)."""
+        final = []
+        for o, delay in [(o, None) for o in done] + list(zip(retry, delays)):
+            try:
+                if delay is None:
+                    self.db(manager.finish, [o])
+                else:
+                    self.db(manager.retry_later, [o], [delay])
+                    continue
+            except Exception as exc:
+                if not _refused(exc):
+                    raise
+                event(log, "result_unstorable", logging.ERROR, job=o.job_id, error=first_line(exc))
+                self.db(manager.finish, [dataclasses.replace(
+                    o, result=None, error=f"result could not be stored: {first_line(exc)}")])
+            final.append(o.job_id)
+        return final
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter for the next try after `attempt` failed."""
@@ -210,11 +285,45 @@ class Worker:
 
     # -- background threads ------------------------------------------------------------------
     def _heartbeat(self) -> None:
+        """Every `heartbeat_s`: the model thread's watchdog, the heartbeat, the held-set audit."""
         while not self._stop.wait(self.settings.heartbeat_s):
+            self._check_progress()
             try:
                 manager.heartbeat(self.engine, self.worker_id)
             except Exception as exc:
                 event(log, "heartbeat_failed", logging.WARNING, error=repr(exc))
+            try:
+                self._audit_held()
+            except redis.exceptions.RedisError as exc:
+                event(log, "held_audit_failed", logging.WARNING, error=repr(exc))
+
+    def _check_progress(self) -> None:
+        """A model thread stuck in one group for longer than any job may run makes this worker
+        dead: recorded stopped (the reconciler requeues its running jobs at once), then exit."""
+        since = self.batcher.busy_since
+        limit = self.settings.max_job_seconds + self.settings.timeout_grace_s
+        if since is None or time.monotonic() - since <= limit:
+            return
+        event(log, "model_thread_hung_exiting", logging.CRITICAL, worker=self.worker_id,
+              busy_s=round(time.monotonic() - since, 1), limit_s=limit)
+        try:
+            manager.stop_worker(self.engine, self.worker_id)
+        except Exception as exc:  # then its silent heartbeat says it, after dead_after_s
+            event(log, "worker_stop_unrecorded", logging.WARNING, error=repr(exc))
+        os._exit(HUNG_EXIT)
+
+    def _audit_held(self) -> None:
+        """Release ids of this worker's held set that no Celery thread had in hand at this audit
+        and the one before (a delivery reaches `run_job` within milliseconds; two audits apart,
+        an id still in no hand was stranded: a failed claim, a lost reply, a swept message)."""
+        key = held_set(self.worker_id)
+        idle = {m.decode() if isinstance(m, bytes) else m for m in self.redis.smembers(key)}
+        idle = {i for i in idle if not self.in_hand(i)}
+        stale = [i for i in idle & self._suspects if not self.in_hand(i)]
+        self._suspects = idle - set(stale)
+        if stale:
+            self.redis.srem(key, *stale)
+            event(log, "held_released", logging.WARNING, jobs=stale)
 
     def _listen_cancels(self) -> None:
         """Hear cancels of running jobs (the table already says cancelled; this stops the work)."""
@@ -227,13 +336,40 @@ class Worker:
                     if msg and msg.get("type") == "message":
                         data = msg["data"]
                         job_id = data.decode() if isinstance(data, bytes) else str(data)
-                        if job_id in self._in_hand:  # every worker hears every cancel
+                        # every worker hears every cancel; only the table says it is one
+                        if self.in_hand(job_id) and self._cancelled(job_id):
                             self.control.cancel(job_id)
             except redis.exceptions.RedisError as exc:
                 event(log, "cancel_listener_retry", logging.WARNING, error=repr(exc))
                 self._stop.wait(1.0)
 
+    def _cancelled(self, job_id: str) -> bool:
+        """Whether the task table says this job is cancelled (a publish alone cancels nothing)."""
+        try:
+            statuses = manager.job_statuses(self.engine, [job_id], tenant=manager.ANY_TENANT)
+        except sa.exc.SQLAlchemyError as exc:  # the job then runs on; its late result is not recorded
+            event(log, "cancel_unchecked", logging.WARNING, job=job_id, error=first_line(exc))
+            return False
+        return statuses.get(job_id) == JobStatus.CANCELLED
+
+
+def _refused(exc: BaseException) -> bool:
+    """A database error about the statement or its data (not the connection): retrying won't help."""
+    return isinstance(exc, sa.exc.StatementError) and not isinstance(
+        exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+
+
+def skew_clock(seconds: float) -> None:
+    """The LLMOS_FAULT_CLOCK_SKEW_S hook: shift this process's wall clock by `seconds`."""
+    real_time, real_utcnow = time.time, manager.utcnow
+    time.time = lambda: real_time() + seconds
+    manager.utcnow = lambda: real_utcnow() + timedelta(seconds=seconds)
+
 
 def main(model: str, device: str | None = None, concurrency: int | None = None) -> int:
     setup()
+    skew = float(os.environ.get(FAULT_CLOCK_SKEW_ENV) or 0.0)
+    if skew:
+        skew_clock(skew)
+        event(log, "fault_injected", logging.WARNING, hook=FAULT_CLOCK_SKEW_ENV, seconds=skew)
     return Worker(model, device, concurrency=concurrency).run()

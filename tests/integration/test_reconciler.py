@@ -4,10 +4,12 @@ import time
 
 import pytest
 import redis
+import sqlalchemy as sa
 
 from llmos import manager
 from llmos.db import get_engine
 from llmos.dispatch import CeleryDispatcher, held_set, pending_set, take
+from llmos.jobs import JobStatus
 from llmos.reconciler import Reconciler
 from tests.conftest import reset_services
 
@@ -71,15 +73,118 @@ def test_held_by_a_live_worker_is_not_resent_held_by_a_dead_one_is(world):
     assert not r.exists(held_set("dead-w")) and r.sismember(held_set("live-w"), alive.id)
 
 
-def test_a_message_popped_by_a_worker_that_died_unrecorded_is_sent_again(world):
+def list_ids(r, key):
+    from llmos.dispatch import _job_id_of
+
+    return [_job_id_of(m) for m in r.lrange(key, 0, -1)]
+
+
+def drop_message(r, key, job_id):
+    """A worker's BRPOP took this job's message and the process died before kombu recorded it."""
+    assert r.lrem(key, 0, next(m for m in r.lrange(key, 0, -1) if job_id.encode() in m)) == 1
+
+
+@pytest.fixture
+def small_margin(monkeypatch):
+    """Sends a test makes 0.1 s apart count as clearly apart."""
+    import llmos.reconciler
+
+    monkeypatch.setattr(llmos.reconciler, "ORPHAN_MARGIN_S", 0.05)
+
+
+KEY = "llmos.minilm:4"  # priority 5's list
+
+
+def test_a_message_popped_by_a_worker_that_died_unrecorded_is_sent_again(world, small_margin):
     settings, engine, r, d, rec = world
-    lost, kept = make_jobs(engine, d, 2)
-    # a worker's BRPOP took one message and the process died before kombu wrote "unacked"
-    key = "llmos.minilm:4"
-    msgs = r.lrange(key, 0, -1)
-    r.delete(key)
-    r.rpush(key, *[m for m in msgs if lost.id.encode() not in m])
+    (lost,) = make_jobs(engine, d, 1)
+    time.sleep(0.1)
+    (kept,) = make_jobs(engine, d, 1)
+    drop_message(r, KEY, lost.id)  # the oldest message was popped: the next one was sent later
     time.sleep(0.3)
     assert rec.run_once().resent == 1
-    ids = {__import__("llmos.dispatch", fromlist=["_job_id_of"])._job_id_of(m) for m in r.lrange(key, 0, -1)}
-    assert ids == {lost.id, kept.id}
+    assert sorted(list_ids(r, KEY)) == sorted([lost.id, kept.id])
+
+
+def test_an_empty_list_means_its_pending_job_was_popped(world):
+    settings, engine, r, d, rec = world
+    (lost,) = make_jobs(engine, d, 1)
+    drop_message(r, KEY, lost.id)
+    time.sleep(0.3)
+    assert rec.run_once().resent == 1 and list_ids(r, KEY) == [lost.id]
+
+
+def test_orphans_are_found_in_bounded_reads_behind_a_long_list(world, small_margin, monkeypatch):
+    settings, engine, r, d, rec = world
+    (lost,) = make_jobs(engine, d, 1)
+    time.sleep(0.1)
+    waiting = make_jobs(engine, d, 300)  # still in the list: stale, but not lost
+    drop_message(r, KEY, lost.id)
+    time.sleep(0.3)
+    for name in ("lrange", "smembers", "sscan"):  # bounded: no whole list or set is read
+        monkeypatch.setattr(redis.Redis, name, lambda *a, **k: pytest.fail("a whole list or set was read"))
+    assert rec.run_once().resent == 1
+    assert r.llen(KEY) == len(waiting) + 1 and lost.id.encode() in r.lindex(KEY, 0)  # sent again
+    assert rec.run_once().resent == 0  # the long list's own jobs are never re-sent
+
+
+def test_a_duplicate_message_does_not_mask_an_orphan(world, small_margin):
+    settings, engine, r, d, rec = world
+    (lost,) = make_jobs(engine, d, 1)
+    time.sleep(0.1)
+    (twice,) = make_jobs(engine, d, 1)
+    d.send([twice])  # a duplicate: as many messages as pending ids once `lost` is popped
+    drop_message(r, KEY, lost.id)
+    assert r.llen(KEY) == r.scard(pending_set("minilm")) == 2
+    time.sleep(0.3)
+    assert rec.run_once().resent == 1 and lost.id in list_ids(r, KEY)
+
+
+def test_no_worker_is_judged_dead_until_the_reconciler_has_seen_dead_after_s_of_passes(world, monkeypatch):
+    """After a failed pass (the database was away, and so were the heartbeats), a worker whose
+    last beat is old is not judged dead until it has had dead_after_s of good passes to beat."""
+    settings, engine, r, d, rec = world
+    rec.settings = settings.model_copy(update={"dead_after_s": 1.0})
+    (job,) = make_jobs(engine, d, 1)
+    manager.register_worker(engine, worker_id="w-quiet", host="h", pid=1, model="minilm", device="cpu")
+    manager.claim(engine, [job.id], worker_id="w-quiet", device="cpu")
+    manager.register_worker(engine, worker_id="w-gone", host="h", pid=2, model="minilm", device="cpu")
+    (gone_job,) = make_jobs(engine, d, 1)
+    manager.claim(engine, [gone_job.id], worker_id="w-gone", device="cpu")
+    manager.stop_worker(engine, "w-gone")  # stopped itself: dead at once, grace or not
+    time.sleep(1.2)  # both heartbeats are now older than dead_after_s
+
+    real = manager.expire_overdue
+    monkeypatch.setattr(manager, "expire_overdue", lambda e: (_ for _ in ()).throw(
+        sa.exc.OperationalError("SELECT", {}, Exception("database away"))))
+    with pytest.raises(sa.exc.OperationalError):
+        rec.run_once()
+    monkeypatch.setattr(manager, "expire_overdue", real)
+
+    first = time.monotonic()
+    report = rec.run_once()
+    assert report.requeued == 1  # only the stopped worker's job
+    assert manager.get_job(engine, job.id, tenant=manager.ANY_TENANT).status == JobStatus.RUNNING
+    while time.monotonic() - first < 1.0:  # the grace: w-quiet is not judged by its old beat
+        assert rec.run_once().requeued == 0
+        time.sleep(0.1)
+    assert rec.run_once().requeued == 1  # it never beat again: now it is dead
+    assert manager.get_job(engine, job.id, tenant=manager.ANY_TENANT).status == JobStatus.QUEUED
+
+
+def test_a_worker_that_beats_again_during_the_grace_keeps_its_jobs(world):
+    settings, engine, r, d, rec = world
+    rec.settings = settings.model_copy(update={"dead_after_s": 1.0})
+    (job,) = make_jobs(engine, d, 1)
+    manager.register_worker(engine, worker_id="w-back", host="h", pid=1, model="minilm", device="cpu")
+    manager.claim(engine, [job.id], worker_id="w-back", device="cpu")
+    rec.run_once()
+    time.sleep(1.2)  # a gap between passes longer than dead_after_s: the reconciler was away too
+    assert rec.run_once().requeued == 0  # judged on a stale view, w-back would be dead here
+    manager.heartbeat(engine, "w-back")  # the first beat after the outage
+    first = time.monotonic()
+    while time.monotonic() - first < 1.3:
+        assert rec.run_once().requeued == 0
+        manager.heartbeat(engine, "w-back")
+        time.sleep(0.1)
+    assert manager.get_job(engine, job.id, tenant=manager.ANY_TENANT).status == JobStatus.RUNNING

@@ -232,3 +232,104 @@ def test_a_burst_is_popped_in_priority_order(setup):
     conn.close()
     by_priority = sorted(jobs, key=lambda j: -j.priority)  # stable: equal priorities in send order
     assert order == [repr([j.id]) for j in by_priority]
+
+
+def ids_of(messages) -> set[str]:
+    return {m.headers["argsrepr"][2:-2] for m in messages}
+
+
+def assert_nothing_stranded(r, jobs, got):
+    """Every job is delivered (recorded, held) or back in its list (pending), nothing in between."""
+    delivered = ids_of(got)
+    assert r.hlen("unacked") == len(got) and r.zcard("unacked_index") == len(got)
+    assert {m.decode() for m in r.smembers(held_set("w1"))} == delivered
+    assert {m.decode() for m in r.smembers(pending_set("tr"))} == {j.id for j in jobs} - delivered
+    assert all_queued(r, "tr") == len(jobs) - len(got)
+
+
+def test_a_lost_bulk_pop_reply_puts_its_messages_back_at_once(setup, monkeypatch):
+    from llmos import transport
+
+    settings, r, app = setup
+    jobs = [job(80 + i) for i in range(10)]
+    send(settings, jobs)
+    monkeypatch.setattr(transport, "_drop_pop_replies", 1)  # LLMOS_FAULT_DROP_POP_REPLY=1
+    conn, channel, got = consume_once(app, prefetch=6)
+    # the script popped, recorded and took five more; its reply was lost; they came back
+    assert len(got) == 1 and transport._drop_pop_replies == 0
+    assert_nothing_stranded(r, jobs, got)
+    assert not r.keys(transport.BURST_PREFIX + "*") and not channel._lost_bursts
+    channel.close()
+    conn.close()
+
+
+def test_a_lost_bulk_pop_reply_is_recovered_on_a_later_read(setup, monkeypatch):
+    from llmos import transport
+
+    settings, r, app = setup
+    jobs = [job(100 + i) for i in range(10)]
+    send(settings, jobs)
+    monkeypatch.setattr(transport, "_drop_pop_replies", 1)
+    real_recover, calls = transport.Channel._recover_bursts, []
+
+    def redis_still_away(self):  # the first try right after the lost reply fails too
+        calls.append(1)
+        if len(calls) > 1:
+            real_recover(self)
+
+    monkeypatch.setattr(transport.Channel, "_recover_bursts", redis_still_away)
+    conn, channel, got = consume_once(app, prefetch=6)
+    assert len(got) == 1 and len(channel._lost_bursts) == 1
+    (lost,) = channel._lost_bursts
+    assert r.llen(lost) == 5  # the script listed the five it recorded
+    assert r.hlen("unacked") == 6 and r.scard(held_set("w1")) == 6  # five delivered to nobody
+    while len(got) < 6:  # the next reads recover the burst first, then pop as usual
+        conn.drain_events(timeout=5)
+    assert not channel._lost_bursts and not r.exists(lost)
+    assert_nothing_stranded(r, jobs, got)
+    for m in got:
+        m.ack()
+    channel.close()
+    conn.close()
+
+
+def test_the_bulk_pop_deletes_the_previous_pops_burst_key(setup):
+    from llmos import transport
+
+    settings, r, app = setup
+    send(settings, [job(120 + i) for i in range(6)])
+    conn, channel, got = consume_once(app, prefetch=3)
+    assert len(r.keys(transport.BURST_PREFIX + "*")) == 1  # kept until the next pop's reply is in
+    for m in got:
+        m.ack()
+    while len(got) < 6:
+        conn.drain_events(timeout=5)
+    assert r.keys(transport.BURST_PREFIX + "*") == [channel._burst_key.encode()]
+    for m in got[3:]:
+        m.ack()
+    channel.close()
+    conn.close()
+
+
+def test_a_visibility_timeout_sweep_leaves_held_sets_alone(setup):
+    """Worker w2 sweeps w1's old delivery of job X back to its list while w2 itself holds a
+    duplicate message of X: X is pending again, and w2 still holds it (w1's entry is w1's audit's)."""
+    settings, r, app = setup
+    x = job(140)
+    send(settings, [x])
+    conn, channel, got = consume_once(app, prefetch=1)  # w1 has X's message, unacked
+    assert len(got) == 1
+    r.sadd(held_set("w2"), x.id)
+    app2 = make_celery(settings)
+    app2.conf.broker_transport_options = {
+        **app2.conf.broker_transport_options,
+        "llmos_take": {"pending": pending_set("tr"), "held": held_set("w2")}}
+    with app2.connection_for_read() as conn2:
+        qos = conn2.default_channel.qos
+        qos.visibility_timeout = 0  # every delivery is over it
+        qos.restore_visible(num=10, interval=1)
+    app2.close()
+    assert all_queued(r, "tr") == 1 and r.sismember(pending_set("tr"), x.id) and r.hlen("unacked") == 0
+    assert r.sismember(held_set("w2"), x.id) and r.sismember(held_set("w1"), x.id)
+    channel.close()
+    conn.close()

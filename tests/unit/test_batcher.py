@@ -1,6 +1,7 @@
 """The batcher with a fake runner and a fake claim: per-job outcomes, isolation, OOM splitting."""
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
@@ -144,17 +145,72 @@ def test_unknown_task_type_fails_the_job():
     assert "cannot run 'embed'" in f.outcome.error
 
 
+class SlowRunner(EchoRunner):
+    """An EchoRunner whose every batch takes `delay` seconds (and notes the batcher's busy_since)."""
+
+    def __init__(self, delay, batcher_ref=None):
+        super().__init__()
+        self.delay, self.batcher_ref, self.busy = delay, batcher_ref, []
+
+    def forward(self, texts):
+        if self.batcher_ref:
+            self.busy.append(self.batcher_ref[0].busy_since)
+        time.sleep(self.delay)
+        return super().forward(texts)
+
+
+class EmbedEcho(EchoRunner):
+    task_type = "embed"
+
+    def preprocess(self, requests, jobs):
+        return [r.texts[0] for r in requests]
+
+
 def test_cancelled_and_timed_out_jobs_say_so():
     control = RunControl()
-    batcher = Batcher({"sentiment": EchoRunner()}, max_batch_size=4, max_wait_ms=0,
+    batcher = Batcher({"sentiment": SlowRunner(0.05)}, max_batch_size=4, max_wait_ms=0,
                       claim=lambda ids, fresh: [], complete=lambda fs: None, control=control)
-    long_ago = datetime.now(timezone.utc) - timedelta(seconds=10)
-    jobs = [job(0, "a"), job(1, "b", timeout_s=1.0, started_at=long_ago), job(2, "c")]
+    claimed_long_ago = datetime.now(timezone.utc) - timedelta(seconds=10)
+    jobs = [job(0, "a"), job(1, "b", timeout_s=0.01), job(2, "c", timeout_s=5.0, started_at=claimed_long_ago)]
     control.cancel("id-0")
     out = [f.outcome for f in batcher.run_group("sentiment", jobs)]
     assert out[0].error == "cancelled while running"
-    assert out[1].error == "timeout: ran over its 1 s limit"
+    assert out[1].error == "timeout: ran over its 0.01 s limit"
+    # its limit counts from its own group's start on this process's clock, not from the claim's
+    # timestamp (written by the database's clock)
     assert out[2].error is None
+
+
+def test_a_later_group_of_a_batch_times_out_from_its_own_start():
+    """A batch of two task types: the second group waits for the first; its jobs' limits
+    count from when their own group started, not from the batch's claim."""
+    claimed_now = datetime.now(timezone.utc)
+    jobs = [job(0, "slow first group", started_at=claimed_now),
+            job(1, "x", timeout_s=0.2, started_at=claimed_now).evolve(task_type="embed", input={"texts": ["x"]})]
+    table = FakeTable(jobs)
+    done = {}
+    batcher = Batcher({"sentiment": SlowRunner(0.4), "embed": EmbedEcho()}, max_batch_size=8, max_wait_ms=300,
+                      claim=table.claim, complete=lambda fs: done.update({f.job.id: f for f in fs})).start()
+    futures = [batcher.submit(j.id) for j in jobs]
+    for f in futures:
+        f.result(5)
+    batcher.stop()
+    assert done["id-0"].outcome.error is None
+    assert done["id-1"].outcome.error is None, done["id-1"].outcome.error
+    assert done["id-1"].batch_size == 1 and batcher.batches == 1  # really one batch, two groups
+
+
+def test_busy_since_is_set_only_while_a_group_runs():
+    ref = []
+    runner = SlowRunner(0.01, batcher_ref=ref)
+    batcher = Batcher({"sentiment": runner}, max_batch_size=4, max_wait_ms=0,
+                      claim=lambda ids, fresh: [], complete=lambda fs: None)
+    ref.append(batcher)
+    assert batcher.busy_since is None
+    before = time.monotonic()
+    batcher.run_group("sentiment", [job(0, "a")])
+    assert runner.busy and runner.busy[0] is not None and runner.busy[0] >= before
+    assert batcher.busy_since is None
 
 
 def test_claim_failure_reaches_the_callers():

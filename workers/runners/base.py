@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
 from typing import Any, Callable, ClassVar, Sequence
 
 from llmos.jobs import Job
@@ -23,6 +24,16 @@ raises inside the runner, as a model bug would. Unset in production."""
 FAULT_KILL_ENV = "LLMOS_FAULT_KILL_ON"
 """Fault injection for the fault tests: running a request whose input contains this text
 SIGKILLs the worker, as a native crash on a poison input would. Unset in production."""
+
+FAULT_HANG_ENV = "LLMOS_FAULT_HANG_ON"
+"""Fault injection for the fault tests: a batch holding a request whose input contains this text,
+on that job's first attempt, blocks the model thread forever, as a hung kernel or driver would.
+Unset in production."""
+
+_FAULTS = {fault: marker for fault, marker in (("kill", os.environ.get(FAULT_KILL_ENV)),
+                                               ("raise", os.environ.get(FAULT_RAISE_ENV)),
+                                               ("hang", os.environ.get(FAULT_HANG_ENV))) if marker}
+"""The fault hooks set for this process, read once at start-up (empty in production)."""
 
 History = Callable[[Job], list[tuple[str, str]]]
 """Earlier (user utterance, response) turns of a dialogue job's conversation, oldest first."""
@@ -127,15 +138,25 @@ class Runner:
     def _run(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> list[ItemOutcome]:
         import torch
 
-        for env, fault in ((FAULT_KILL_ENV, "kill"), (FAULT_RAISE_ENV, "raise")):
-            marker = os.environ.get(env)
-            if marker and any(marker in r.model_dump_json() for r in requests):
-                if fault == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise RuntimeError("injected fault")
+        if _FAULTS:
+            _inject_faults(requests, jobs)
         with torch.inference_mode():
             outputs = self.forward(self.preprocess(requests, jobs))
         out = self.postprocess(outputs, requests)
         if len(out) != len(requests):
             raise RuntimeError(f"{type(self).__name__} returned {len(out)} outcomes for {len(requests)} requests")
         return out
+
+
+def _inject_faults(requests: Sequence[Task], jobs: Sequence[Job] | None) -> None:
+    """The test-only fault hooks (see FAULT_*_ENV): kill the process, raise, or hang."""
+    texts = [r.model_dump_json() for r in requests]
+    firsts = [j is not None and j.attempts == 1 for j in (jobs or [None] * len(requests))]
+    for fault, marker in _FAULTS.items():
+        hits = [first for text, first in zip(texts, firsts) if marker in text]
+        if fault == "kill" and hits:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault == "raise" and hits:
+            raise RuntimeError("injected fault")
+        if fault == "hang" and any(hits):
+            threading.Event().wait()  # forever: only the worker's watchdog ends this
