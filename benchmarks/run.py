@@ -4,7 +4,8 @@
                                        [--passes 3] [--skip-generation] [--out results.json]
 
 Same texts, same machine, one run. Uses Postgres and Redis on 127.0.0.1 when they answer (a
-fresh database, dropped afterwards), else the embedded SQLite + Redis. Prints one JSON object
+fresh database, dropped afterwards; Redis db 13, emptied, or BENCH_REDIS_URL), else the embedded
+SQLite + Redis. Prints one JSON object
 and a readable table. Method and latest figures: docs/benchmarks.md.
 """
 
@@ -41,7 +42,7 @@ from llmos.registry import Registry  # noqa: E402
 from llmos.settings import Settings  # noqa: E402
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-REDIS = "redis://127.0.0.1:6379/13"
+REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")  # emptied by the run
 
 SUBJECTS = ["The hotel", "This phone", "Our waiter", "The delivery", "The new update", "That movie",
             "The support team", "This blender", "The concert", "The course"]
@@ -194,17 +195,19 @@ def pct(values: list[float], q: float) -> float:
 
 
 def llmos_run(env: Env, model: str, config: Path | None, tasks: list, warm: list,
-              bare: "Callable[[], float] | None" = None, passes: int = 1) -> dict:
+              bare: "Callable[[], float] | None" = None, passes: int = 1, results: bool = False) -> dict:
     """Items/s end to end through the SDK, plus latency split, for one worker configuration.
 
     With `bare`, each of the `passes` LLMOS passes follows a bare pass on the same machine a few
     seconds earlier (the worker idles meanwhile): the machine's speed drifts by ±15% over a
     minute here, so each pass is compared with its own bare neighbour, and medians are reported.
+    With `results`, each pass is followed by one that waits as a user would, `submit_many` then
+    `Model.results(handles)`, compared with the notice-driven pass just before it.
     """
     env.reset()
     w = env.worker(model, config)
     settings = env.settings(config)
-    rates, bare_rates, jobs = [], [], []
+    rates, bare_rates, results_rates, jobs = [], [], [], []
     with llmos.Client(settings) as client:
         m = client.load_model(model)
         m.submit_many(warm, batch_id="warm")
@@ -220,6 +223,10 @@ def llmos_run(env: Env, model: str, config: Path | None, tasks: list, warm: list
             rates.append(len(tasks) / (time.perf_counter() - t0))
             notices.close()
             jobs += list(manager.get_jobs(client.engine, ids, tenant=manager.ANY_TENANT).values())
+            if results:
+                t0 = time.perf_counter()
+                m.results(m.submit_many(tasks, batch_id=f"results{p}"), timeout=900)
+                results_rates.append(len(tasks) / (time.perf_counter() - t0))
     env.stop(w)
     lat = [(as_utc(j.finished_at) - as_utc(j.created_at)).total_seconds() * 1000 for j in jobs]
     out = {
@@ -232,6 +239,10 @@ def llmos_run(env: Env, model: str, config: Path | None, tasks: list, warm: list
                        "p95": pct([j.compute_ms for j in jobs], 0.95)},
         "mean_batch_size": round(statistics.mean(j.batch_size for j in jobs), 1),
     }
+    if results_rates:
+        out["results_items_per_s"] = round(statistics.median(results_rates), 1)
+        out["results_passes"] = [round(r, 1) for r in results_rates]
+        out["results_ratio_vs_notice"] = round(statistics.median(r / n for r, n in zip(results_rates, rates)), 3)
     if bare_rates:
         out["bare_items_per_s"] = round(statistics.median(bare_rates), 1)
         out["bare_passes"] = [round(r, 1) for r in bare_rates]
@@ -329,7 +340,7 @@ def encoder_suite(env: Env, workdir: Path, n: int, task_type: str, passes: int) 
     runner = runners_for(model_cache.get(spec, "cpu"))[task_type]
     runner.run(warm[:32])
 
-    on = llmos_run(env, "minilm", batched, tasks, warm, passes=passes,
+    on = llmos_run(env, "minilm", batched, tasks, warm, passes=passes, results=True,
                    bare=lambda: _bare(runner, tasks, spec.max_batch_size))
     bare = on["bare_items_per_s"]
     slow = tasks[: min(n, 500)]  # the one-at-a-time designs run on a subset: rates, not totals
@@ -344,6 +355,8 @@ def encoder_suite(env: Env, workdir: Path, n: int, task_type: str, passes: int) 
         "ratio_vs_bare": on["ratio_vs_bare"],
         "ratio_vs_unbatched": round(on["items_per_s"] / off["items_per_s"], 2),
         "ratio_vs_naive_celery": round(on["items_per_s"] / naive, 2),
+        "results_items_per_s": on["results_items_per_s"], "results_passes": on["results_passes"],
+        "results_ratio_vs_notice": on["results_ratio_vs_notice"],
         "submit_jobs_per_s": rate, **prio,
         "bare_passes": on["bare_passes"], "llmos_passes": on["passes"],
         "ratio_vs_bare_passes": on["ratio_vs_bare_passes"],
@@ -421,7 +434,9 @@ def main() -> None:
 def print_table(r: dict) -> None:
     rows = [("", "encoder", "generation")]
     g = r.get("generation", {})
-    for key in ("bare_items_per_s", "bare_passes", "llmos_items_per_s", "llmos_passes", "ratio_vs_bare_passes", "llmos_unbatched_items_per_s", "naive_celery_items_per_s",
+    for key in ("bare_items_per_s", "bare_passes", "llmos_items_per_s", "llmos_passes", "ratio_vs_bare_passes",
+                "results_items_per_s", "results_passes", "results_ratio_vs_notice",
+                "llmos_unbatched_items_per_s", "naive_celery_items_per_s",
                 "ratio_vs_bare", "ratio_vs_unbatched", "ratio_vs_naive_celery", "mean_batch_size"):
         rows.append((key, str(r.get(key, "")), str(g.get(key, ""))))
     for key in ("latency_ms", "queue_wait_ms", "compute_ms"):

@@ -7,8 +7,9 @@
 """
 
 from llmos.errors import (BrokerUnavailableError, ConfigError, DatabaseUnavailableError,
-                          JobFailedError, JobNotFoundError, JobTimeoutError, LLMOSError,
-                          UnknownModelError, UnsupportedTaskError, ValidationError)
+                          IdempotencyConflictError, JobFailedError, JobNotFoundError,
+                          JobTimeoutError, LLMOSError, UnknownModelError, UnsupportedTaskError,
+                          ValidationError)
 from llmos.jobs import Job, JobStatus
 from llmos.sdk import Client, JobHandle, Model, load_model
 from llmos.tasks import (DialogueResult, DialogueTask, EmbeddingResult, EmbeddingTask,
@@ -18,8 +19,8 @@ from llmos.tasks import (DialogueResult, DialogueTask, EmbeddingResult, Embeddin
 
 __all__ = [
     "BrokerUnavailableError", "Client", "ConfigError", "DatabaseUnavailableError",
-    "DialogueResult", "DialogueTask", "EmbeddingResult", "EmbeddingTask", "Job", "JobFailedError",
-    "JobHandle", "JobNotFoundError", "JobStatus", "JobTimeoutError", "LLMOSError", "Model",
+    "DialogueResult", "DialogueTask", "EmbeddingResult", "EmbeddingTask", "IdempotencyConflictError",
+    "Job", "JobFailedError", "JobHandle", "JobNotFoundError", "JobStatus", "JobTimeoutError", "LLMOSError", "Model",
     "QuestionAnsweringResult", "QuestionAnsweringTask", "SentimentResult", "SentimentTask",
     "SummarizationResult", "SummarizationTask", "TranslationResult", "TranslationTask",
     "UnknownModelError", "UnsupportedTaskError", "ValidationError", "WritingResult", "WritingTask",

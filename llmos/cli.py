@@ -126,16 +126,41 @@ def submit(task: Annotated[str, typer.Argument(help="Task type: " + ", ".join(PR
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValidationError(f"--set takes key=value, got {item!r}")
-        try:
-            data[key] = json.loads(value)
-        except json.JSONDecodeError:
-            data[key] = value
+        data[key] = _set_value(key, value)
     handle = llmos.load_model(model).submit(parse_task(task, data), priority=priority)
     if not wait:
         print(json.dumps({"id": handle.id, "status": "queued"}))
         return
     result = handle.result(timeout=timeout)
     print(json.dumps({"id": handle.id, "status": "succeeded", "result": result.model_dump(mode="json")}))
+
+
+def _set_value(key: str, text: str) -> object:
+    """A `--set` value: JSON if it parses (nested at most MAX_CLI_JSON_DEPTH deep), else the text."""
+    from llmos.constants import MAX_CLI_JSON_DEPTH
+    from llmos.errors import ValidationError
+
+    try:
+        value = json.loads(text)
+        too_deep = _depth(value) > MAX_CLI_JSON_DEPTH
+    except json.JSONDecodeError:
+        return text
+    except RecursionError:  # json's parser gives up near a thousand levels
+        too_deep = True
+    if too_deep:
+        raise ValidationError(f"--set {key}: the JSON value is nested more than {MAX_CLI_JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth(value: object) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 @app.command()
@@ -240,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     except LLMOSError as exc:
         from rich.markup import escape
 
-        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+        line = " ".join(str(exc).split())  # one line, whatever the message holds
+        err.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -42,3 +42,42 @@ EMBEDDED_REDIS_SOCKET = "redis.sock"
 
 DEFAULT_TENANT = "default"
 """Tenant of a job submitted without one; idempotency keys are unique per tenant."""
+
+MAX_TENANT_CHARS = 128
+"""Longest tenant name (the `jobs.tenant` column)."""
+
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+"""Longest idempotency key (the `jobs.idempotency_key` column)."""
+
+MAX_BATCH_ID_CHARS = 64
+"""Longest batch id (the `jobs.batch_id` column)."""
+
+MAX_CONVERSATION_ID_CHARS = 64
+"""Longest conversation id (the `jobs.conversation_id` column)."""
+
+MAX_JOBS_PER_SUBMIT = 10_000
+"""Most tasks one `submit_many` call takes (one statement, one send); submit more in chunks."""
+
+MAX_EMBED_TEXTS = 2048
+"""Most texts one embed job takes."""
+
+MAX_STOP_STRINGS = 8
+"""Most stop strings one writing job takes (they count against the model's max_input_chars)."""
+
+MAX_DEADLINE_S = 366 * 24 * 3600
+"""Furthest a deadline may lie ahead, in seconds (a year); further is surely a mistake."""
+
+MAX_ATTEMPTS = 100
+"""Most runs a job may be given (`max_attempts`)."""
+
+MAX_SEED = 2**32 - 1
+"""Largest sampling seed a task takes."""
+
+MAX_CLI_JSON_DEPTH = 32
+"""Deepest nesting of a JSON value given to `llmos submit --set`."""
+
+WAIT_POLL_S = 1.0
+"""A waiter re-reads its pending jobs' statuses after this long without a completion notice."""
+
+WAIT_MAX_POLL_S = 8.0
+"""With notices, that quiet pause doubles after each poll up to this (a notice lost is rare)."""

@@ -6,6 +6,8 @@ Nothing here changes job state: that is `llmos.manager`'s job.
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 from typing import Any
 
@@ -85,6 +87,39 @@ workers = sa.Table(
 )
 """One row per worker process; the heartbeat tells the scheduler and reconciler it lives."""
 
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""Characters Postgres cannot store in text or JSONB (NUL, lone UTF-16 surrogates)."""
+
+
+def storable(text: str) -> str:
+    """`text` with each NUL and lone surrogate replaced by U+FFFD, so any database stores it."""
+    return UNSTORABLE.sub("\ufffd", text)
+
+
+def _storable_value(value: Any) -> Any:
+    """A JSON-ready value with every string (keys too) made `storable`."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {_storable_value(k): _storable_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable_value(v) for v in value]
+    return value
+
+
+def dump_json(value: Any) -> str:
+    """The engine's JSON serializer: NUL and lone surrogates become U+FFFD (a model's output may hold them).
+
+    Fast path: non-ASCII is written as is (ensure_ascii=False), so the dumped text holds a NUL only
+    as the escape "\\u0000" and a lone surrogate only as a raw surrogate character; one search finds
+    either (an escaped backslash before "u0000" only sends a clean value down the slow path).
+    """
+    text = json.dumps(value, ensure_ascii=False)
+    if "\\u0000" in text or (not text.isascii() and UNSTORABLE.search(text)):
+        text = json.dumps(_storable_value(value), ensure_ascii=False)
+    return text
+
+
 _engines: dict[str, sa.Engine] = {}
 _lock = threading.Lock()
 
@@ -106,7 +141,7 @@ def dispose_engines() -> None:
 
 
 def _create_engine(url: str) -> sa.Engine:
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"json_serializer": dump_json}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:

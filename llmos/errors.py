@@ -17,6 +17,10 @@ class ValidationError(LLMOSError, ValueError):
     """The task is not valid; nothing was written or queued."""
 
 
+class IdempotencyConflictError(ValidationError):
+    """The idempotency key already names a job of another model, task or input; nothing was written."""
+
+
 class UnknownModelError(LLMOSError, LookupError):
     """No model of that name is registered."""
 

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Sequence
 import sqlalchemy as sa
 
 from llmos.constants import DEFAULT_TENANT
-from llmos.db import jobs, workers
+from llmos.db import jobs, storable, workers
+from llmos.errors import IdempotencyConflictError
 from llmos.jobs import Job, JobStatus
 
 
@@ -113,7 +114,8 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True) -
     """Write jobs as `queued`; returns (job, created) in input order.
 
     A job whose (tenant, idempotency_key) already exists is not created again: the existing job
-    comes back with created=False, so the caller does not send it twice.
+    comes back with created=False, so the caller does not send it twice. If that job's model, task
+    or input differ, IdempotencyConflictError is raised and nothing is written.
     """
     now = db_now(engine)
     existing: dict[tuple[str, str], Job] = {}
@@ -124,7 +126,7 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True) -
     for n in new:
         key = (n.tenant, n.idempotency_key) if n.idempotency_key is not None else None
         if key is not None and key in existing:
-            out.append((existing[key], False))
+            out.append((_same_job(existing[key], n), False))
             continue
         row = dict(id=str(uuid.uuid4()), model=n.model, task_type=n.task_type,
                    priority=n.priority, status=JobStatus.QUEUED.value, input=n.input,
@@ -149,6 +151,17 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True) -
             # A concurrent submit with the same key won the race: retry once, it is now "existing".
             return create_jobs(engine, new, _retry=False)
     return out
+
+
+def _same_job(job: Job, new: NewJob) -> Job:
+    """`job` (found by `new`'s idempotency key) if it is the job `new` asks for, else a refusal."""
+    differ = [name for name, a, b in (("model", job.model, new.model), ("task", job.task_type, new.task_type),
+                                      ("input", job.input, new.input)) if a != b]
+    if differ:
+        raise IdempotencyConflictError(
+            f"idempotency key {new.idempotency_key!r} already names job {job.id} with another "
+            f"{' and '.join(differ)} ({job.task_type} on {job.model!r}); use a new key for a new job")
+    return job
 
 
 def _find_by_keys(engine: sa.Engine, keys: list[tuple[str, str]]) -> dict:
@@ -251,6 +264,9 @@ def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: 
 def finish(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:
     """Write results and errors of claimed jobs in one transaction; returns how many applied.
 
+    Text the database cannot store (NUL, lone surrogates: a model's output may hold them) is
+    written as U+FFFD, in the error here and in the result by the engine's JSON serializer.
+
     An outcome applies only while the job is still `running` under the same worker and attempt,
     so a late finish from a worker presumed dead cannot overwrite a newer attempt.
     """
@@ -269,7 +285,8 @@ def finish(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:
     with engine.begin() as conn:  # one executemany: psycopg 3 pipelines it into one round trip
         now = db_now(conn)
         params = [dict(b_id=o.job_id, b_worker=o.worker_id, b_attempt=o.attempt, b_status=o.status.value,
-                       b_result=o.result, b_error=o.error, b_compute=o.compute_ms, b_batch=o.batch_size,
+                       b_result=o.result, b_error=None if o.error is None else storable(o.error),
+                       b_compute=o.compute_ms, b_batch=o.batch_size,
                        b_tin=o.tokens_in, b_tout=o.tokens_out, b_wait=o.queue_wait_ms, b_now=now)
                   for o in outcomes]
         return conn.execute(stmt, params).rowcount
@@ -316,7 +333,7 @@ def retry_later(engine: sa.Engine, outcomes: Sequence[Outcome], delays_s: Sequen
                     .where(jobs.c.id == o.job_id, jobs.c.status == JobStatus.RUNNING.value,
                            jobs.c.worker_id == o.worker_id, jobs.c.attempts == o.attempt)
                     .values(status=JobStatus.QUEUED.value, worker_id=None, started_at=None,
-                            error=f"attempt {o.attempt} failed, retrying: {o.error}",
+                            error=storable(f"attempt {o.attempt} failed, retrying: {o.error}"),
                             run_after=now + timedelta(seconds=delay)))
             applied += conn.execute(stmt).rowcount
     return applied

@@ -1,7 +1,8 @@
 """Completion notices over Redis pub/sub, so a caller waiting on a job wakes at once.
 
-A notice is only a hint: waiters always re-read the task table, and poll it as a fallback, so a
-lost notice delays a waiter by at most the poll interval and never loses a result.
+A notice is only a hint: a waiter reads the announced jobs from the task table, and polls their
+statuses as a fallback, so a lost notice delays a waiter by at most the poll interval and never
+loses a result.
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ def publish_done(client: redis.Redis, job_ids: Iterable[str]) -> None:
     pipe.execute()
 
 
-def wait_until(client: redis.Redis | None, job_ids: Sequence[str], pending: Callable[[], set[str]],
-               timeout: float | None, poll_s: float = 1.0) -> set[str]:
-    """Block until `pending()` (re-read from the table) is empty or `timeout` passes.
+def wait_until(client: redis.Redis | None, job_ids: Sequence[str],
+               pending: Callable[[set[str] | None], set[str]], timeout: float | None,
+               poll_s: float = 1.0, max_poll_s: float = 8.0) -> set[str]:
+    """Block until `pending` reports nothing left, or `timeout` passes; returns the ids still pending.
 
-    Subscribes first, then reads, so a notice that lands between the two is not missed.
-    Returns the ids still pending.
+    `pending(announced)` re-reads the table and returns the ids not yet final: with the set of
+    ids whose completion notice just arrived (taken from the channel names), or with None for a
+    poll of every pending id (at the start, and after `poll_s` without a notice, that pause
+    doubling up to `max_poll_s` while notices can arrive; notices are the fast path, the poll
+    only catches one that was lost). Subscribes first, then reads, so no notice is missed.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     pubsub = None
@@ -49,23 +54,27 @@ def wait_until(client: redis.Redis | None, job_ids: Sequence[str], pending: Call
         except redis.exceptions.ConnectionError:
             pubsub = None  # fall back to polling the table
     try:
-        left = pending()
+        left = pending(None)
+        interval = poll_s
+        poll_at = time.monotonic() + interval
         while left:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 break
-            step = poll_s if remaining is None else min(poll_s, remaining)
-            if pubsub is not None:
-                try:
-                    msg = pubsub.get_message(timeout=step)
-                    # drain whatever else arrived, then re-read the table once
-                    while msg is not None:
-                        msg = pubsub.get_message(timeout=0)
-                except redis.exceptions.ConnectionError:
-                    pubsub = None
-            else:
+            step = max(0.0, poll_at - now if deadline is None else min(poll_at, deadline) - now)
+            announced = _notices(pubsub, step) if pubsub is not None else None
+            if announced is None:  # no pub/sub: the table is the only source
+                pubsub = None
                 time.sleep(step)
-            left = pending()
+            elif announced:
+                left = pending(announced)
+                poll_at = time.monotonic() + interval  # notices flow: no need to poll yet
+                continue
+            if time.monotonic() >= poll_at:
+                left = pending(None)
+                if pubsub is not None:
+                    interval = min(interval * 2, max_poll_s)
+                poll_at = time.monotonic() + interval
         return left
     finally:
         if pubsub is not None:
@@ -73,6 +82,25 @@ def wait_until(client: redis.Redis | None, job_ids: Sequence[str], pending: Call
                 pubsub.close()
             except redis.exceptions.RedisError:
                 pass
+
+
+def _notices(pubsub: "redis.client.PubSub", timeout: float) -> set[str] | None:
+    """Ids announced within `timeout` (the first notice, then whatever else already arrived).
+
+    None when the connection broke (the caller falls back to polling).
+    """
+    announced: set[str] = set()
+    try:
+        msg = pubsub.get_message(timeout=timeout)
+        while msg is not None:
+            name = msg.get("channel")
+            name = name.decode() if isinstance(name, bytes) else name
+            if msg.get("type") == "message" and name and name.startswith(DONE_CHANNEL_PREFIX):
+                announced.add(name[len(DONE_CHANNEL_PREFIX):])
+            msg = pubsub.get_message(timeout=0)
+    except redis.exceptions.ConnectionError:
+        return None
+    return announced
 
 
 def ping(client: redis.Redis, settings: Settings) -> None:

@@ -20,7 +20,7 @@ def parse_priority(value: int | str | None) -> int:
         key = value.strip().lower()
         if key in PRIORITY_NAMES:
             return PRIORITY_NAMES[key]
-        if key.isdigit():
+        if len(key) == 1 and key in "0123456789":  # not str.isdigit: "²" is a digit to it
             value = int(key)
         else:
             raise ValidationError(

@@ -7,8 +7,12 @@ model's queue at its priority. Waiting subscribes to completion notices and read
 
 from __future__ import annotations
 
+import collections.abc
+import itertools
 import logging
+import math
 import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
@@ -17,8 +21,10 @@ import redis
 import sqlalchemy as sa
 
 from llmos import manager
-from llmos.constants import CANCEL_CHANNEL, DEFAULT_TENANT
-from llmos.db import check_database, first_line, get_engine
+from llmos.constants import (CANCEL_CHANNEL, DEFAULT_TENANT, MAX_ATTEMPTS, MAX_BATCH_ID_CHARS,
+                             MAX_DEADLINE_S, MAX_IDEMPOTENCY_KEY_CHARS, MAX_JOBS_PER_SUBMIT,
+                             MAX_TENANT_CHARS, WAIT_MAX_POLL_S, WAIT_POLL_S)
+from llmos.db import UNSTORABLE, check_database, first_line, get_engine
 from llmos.dispatch import CeleryDispatcher, Dispatcher
 from llmos.errors import (DatabaseUnavailableError, JobFailedError, JobNotFoundError,
                           JobTimeoutError, LLMOSError, ValidationError)
@@ -42,7 +48,8 @@ class Client:
                  dispatcher: Dispatcher | None = None, redis_conn: redis.Redis | None = None,
                  registry: Registry | None = None) -> None:
         self.settings = settings or get_settings()
-        self.tenant = tenant or DEFAULT_TENANT  # every read and write of this client is scoped by it
+        # every read and write of this client is scoped by its tenant
+        self.tenant = DEFAULT_TENANT if tenant is None else _name("tenant", tenant, MAX_TENANT_CHARS)
         self.registry = registry or Registry.load(self.settings)
         self._dispatcher = dispatcher
         self._redis = redis_conn
@@ -89,7 +96,7 @@ class Client:
         return Model(self, self.registry.get(name))
 
     # -- jobs --------------------------------------------------------------------------------
-    def submit(self, model: str, tasks: Sequence[Task], *, priority: int | str | None = None,
+    def submit(self, model: str, tasks: Iterable[Task], *, priority: int | str | None = None,
                idempotency_key: str | Sequence[str | None] | None = None,
                tenant: str | None = None, batch_id: str | None = None,
                timeout_s: float | None = None, deadline: datetime | float | None = None,
@@ -98,31 +105,27 @@ class Client:
 
         `timeout_s`: longest a job may run (then it fails with reason timeout); `deadline`: a
         time (or seconds from now) after which a job that has not started is `expired`;
-        `max_attempts`: runs before a job whose worker keeps dying is failed.
+        `max_attempts`: runs before a job whose worker keeps dying is failed. Every argument is
+        checked first: a ValidationError means nothing was written or sent.
         """
         spec = self.registry.get(model)
+        tasks = _task_list(tasks)
         prio = parse_priority(priority)
+        tenant = self._tenant(tenant)
         keys = _keys(idempotency_key, len(tasks))
-        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-            raise ValidationError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-        deadline_in_s = None
-        if isinstance(deadline, (int, float)) and not isinstance(deadline, bool):
-            deadline_in_s, deadline = float(deadline), None  # from the database's clock at insert
-        elif deadline is not None and not isinstance(deadline, datetime):
-            raise ValidationError(f"deadline must be a datetime or seconds from now, got {deadline!r}")
-        if deadline is not None and deadline.tzinfo is None:
-            raise ValidationError("deadline must be timezone-aware (e.g. datetime.now(timezone.utc) + ...)")
-        if deadline is not None:
-            deadline = deadline.astimezone(timezone.utc)  # SQLite keeps wall-clock time only
-        if not isinstance(max_attempts, int) or not 1 <= max_attempts <= 100:
-            raise ValidationError(f"max_attempts must be 1–100, got {max_attempts!r}")
-        tenant = tenant or self.tenant
+        batch_id = _name("batch_id", batch_id, MAX_BATCH_ID_CHARS)
+        timeout_s = _timeout(timeout_s, self.settings.max_job_seconds)
+        deadline, deadline_in_s = _deadline(deadline)
+        if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) \
+                or not 1 <= max_attempts <= MAX_ATTEMPTS:
+            raise ValidationError(f"max_attempts must be an integer 1–{MAX_ATTEMPTS}, got {max_attempts!r}")
+        checked = [validate_for(spec, t, _conversation_for(tenant, k)) for t, k in zip(tasks, keys)]
         new = [manager.NewJob(model=spec.name, task_type=t.task_type, input=t.model_dump(mode="json"),
                               priority=prio, tenant=tenant, idempotency_key=k,
                               batch_id=batch_id, conversation_id=getattr(t, "conversation_id", None),
                               timeout_s=timeout_s, deadline=deadline, deadline_in_s=deadline_in_s,
                               max_attempts=max_attempts)
-               for t, k in zip([validate_for(spec, t) for t in tasks], keys)]
+               for t, k in zip(checked, keys)]
         if not new:
             return []
         if self._dispatcher is None or isinstance(self._dispatcher, CeleryDispatcher):
@@ -137,37 +140,58 @@ class Client:
             event(log, "send_deferred", logging.WARNING, jobs=len(to_send), error=str(exc))
         return [JobHandle(self, job.id, job.model, job.task_type, tenant) for job, _ in created]
 
+    def _tenant(self, tenant: str | None) -> str:
+        """The tenant a call acts for: the one given, else this client's."""
+        return self.tenant if tenant is None else _name("tenant", tenant, MAX_TENANT_CHARS)
+
     def job(self, job_id: str, *, tenant: str | None = None) -> Job:
         """One of the tenant's jobs (JobNotFoundError for another tenant's id, as for none)."""
         job_id = _job_id(job_id)
-        job = self._db(manager.get_job, job_id, tenant=tenant or self.tenant)
+        job = self._db(manager.get_job, job_id, tenant=self._tenant(tenant))
         if job is None:
             raise JobNotFoundError(f"no job with id {job_id!r}")
         return job
 
     def wait(self, job_ids: Sequence[str], timeout: float | None = None, *,
              tenant: str | None = None) -> dict[str, Job]:
-        """Wait until every job is final (or `timeout` passes); returns the jobs as last read."""
-        tenant = tenant or self.tenant
-        ids = [_job_id(j) for j in job_ids]
+        """Wait until every job is final (or `timeout` passes); returns every job as last read.
+
+        Reads stay O(N) for N jobs: a job's full row is read once, when a notice announces it
+        (or a status poll finds it) final; the fallback polls read statuses only.
+        """
+        tenant = self._tenant(tenant)
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout >= 0):  # `not >=`: NaN too
+            raise ValidationError(f"timeout must be a number of seconds (0 or more) or None, got {timeout!r}")
+        ids = list(dict.fromkeys(_job_id(j) for j in job_ids))
         latest: dict[str, Job] = {}
         remaining = set(ids)
 
-        def pending() -> set[str]:
-            found = self._db(manager.get_jobs, sorted(remaining), tenant=tenant)
-            missing = remaining - set(found)
-            if missing:
-                raise JobNotFoundError(f"no job with id {sorted(missing)[0]!r}")
-            latest.update(found)
-            remaining.difference_update(i for i, j in found.items() if j.status.is_final)
+        def read_final(candidates: set[str]) -> None:
+            for job_id, job in self._db(manager.get_jobs, sorted(candidates), tenant=tenant).items():
+                if job.status.is_final:
+                    latest[job_id] = job
+                    remaining.discard(job_id)
+
+        def pending(announced: set[str] | None) -> set[str]:
+            if announced is None:  # a status poll of every pending job
+                statuses = self._db(manager.job_statuses, sorted(remaining), tenant=tenant)
+                missing = remaining - set(statuses)
+                if missing:
+                    raise JobNotFoundError(f"no job with id {sorted(missing)[0]!r}")
+                read_final({i for i, s in statuses.items() if s.is_final})
+            elif announced & remaining:
+                read_final(announced & remaining)
             return set(remaining)
 
-        wait_until(self.redis, ids, pending, timeout)
+        wait_until(self.redis, ids, pending, timeout, poll_s=WAIT_POLL_S, max_poll_s=WAIT_MAX_POLL_S)
+        if remaining:  # timed out: the rest as they are now
+            latest.update(self._db(manager.get_jobs, sorted(remaining), tenant=tenant))
         return latest
 
     def cancel(self, job_id: str, *, tenant: str | None = None) -> bool:
         """Cancel a queued or running job; a running one's worker stops it between steps."""
-        tenant = tenant or self.tenant
+        tenant = self._tenant(tenant)
         job_id = _job_id(job_id)
         if self._db(manager.get_job, job_id, tenant=tenant) is None:
             raise JobNotFoundError(f"no job with id {job_id!r}")
@@ -198,15 +222,18 @@ def _job_id(value: Any) -> str:
         raise JobNotFoundError(f"no job with id {value!r} (job ids are UUIDs)") from None
 
 
-def validate_for(spec: ModelSpec, task: Any) -> Task:
-    """Check a task against a model's entry: task type served, input within limits."""
+def validate_for(spec: ModelSpec, task: Any, conversation_id: str | None = None) -> Task:
+    """Check a task against a model's entry: task type served, input within limits.
+
+    A dialogue task without a conversation starts one: `conversation_id` if given, else a new id.
+    """
     task = ensure_task(task)
     spec.require_task(task.task_type)
     spec.require_configured()
     if isinstance(task, TranslationTask):
         spec.require_language_pair(task.source_lang, task.target_lang)
     if isinstance(task, DialogueTask) and task.conversation_id is None:
-        task = task.model_copy(update={"conversation_id": uuid.uuid4().hex})
+        task = task.model_copy(update={"conversation_id": conversation_id or uuid.uuid4().hex})
     chars = task.input_chars()
     if chars > spec.max_input_chars:
         raise ValidationError(
@@ -216,17 +243,97 @@ def validate_for(spec: ModelSpec, task: Any) -> Task:
     return task
 
 
-def _keys(key: str | Sequence[str | None] | None, n: int) -> list[str | None]:
+def _conversation_for(tenant: str, key: str | None) -> str | None:
+    """The conversation a keyed dialogue task starts, the same on every resubmit (None: a new one)."""
+    return None if key is None else uuid.uuid5(_CONVERSATIONS, f"{tenant}\n{key}").hex
+
+
+_CONVERSATIONS = uuid.UUID("5b0c2a8e-6f1d-4f7e-9a51-3c7d0e2b9f44")
+"""Namespace of the conversation ids derived from idempotency keys."""
+
+
+def _task_list(tasks: Any) -> list[Any]:
+    """The tasks of one submit as a list, at most MAX_JOBS_PER_SUBMIT of them."""
+    try:
+        items = list(itertools.islice(tasks, MAX_JOBS_PER_SUBMIT + 1))
+    except TypeError:
+        raise ValidationError(f"expected a list of tasks, got {type(tasks).__name__}") from None
+    if len(items) > MAX_JOBS_PER_SUBMIT:
+        raise ValidationError(f"more than {MAX_JOBS_PER_SUBMIT} tasks in one submit; submit them in chunks")
+    return items
+
+
+def _name(what: str, value: Any, max_chars: int) -> str | None:
+    """A tenant, batch id or idempotency key: None, or 1–`max_chars` characters the table can store."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= max_chars:
+        shown = f"{len(value)} characters" if isinstance(value, str) else repr(value)[:80]
+        raise ValidationError(f"{what} must be a string of 1–{max_chars} characters, got {shown}")
+    bad = UNSTORABLE.search(value)
+    if bad:
+        raise ValidationError(f"{what} contains U+{ord(bad.group()):04X} at position {bad.start()}, "
+                              "which cannot be stored (NUL and lone surrogates are not allowed)")
+    return value
+
+
+def _keys(key: Any, n: int) -> list[str | None]:
     if key is None:
         return [None] * n
     if isinstance(key, str):
         if n != 1:
             raise ValidationError("one idempotency_key string fits one task; pass a list for many")
-        return [key]
-    keys = list(key)
+        return [_name("idempotency_key", key, MAX_IDEMPOTENCY_KEY_CHARS)]
+    if not isinstance(key, collections.abc.Sequence):
+        raise ValidationError(f"idempotency_key must be a string, or a list of strings (or None) "
+                              f"one per task, got {type(key).__name__}")
+    keys = list(itertools.islice(key, n + 1))
     if len(keys) != n:
-        raise ValidationError(f"{len(keys)} idempotency keys for {n} tasks")
-    return keys
+        raise ValidationError(f"{len(keys)}{'+' if len(keys) > n else ''} idempotency keys for {n} tasks")
+    return [_name("idempotency_key", k, MAX_IDEMPOTENCY_KEY_CHARS) for k in keys]
+
+
+def _seconds(value: Any) -> float | None:
+    """`value` as a finite float, or None if it is not a finite number (booleans are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _timeout(value: Any, max_s: int) -> float | None:
+    if value is None:
+        return None
+    seconds = _seconds(value)
+    if seconds is None or not 0 < seconds <= max_s:
+        raise ValidationError(f"timeout_s must be a number of seconds over 0 and at most {max_s} "
+                              f"(LLMOS_MAX_JOB_SECONDS), got {value!r}")
+    return seconds
+
+
+def _deadline(value: Any) -> tuple[datetime | None, float | None]:
+    """(an aware UTC deadline, or seconds from the database's clock at insert); one is None."""
+    if value is None:
+        return None, None
+    if not isinstance(value, datetime):
+        seconds = _seconds(value)
+        if seconds is None or not 0 < seconds <= MAX_DEADLINE_S:
+            raise ValidationError(f"deadline must be a timezone-aware datetime, or seconds from now over 0 "
+                                  f"and at most {MAX_DEADLINE_S}, got {value!r}")
+        return None, seconds
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValidationError("deadline must be timezone-aware (e.g. datetime.now(timezone.utc) + ...)")
+    try:
+        value = value.astimezone(timezone.utc)  # SQLite keeps wall-clock time only
+        ahead = (value - manager.utcnow()).total_seconds()
+    except OverflowError:
+        ahead = math.inf
+    if ahead > MAX_DEADLINE_S:
+        raise ValidationError(f"deadline must be at most {MAX_DEADLINE_S} seconds (a year) ahead, got {value!r}")
+    return value, None
 
 
 class JobHandle:
@@ -295,7 +402,7 @@ class Model:
                     timeout_s: float | None = None, deadline: datetime | float | None = None,
                     max_attempts: int = 3) -> list[JobHandle]:
         """Validate every task first (nothing is written if one is bad), then enqueue them all."""
-        return self.client.submit(self.name, list(tasks), priority=priority, tenant=tenant,
+        return self.client.submit(self.name, tasks, priority=priority, tenant=tenant,
                                   batch_id=batch_id, idempotency_key=idempotency_keys,
                                   timeout_s=timeout_s, deadline=deadline, max_attempts=max_attempts)
 
@@ -306,7 +413,14 @@ class Model:
 
     def results(self, handles: Sequence[JobHandle], timeout: float | None = None) -> list[TaskResult]:
         """Wait for many jobs; results in the same order (raises on the first failed job)."""
-        jobs = self.client.wait([h.id for h in handles], timeout=timeout)
+        until = None if timeout is None else time.monotonic() + timeout
+        by_tenant: dict[str, list[str]] = {}
+        for h in handles:
+            by_tenant.setdefault(h.tenant, []).append(h.id)
+        jobs: dict[str, Job] = {}
+        for tenant, ids in by_tenant.items():  # one wait, unless the handles span tenants
+            left = None if until is None else max(0.0, until - time.monotonic())
+            jobs.update(self.client.wait(ids, timeout=left, tenant=tenant))
         return [result_of(jobs[h.id], timeout) for h in handles]
 
 

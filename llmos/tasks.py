@@ -11,9 +11,23 @@ from typing import Annotated, Any, ClassVar
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from llmos.constants import MAX_CONVERSATION_ID_CHARS, MAX_EMBED_TEXTS, MAX_SEED, MAX_STOP_STRINGS
+from llmos.db import UNSTORABLE
 from llmos.errors import ValidationError
 
-Text = Annotated[str, StringConstraints(strict=True, min_length=1), Field()]
+
+def _storable(value: Any) -> Any:
+    """Refuse text the task table cannot store (Postgres rejects NUL and lone surrogates)."""
+    if isinstance(value, str):
+        bad = UNSTORABLE.search(value)
+        if bad:
+            raise ValueError(f"contains U+{ord(bad.group()):04X} at position {bad.start()}, "
+                             "which cannot be stored (NUL and lone surrogates are not allowed)")
+    return value
+
+
+Storable = pydantic.BeforeValidator(_storable)
+Text = Annotated[str, StringConstraints(strict=True, min_length=1), Storable]
 
 
 def _not_blank(value: str) -> str:
@@ -54,6 +68,9 @@ class Task(BaseModel):
 
 
 Count = Annotated[int, Field(strict=True, ge=1, le=4096)]
+Temperature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0, le=1.0)]
+Seed = Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)]
 
 
 class SentimentResult(TaskResult):
@@ -82,7 +99,7 @@ class EmbeddingTask(Task):
 
     task_type: ClassVar[str] = "embed"
     result_type: ClassVar[type[TaskResult]] = EmbeddingResult
-    texts: Annotated[list[NonBlank], Field(min_length=1, max_length=2048)]
+    texts: Annotated[list[NonBlank], Field(min_length=1, max_length=MAX_EMBED_TEXTS)]
 
     def texts_for_limit(self) -> list[str]:
         return list(self.texts)
@@ -104,16 +121,16 @@ class WritingTask(Task):
     prompt: NonBlank
     max_length: Count | None = None
     max_new_tokens: Count | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    stop: Annotated[list[NonBlank], Field(max_length=8)] = Field(default_factory=list)
-    seed: Annotated[int, Field(ge=0)] | None = None
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    stop: Annotated[list[NonBlank], Field(max_length=MAX_STOP_STRINGS)] = Field(default_factory=list)
+    seed: Seed | None = None
 
     def new_tokens(self, default: int) -> int:
         return self.max_new_tokens or self.max_length or default
 
     def texts_for_limit(self) -> list[str]:
-        return [self.prompt]
+        return [self.prompt, *self.stop]
 
 
 class DialogueResult(TaskResult):
@@ -130,13 +147,14 @@ class DialogueTask(Task):
     task_type: ClassVar[str] = "dialogue"
     result_type: ClassVar[type[TaskResult]] = DialogueResult
     user_utterance: NonBlank
-    conversation_id: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64,
-                                                      pattern=r"^[A-Za-z0-9_.:-]+$")] | None = None
+    conversation_id: Annotated[str, StringConstraints(strict=True, min_length=1,
+                                                      max_length=MAX_CONVERSATION_ID_CHARS,
+                                                      pattern=r"^[A-Za-z0-9_.:-]+$"), Storable] | None = None
     system: NonBlank | None = None
     max_new_tokens: Count | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    seed: Annotated[int, Field(ge=0)] | None = None
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    seed: Seed | None = None
 
     def texts_for_limit(self) -> list[str]:
         return [self.user_utterance] + ([self.system] if self.system else [])
@@ -167,7 +185,7 @@ class SummarizationTask(Task):
 
 
 Lang = Annotated[str, StringConstraints(strict=True, min_length=2, max_length=16,
-                                        pattern=r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})?$")]
+                                        pattern=r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})?$"), Storable]
 
 
 class TranslationResult(TaskResult):
@@ -227,8 +245,9 @@ def task_class(task_type: str) -> type[Task]:
 def parse_task(task_type: str, data: Any) -> Task:
     """Build and validate a task from JSON-like input, raising LLMOS's ValidationError."""
     cls = task_class(task_type)
-    if not isinstance(data, dict):
-        raise ValidationError(f"invalid {task_type} task: expected an object, got {type(data).__name__}")
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ValidationError(f"invalid {task_type} task: expected an object with field names, "
+                              f"got {type(data).__name__}")
     return cls(**data)  # Task.__init__ turns pydantic's errors into ours
 
 

@@ -87,6 +87,11 @@ def test_up_then_submit_from_another_terminal(tmp_path):
     (["submit", "sentiment", "hi", "--set", "nope"], "--set takes key=value"),
     (["submit", "sentiment", ""], "invalid sentiment task: text"),
     (["submit", "sentiment", "hi", "--priority", "urgent"], "unknown priority 'urgent'"),
+    (["submit", "sentiment", "hi", "--priority", "²"], "unknown priority '²'"),
+    (["submit", "writing", "hi", "--set", "stop=" + "[" * 50_000 + "]" * 50_000],
+     "--set stop: the JSON value is nested more than 32 levels deep"),
+    (["submit", "writing", "hi", "--set", "stop=" + "[" * 33 + "]" * 33], "nested more than 32 levels deep"),
+    (["submit", "sentiment", b"caf\xe9"], "text: Value error, contains U+DCE9 at position 3, which cannot be stored"),
     (["submit", "sentiment", "hi"], "cannot reach Redis at unix://"),
     (["up", "--model", "nope"], "unknown model 'nope'"),
 ])

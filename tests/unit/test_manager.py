@@ -163,3 +163,37 @@ def test_worker_rows_and_heartbeat(engine):
     assert [w["id"] for w in manager.live_workers(engine, "minilm")] == ["m@h:1"]
     manager.stop_worker(engine, "m@h:1")
     assert manager.live_workers(engine, "minilm") == []
+
+
+def test_finish_stores_text_the_database_cannot_hold_as_replacement_characters(engine):
+    (a, _), (b, _) = manager.create_jobs(engine, new(2))
+    manager.claim(engine, [a.id, b.id], worker_id="w", device="cpu")
+    applied = manager.finish(engine, [
+        manager.Outcome(job_id=a.id, worker_id="w", attempt=1, result={"text": "nul\x00 half\ud83d ok😀", "k\x00": 1}),
+        manager.Outcome(job_id=b.id, worker_id="w", attempt=1, error="bad \x00 \udfff output"),
+    ])
+    assert applied == 2
+    got = manager.get_jobs(engine, [a.id, b.id], tenant=manager.ANY_TENANT)
+    assert got[a.id].result == {"text": "nul\ufffd half\ufffd ok😀", "k\ufffd": 1}
+    assert got[b.id].error == "bad \ufffd \ufffd output"
+
+
+@pytest.mark.parametrize("value", [{"a": "plain"}, {"a": "é 😀 \\u0000 \\\\u0000"}, ["\\", 1.5, None, True]])
+def test_the_json_serializer_leaves_storable_values_alone(value):
+    import json
+
+    from llmos.db import dump_json
+
+    assert json.loads(dump_json(value)) == value
+
+
+def test_a_key_naming_another_job_is_refused(engine):
+    from llmos.errors import IdempotencyConflictError
+
+    (a, _), = manager.create_jobs(engine, new(idempotency_key="k"))
+    (again, created), = manager.create_jobs(engine, new(idempotency_key="k"))
+    assert again.id == a.id and not created
+    with pytest.raises(IdempotencyConflictError, match=f"already names job {a.id} with another input"):
+        manager.create_jobs(engine, new(idempotency_key="k", input={"text": "y"}))
+    (other, created), = manager.create_jobs(engine, new(idempotency_key="k", tenant="t2", input={"text": "y"}))
+    assert created and other.id != a.id  # keys are per tenant

@@ -10,7 +10,7 @@ def test_parse_priority(value, expected):
     assert parse_priority(value) == expected
 
 
-@pytest.mark.parametrize("value", [-1, 10, "urgent", 3.5, True, "", [5]])
+@pytest.mark.parametrize("value", [-1, 10, "urgent", 3.5, True, "", [5], "²", "٣", "10", "9" * 5000, object()])
 def test_bad_priorities_are_rejected(value):
     with pytest.raises(ValidationError, match="priority"):
         parse_priority(value)

@@ -1,12 +1,16 @@
 """The SDK's submit path against a real SQLite table and the in-memory dispatcher."""
 
+import time
+
 import pytest
 
 import llmos
+from llmos.constants import DONE_CHANNEL_PREFIX
 from llmos.db import get_engine, jobs
 from llmos.dispatch import InMemoryDispatcher
 from llmos.errors import UnknownModelError, UnsupportedTaskError, ValidationError
 from llmos.jobs import JobStatus
+from llmos.notify import channel
 from llmos.registry import ModelSpec, Registry
 from llmos.sdk import Client
 
@@ -120,3 +124,144 @@ def test_bad_deadline_and_timeout_are_refused(client):
         m.submit(llmos.SentimentTask(text="hi"), deadline=datetime.now())
     with pytest.raises(ValidationError, match="timeout_s"):
         m.submit(llmos.SentimentTask(text="hi"), timeout_s=-1)
+
+
+
+@pytest.mark.parametrize("model,task,differ", [
+    ("minilm", llmos.SentimentTask(text="bye"), "another input"),
+    ("small", llmos.SentimentTask(text="hi"), "another model"),
+    ("minilm", llmos.EmbeddingTask(texts=["hi"]), "another task and input"),
+])
+def test_idempotent_resubmit_of_another_job_is_refused(client, sqlite_settings, model, task, differ):
+    a = client.load_model("minilm").submit(llmos.SentimentTask(text="hi"), idempotency_key="order-2")
+    with pytest.raises(llmos.IdempotencyConflictError, match=f"'order-2' already names job {a.id} with {differ}"):
+        client.load_model(model).submit(task, idempotency_key="order-2")
+    assert count_rows(sqlite_settings) == 1 and [s[1] for s in client.sent] == [a.id]
+
+
+def test_a_repeated_key_inside_one_call_must_name_one_job(client, sqlite_settings):
+    with pytest.raises(llmos.IdempotencyConflictError, match="another input"):
+        client.load_model("minilm").submit_many([llmos.SentimentTask(text="x"), llmos.SentimentTask(text="y")],
+                                                idempotency_keys=["k", "k"])
+    assert count_rows(sqlite_settings) == 0 and client.sent == []
+
+
+def test_idempotent_dialogue_resubmit_returns_the_same_job(client, sqlite_settings):
+    spec = ModelSpec(name="chat", source="x", kind="causal-lm", tasks=("dialogue",))
+    client.registry = Registry({"chat": spec})
+    chat = client.load_model("chat")
+    a = chat.submit(llmos.DialogueTask(user_utterance="hello"), idempotency_key="turn-1")
+    b = chat.submit(llmos.DialogueTask(user_utterance="hello"), idempotency_key="turn-1")
+    other = chat.submit(llmos.DialogueTask(user_utterance="hello"), idempotency_key="turn-2")
+    assert a.id == b.id != other.id and len(client.sent) == 2  # the conversation id comes from the key
+    assert a.job().conversation_id != other.job().conversation_id
+
+
+class WorkerAndNotices:
+    """Pub/sub stand-in: each wait for a notice first finishes the next burst of jobs, as a worker
+    would, then announces them on their channels (except the ids in `drop`: lost notices)."""
+
+    def __init__(self, engine, burst, drop=()):
+        self.engine, self.burst, self.drop = engine, burst, set(drop)
+        self.todo, self.inbox = [], []
+
+    def pubsub(self, ignore_subscribe_messages=True):
+        return self
+
+    def subscribe(self, *channels):
+        self.todo += [c[len(DONE_CHANNEL_PREFIX):] for c in channels]
+
+    def get_message(self, timeout=0.0):
+        if not self.inbox and timeout and self.todo:
+            from llmos import manager
+
+            ids, self.todo = self.todo[:self.burst], self.todo[self.burst:]
+            claimed, _ = manager.claim(self.engine, ids, worker_id="w", device="cpu")
+            manager.finish(self.engine, [manager.Outcome(job_id=j.id, worker_id="w", attempt=j.attempts,
+                                                         result={"label": "POSITIVE", "score": 0.9})
+                                         for j in claimed])
+            self.inbox = [{"type": "message", "channel": channel(j.id).encode(), "data": b"done"}
+                          for j in claimed if j.id not in self.drop]
+        elif not self.inbox and timeout:
+            time.sleep(timeout)
+        return self.inbox.pop(0) if self.inbox else None
+
+    def close(self):
+        pass
+
+
+def count_reads(monkeypatch):
+    """Rows read by the SDK's waits, full rows and status-only rows apart."""
+    from llmos import manager
+
+    reads = {"full": 0, "status": 0}
+    for name, kind in (("get_jobs", "full"), ("job_statuses", "status")):
+        def counted(*args, _real=getattr(manager, name), _kind=kind, **kwargs):
+            out = _real(*args, **kwargs)
+            reads[_kind] += len(out)
+            return out
+        monkeypatch.setattr(manager, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("n", [100, 800])
+def test_waiting_for_many_reads_each_full_row_once(sqlite_settings, monkeypatch, n):
+    c = Client(sqlite_settings, dispatcher=InMemoryDispatcher(),
+               redis_conn=WorkerAndNotices(get_engine(sqlite_settings.db_url), burst=16))
+    handles = c.load_model("minilm").submit_many([llmos.SentimentTask(text=f"t{i}") for i in range(n)])
+    reads = count_reads(monkeypatch)
+    results = c.load_model("minilm").results(handles, timeout=60)
+    assert [r.label for r in results] == ["POSITIVE"] * n
+    # O(N): every full row once, statuses once at the start; re-reading the remaining rows
+    # after each burst of 16 would be about n * n / 32 rows
+    assert reads == {"full": n, "status": n}
+
+
+def test_a_lost_notice_is_caught_by_the_status_poll(sqlite_settings, monkeypatch):
+    engine = get_engine(sqlite_settings.db_url)
+    c = Client(sqlite_settings, dispatcher=InMemoryDispatcher(), redis_conn=None)
+    handles = c.load_model("minilm").submit_many([llmos.SentimentTask(text=f"t{i}") for i in range(40)])
+    c._redis = WorkerAndNotices(engine, burst=8, drop={handles[3].id, handles[30].id})
+    reads = count_reads(monkeypatch)
+    jobs = c.wait([h.id for h in handles], timeout=60)
+    assert {j.status for j in jobs.values()} == {JobStatus.SUCCEEDED} and len(jobs) == 40
+    assert reads["full"] == 40 and reads["status"] == 40 + 2  # one poll found the two unannounced
+
+
+def test_wait_timeout_returns_every_job_as_it_is(client):
+    hs = client.load_model("small").submit_many([llmos.SentimentTask(text="a"), llmos.SentimentTask(text="b")])
+    client.cancel(hs[0].id)
+    jobs = client.wait([h.id for h in hs], timeout=0.2)
+    assert jobs[hs[0].id].status == JobStatus.CANCELLED and jobs[hs[1].id].status == JobStatus.QUEUED
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), -1, "5", True])
+def test_a_bad_wait_timeout_is_refused(client, timeout):
+    h = client.load_model("small").submit(llmos.SentimentTask(text="hi"))
+    with pytest.raises(ValidationError, match="timeout must be a number of seconds"):
+        h.result(timeout=timeout)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(idempotency_key=""), "idempotency_key must be a string of 1–256 characters, got 0 characters"),
+    (dict(idempotency_key=5), "idempotency_key must be a string, or a list"),
+    (dict(idempotency_key="k\x00"), "idempotency_key contains U\\+0000 at position 1"),
+    (dict(tenant="t" * 200), "tenant must be a string of 1–128 characters, got 200 characters"),
+    (dict(batch_id="b" * 65), "batch_id must be a string of 1–64 characters"),
+    (dict(priority="²"), "unknown priority '²'"),
+    (dict(deadline=1e12), "deadline must be .* at most 31622400"),
+    (dict(deadline=float("inf")), "deadline must be"),
+    (dict(timeout_s=float("nan")), "timeout_s must be a number of seconds over 0 and at most 3600"),
+    (dict(timeout_s=3601), "at most 3600 \\(LLMOS_MAX_JOB_SECONDS\\)"),
+    (dict(max_attempts=True), "max_attempts must be an integer 1–100"),
+])
+def test_bad_submit_options_say_what_and_the_limit(client, sqlite_settings, options, message):
+    with pytest.raises(ValidationError, match=message):
+        client.submit("small", [llmos.SentimentTask(text="hi")], **options)
+    assert count_rows(sqlite_settings) == 0 and client.sent == []
+
+
+def test_too_many_tasks_in_one_submit_are_refused(client, sqlite_settings):
+    with pytest.raises(ValidationError, match="more than 10000 tasks in one submit"):
+        client.load_model("small").submit_many(llmos.SentimentTask(text=f"{i}") for i in range(10_001))
+    assert count_rows(sqlite_settings) == 0 and client.sent == []

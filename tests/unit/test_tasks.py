@@ -43,3 +43,26 @@ def test_input_chars_counts_every_text():
 def test_parse_task_needs_an_object(data):
     with pytest.raises(ValidationError, match="expected an object"):
         parse_task("sentiment", data)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: llmos.SentimentTask(text="a\x00b"), "text: .*U\\+0000 at position 1, which cannot be stored"),
+    (lambda: llmos.EmbeddingTask(texts=["ok", "\ud800"]), "texts.1: .*U\\+D800 at position 0"),
+    (lambda: llmos.WritingTask(prompt="x", stop=["\x00"]), "stop.0: .*U\\+0000"),
+    (lambda: llmos.TranslationTask(text="x", source_lang="en\x00", target_lang="de"), "source_lang: .*U\\+0000"),
+    (lambda: llmos.DialogueTask(user_utterance="x", conversation_id="a" * 65), "at most 64 characters"),
+    (lambda: llmos.WritingTask(prompt="x", temperature=True), "temperature: Input should be a valid number"),
+    (lambda: llmos.WritingTask(prompt="x", top_p=float("nan")), "top_p: Input should be a finite number"),
+    (lambda: llmos.WritingTask(prompt="x", seed=True), "seed: Input should be a valid integer"),
+    (lambda: llmos.WritingTask(prompt="x", seed=2**32), "seed: Input should be less than or equal to 4294967295"),
+    (lambda: llmos.DialogueTask(user_utterance="x", max_new_tokens=False), "max_new_tokens"),
+    (lambda: llmos.EmbeddingTask(texts=["a"] * 2049), "at most 2048 items"),
+    (lambda: parse_task("writing", {1: "x"}), "expected an object with field names"),
+])
+def test_unstorable_text_booleans_and_limits_are_refused(make, message):
+    with pytest.raises(ValidationError, match=message):
+        make()
+
+
+def test_stop_strings_count_against_the_input_limit():
+    assert llmos.WritingTask(prompt="ab", stop=["cde", "f"]).input_chars() == 6
