@@ -133,7 +133,7 @@ class WorkerProcess:
 def wait_all_final(engine: sa.Engine, ids: list[str], timeout: float = 180.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        jobs = manager.get_jobs(engine, ids)
+        jobs = manager.get_jobs(engine, ids, tenant=manager.ANY_TENANT)
         if len(jobs) == len(ids) and all(j.status.is_final for j in jobs.values()):
             return jobs
         if time.monotonic() > deadline:

@@ -1,5 +1,7 @@
 """Fault tests: real worker processes, reconciler, Redis and Postgres; inject a fault; check the table.
 
+The module runs against its own private Redis and Postgres cluster (`tests.services`), so a test
+may flush, stop or restart them without touching the machine's servers that other tests share.
 Each test submits jobs, injects one fault, waits, and records a row of the reliability table
 (submitted, succeeded, failed as expected, lost, run twice, recorded twice), printed at the end
 of the run and kept in docs/reliability.md. Lost and recorded twice must be 0.
@@ -19,13 +21,20 @@ import sqlalchemy as sa
 
 import llmos
 from llmos import manager
-from llmos.db import get_engine, jobs
+from llmos.db import dispose_engines, get_engine, jobs
+from llmos.dispatch import UNACKED_HASH, UNACKED_INDEX, held_set
 from llmos.jobs import JobStatus
 from llmos.sdk import Client
 from llmos.settings import Settings
+from tests import helpers
 from tests.helpers import REPO, WorkerProcess
+from tests.services import PrivatePostgres, PrivateRedis
+from workers.worker import HUNG_EXIT
 
 pytestmark = pytest.mark.integration
+
+ANY = manager.ANY_TENANT
+"""The tests read every job, whatever its tenant."""
 
 FAST = dict(LLMOS_HEARTBEAT_S="0.5", LLMOS_DEAD_AFTER_S="3", LLMOS_RESEND_AFTER_S="1",
             LLMOS_RECONCILE_INTERVAL_S="0.5", LLMOS_TIMEOUT_GRACE_S="2", LLMOS_RETRY_BASE_S="0.2",
@@ -50,6 +59,25 @@ max_input_chars = 1000000
 """minilm with room for the 2,000-text jobs that the timeout and cancel tests stop halfway."""
 
 
+@pytest.fixture(scope="module")
+def private():
+    """A private Postgres cluster and Redis server for this module, removed at its end."""
+    with PrivatePostgres() as pg, PrivateRedis() as r:
+        try:
+            yield pg, r
+        finally:
+            dispose_engines()  # the test process's pools, before their server goes
+
+
+@pytest.fixture(scope="module")
+def services(private, tmp_path_factory):
+    """conftest's `services`, on the private servers: settings and an env for worker processes."""
+    pg, r = private
+    home = tmp_path_factory.mktemp("fault-home")
+    env = helpers.service_env(LLMOS_DATABASE_URL=pg.url, LLMOS_REDIS_URL=r.url, LLMOS_HOME=str(home))
+    return Settings(home=home, database_url=pg.url, redis_url=r.url), env
+
+
 @pytest.fixture
 def env(services, tmp_path):
     settings, base = services
@@ -61,9 +89,7 @@ def env(services, tmp_path):
     settings = settings.model_copy(update={"config": cfg})
     yield settings, dict(base, LLMOS_CONFIG=str(cfg), **FAST)
     while STARTED:
-        p = STARTED.pop()
-        if p.proc.poll() is None:
-            p.stop()
+        STARTED.pop().stop()  # also closes the log of a process that exited by itself
 
 
 def Worker(env, **kw):
@@ -92,11 +118,11 @@ def wait_final(engine, ids, timeout=180, tick=None):
     while time.monotonic() < deadline:
         if tick:
             tick()
-        found = manager.get_jobs(engine, ids)
+        found = manager.get_jobs(engine, ids, tenant=ANY)
         if all(j.status.is_final for j in found.values()) and len(found) == len(ids):
             return found
         time.sleep(0.3)
-    return manager.get_jobs(engine, ids)
+    return manager.get_jobs(engine, ids, tenant=ANY)
 
 
 def record(name, found, expected):
@@ -132,7 +158,7 @@ def busy_worker(settings, e, tag, done_first):
     rec, w = Reconciler(e), Worker(e).wait_ready(settings.db_url)
     ids = submit(settings, texts(300, tag))
     engine = get_engine(settings.db_url)
-    while manager.status_counts(engine, ids).get(JobStatus.SUCCEEDED, 0) < done_first:
+    while manager.status_counts(engine, ids, tenant=ANY).get(JobStatus.SUCCEEDED, 0) < done_first:
         time.sleep(0.02)
     return rec, w, ids
 
@@ -152,11 +178,11 @@ def test_sigkill_worker_mid_batch(env):
     assert row["recorded twice"] == 0 and row["succeeded"] == 300
 
 
-def test_flushall_while_jobs_are_queued(env, redis_url):
+def test_flushall_while_jobs_are_queued(env):
     settings, e = env
     engine = get_engine(settings.db_url)
     ids = submit(settings, texts(300, "flush"))  # no worker yet: all queued in Redis
-    redis.Redis.from_url(redis_url).flushall()  # messages and pending sets gone
+    redis.Redis.from_url(settings.redis_url).flushall()  # the private Redis: messages and pending sets gone
     rec, w = Reconciler(e), Worker(e).wait_ready(settings.db_url)
     found = wait_final(engine, ids)
     w.stop(), rec.stop()
@@ -164,13 +190,11 @@ def test_flushall_while_jobs_are_queued(env, redis_url):
     assert row["lost"] == 0 and row["recorded twice"] == 0 and row["run twice"] == 0
 
 
-def test_postgres_restart_while_jobs_run(env):
+def test_postgres_restart_while_jobs_run(env, private):
     settings, e = env
     engine = get_engine(settings.db_url)
     rec, w, ids = busy_worker(settings, e, "pg", 30)
-    version = sorted(os.listdir("/etc/postgresql"))[0]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
-                   capture_output=True, timeout=120)
+    private[0].restart()  # the private cluster: every connection is dropped
     found = wait_final(engine, ids)
     assert w.proc.poll() is None, "the worker died instead of riding out the restart:\n" + w.log()
     w.stop(), rec.stop()
@@ -269,3 +293,127 @@ def test_sigterm_finishes_held_jobs(env):
     b.stop(), rec.stop()
     row = record("SIGTERM the worker (graceful), start another", found, {i: JobStatus.SUCCEEDED for i in ids})
     assert row["lost"] == 0 and row["recorded twice"] == 0 and row["run twice"] == 0
+
+
+def live_held(settings) -> dict[str, set[str]]:
+    """Worker id → the job ids in its Redis held set, for each live worker."""
+    engine, client = get_engine(settings.db_url), redis.Redis.from_url(settings.redis_url)
+    return {w["id"]: {m.decode() for m in client.smembers(held_set(w["id"]))}
+            for w in manager.live_workers(engine)}
+
+
+def eventually(check, timeout=30.0) -> bool:
+    """Whether `check()` comes true within `timeout` (acks and releases trail the recorded outcome)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_claim_errors(env):
+    settings, e = env
+    engine = get_engine(settings.db_url)
+    rec = Reconciler(e)
+    w = Worker(dict(e, LLMOS_FAULT_CLAIM_FAILS="3")).wait_ready(settings.db_url)
+    ids = submit(settings, texts(200, "claim"))  # its first 3 claims raise a non-connection DB error
+    found = wait_final(engine, ids, timeout=120)
+    clean = eventually(lambda: not any(live_held(settings).values()))
+    held, alive = live_held(settings), w.proc.poll() is None
+    w.stop(), rec.stop()
+    row = record("claim query raises a database error (3 times)", found, {i: JobStatus.SUCCEEDED for i in ids})
+    bad = {i: (j.status, j.attempts, j.error) for i, j in found.items() if j.status != JobStatus.SUCCEEDED}
+    assert row["lost"] == 0, bad
+    assert row["recorded twice"] == 0 and row["succeeded"] == 200
+    assert "injected fault" in w.log_path.read_text(errors="replace")  # the hook fired
+    assert alive, "the worker died on a claim error:\n" + w.log()
+    assert clean, f"job ids stranded in the live worker's held set: {held}"
+
+
+def test_hung_model_thread(env):
+    settings, e = env
+    engine = get_engine(settings.db_url)
+    rec = Reconciler(e)
+    a = Worker(dict(e, LLMOS_FAULT_HANG_ON="HANG-HERE", LLMOS_MAX_JOB_SECONDS="4")).wait_ready(settings.db_url)
+    ids = submit(settings, texts(30, "hang-a"))
+    hung = submit(settings, ["this review makes the model thread HANG-HERE on its first attempt"])
+    ids += hung + submit(settings, texts(30, "hang-b"))
+    deadline = time.monotonic() + 60
+    while (job := manager.get_job(engine, hung[0], tenant=ANY)).status != JobStatus.RUNNING \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.status == JobStatus.RUNNING and job.attempts == 1, (job.status, job.attempts)
+    b = Worker(e).wait_ready(settings.db_url)  # no short limit: it must not be declared dead
+    try:
+        a.proc.wait(60)  # A must notice its stuck model thread, stop heartbeating and exit
+    except subprocess.TimeoutExpired:
+        pass
+    exited = a.proc.poll()
+    found = wait_final(engine, ids, timeout=120)
+    b.stop(), rec.stop()
+    row = record("a model thread hangs (worker declared dead), another worker takes over", found,
+                 {i: JobStatus.SUCCEEDED for i in ids})
+    bad = {i: (j.status, j.attempts, j.worker_id, j.error) for i, j in found.items() if j.status != JobStatus.SUCCEEDED}
+    assert exited == HUNG_EXIT, f"the worker with the hung model thread did not exit as hung ({exited}):\n" + a.log()
+    assert row["lost"] == 0, bad
+    assert row["recorded twice"] == 0 and row["succeeded"] == 61
+    assert found[hung[0]].attempts == 2 and found[hung[0]].worker_id != job.worker_id
+
+
+def test_bulk_pop_reply_dropped(env):
+    settings, e = env
+    engine = get_engine(settings.db_url)
+    ids = submit(settings, texts(300, "drop"))  # a backlog before the worker starts
+    rec = Reconciler(e)
+    w = Worker(dict(e, LLMOS_FAULT_DROP_POP_REPLY="2")).wait_ready(settings.db_url)
+    found = wait_final(engine, ids, timeout=120)
+    client = redis.Redis.from_url(settings.redis_url)
+
+    def leftovers():
+        return {"unacked": client.hlen(UNACKED_HASH), "unacked_index": client.zcard(UNACKED_INDEX),
+                "held": sum(len(h) for h in live_held(settings).values())}
+
+    clean = eventually(lambda: not any(leftovers().values()))
+    left = leftovers()
+    w.stop(), rec.stop()
+    row = record("a bulk pop's reply lost (2 times) under a backlog", found, {i: JobStatus.SUCCEEDED for i in ids})
+    bad = {i: (j.status, j.attempts, j.error) for i, j in found.items() if j.status != JobStatus.SUCCEEDED}
+    assert row["lost"] == 0, bad
+    assert row["recorded twice"] == 0 and row["succeeded"] == 300
+    assert clean, f"left in Redis after every job finished: {left}"
+    log_text = w.log_path.read_text(errors="replace")
+    assert log_text.count("bulk pop failed") == 2 and log_text.count("lost bulk pop recovered") == 2  # fired twice
+
+
+def test_worker_clock_behind(env):
+    settings, e = env
+    engine = get_engine(settings.db_url)
+    rec = Reconciler(e)  # its clock is right
+    w = Worker(dict(e, LLMOS_FAULT_CLOCK_SKEW_S="-60")).wait_ready(settings.db_url)
+    ids = submit(settings, texts(300, "skew"))
+    found = wait_final(engine, ids, timeout=120)
+    assert "fault_injected" in w.log() and "LLMOS_FAULT_CLOCK_SKEW_S" in w.log()  # the hook fired
+    w.stop(), rec.stop()
+    row = record("the worker's clock 60 s behind", found, {i: JobStatus.SUCCEEDED for i in ids})
+    bad = {i: (j.status, j.attempts, j.error) for i, j in found.items() if j.status != JobStatus.SUCCEEDED}
+    assert row["lost"] == 0, bad
+    assert row["recorded twice"] == 0 and row["succeeded"] == 300
+    assert row["run twice"] == 0
+
+
+def test_postgres_outage_longer_than_dead_after(env, private):
+    settings, e = env
+    engine = get_engine(settings.db_url)
+    rec, w, ids = busy_worker(settings, e, "outage", 30)
+    private[0].stop()
+    time.sleep(2 * float(FAST["LLMOS_DEAD_AFTER_S"]))  # down longer than a worker may stay silent
+    private[0].start()
+    found = wait_final(engine, ids, timeout=120)
+    assert w.proc.poll() is None, "the worker died instead of riding out the outage:\n" + w.log()
+    w.stop(), rec.stop()
+    row = record("Postgres down 6 s (over LLMOS_DEAD_AFTER_S) while jobs run", found,
+                 {i: JobStatus.SUCCEEDED for i in ids})
+    bad = {i: (j.status, j.attempts, j.error) for i, j in found.items() if j.status != JobStatus.SUCCEEDED}
+    assert row["lost"] == 0, bad  # no result thrown away
+    assert row["recorded twice"] == 0 and row["succeeded"] == 300
