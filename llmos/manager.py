@@ -228,12 +228,16 @@ def batch_status_counts(engine: sa.Engine, batch_id: str, *, tenant: Tenant) -> 
 
 
 def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: str,
-          model: str | None = None, fresh_only: bool = False) -> tuple[list[Job], list[str]]:
+          model: str | None = None, fresh_only: bool = False,
+          reclaim: bool = False) -> tuple[list[Job], list[str]]:
     """queued → running for those of `job_ids` still queued and due; returns (claimed, expired ids).
 
     One transaction: jobs whose deadline has passed become `expired`; the rest that are still
     queued (and not waiting out a retry backoff) are claimed by one conditional UPDATE, so a
     duplicate message, a cancelled or a finished job is never run twice at once.
+    `reclaim`: this call retries a claim whose reply was lost (the connection dropped after the
+    commit): those of `job_ids` already running under `worker_id` come back as claimed too, or
+    they would stay `running` under a live worker that never runs them.
     """
     if not job_ids:
         return [], []
@@ -257,8 +261,12 @@ def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: 
                 .values(status=JobStatus.RUNNING.value, started_at=now, worker_id=worker_id,
                         device=device, attempts=jobs.c.attempts + 1)
                 .returning(*jobs.c))
+        mine = []
+        if reclaim:
+            mine = _jobs_from(conn.execute(sa.select(jobs).where(
+                jobs.c.id.in_(ids), jobs.c.status == JobStatus.RUNNING.value, jobs.c.worker_id == worker_id)))
         expired = [str(r[0]) for r in conn.execute(expire)]
-        return _jobs_from(conn.execute(stmt)), expired
+        return mine + _jobs_from(conn.execute(stmt)), expired
 
 
 def finish(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:

@@ -172,8 +172,15 @@ class Worker:
             if self._claim_faults > 0:
                 self._claim_faults -= 1
                 raise sa.exc.ProgrammingError("UPDATE jobs ...", {}, Exception("injected fault: broken claim"))
-            claimed, expired = self.db(manager.claim, job_ids, worker_id=self.worker_id,
-                                       device=self.device, model=self.spec.name, fresh_only=fresh_only)
+            tries = 0
+
+            def claim_once(engine: sa.Engine) -> tuple[list[Job], list[str]]:
+                nonlocal tries
+                tries += 1  # a retry may follow a claim that committed but lost its reply
+                return manager.claim(engine, job_ids, worker_id=self.worker_id, device=self.device,
+                                     model=self.spec.name, fresh_only=fresh_only, reclaim=tries > 1)
+
+            claimed, expired = self.db(claim_once)
         except Exception:
             self._release(job_ids)
             raise

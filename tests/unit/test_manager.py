@@ -197,3 +197,14 @@ def test_a_key_naming_another_job_is_refused(engine):
         manager.create_jobs(engine, new(idempotency_key="k", input={"text": "y"}))
     (other, created), = manager.create_jobs(engine, new(idempotency_key="k", tenant="t2", input={"text": "y"}))
     assert created and other.id != a.id  # keys are per tenant
+
+
+def test_reclaim_returns_jobs_already_running_under_the_same_worker(engine):
+    (a, _), (b, _), (c, _), (d, _) = manager.create_jobs(engine, new(4))
+    manager.claim(engine, [a.id], worker_id="w1", device="cpu")  # committed; its reply was lost
+    manager.claim(engine, [b.id], worker_id="w2", device="cpu")
+    plain, _ = manager.claim(engine, [a.id, b.id, c.id], worker_id="w1", device="cpu")
+    assert [j.id for j in plain] == [c.id]  # a plain claim does not see a
+    back, _ = manager.claim(engine, [a.id, b.id, d.id], worker_id="w1", device="cpu", reclaim=True)
+    assert sorted(j.id for j in back) == sorted([a.id, d.id])  # not b: another worker runs it
+    assert manager.get_job(engine, a.id, tenant=manager.ANY_TENANT).attempts == 1

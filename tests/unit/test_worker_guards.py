@@ -163,3 +163,26 @@ def test_the_clock_skew_hook_shifts_the_wall_clock(monkeypatch):
     skew_clock(-60.0)
     assert 55 < before_time - time.time() < 65
     assert 55 < (before_now - manager.utcnow()).total_seconds() < 65
+
+
+def test_a_claim_whose_reply_was_lost_is_retried_as_a_reclaim(worker, monkeypatch):
+    """The claim committed, then the connection dropped before its reply: the retry gets the jobs
+    back (running under this worker), instead of leaving them `running` with nobody running them."""
+    jobs = make_jobs(worker.engine, 3)
+    ids = [j.id for j in jobs]
+    real_claim = manager.claim
+    calls = []
+
+    def commit_then_lose_the_reply(engine, *args, **kwargs):
+        calls.append(kwargs["reclaim"])
+        result = real_claim(engine, *args, **kwargs)
+        if len(calls) == 1:
+            raise sa.exc.OperationalError("UPDATE jobs ...", {}, Exception("server closed the connection"))
+        return result
+
+    monkeypatch.setattr(worker_module.manager, "claim", commit_then_lose_the_reply)
+    worker.settings = worker.settings.model_copy(update={"db_retry_s": 5.0})
+    claimed = worker.claim(ids, True)
+    assert calls == [False, True]
+    assert sorted(j.id for j in claimed) == sorted(ids)
+    assert all(j.attempts == 1 and j.worker_id == worker.worker_id for j in claimed)
