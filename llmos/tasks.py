@@ -6,6 +6,7 @@ worker's runner for that task type turns a batch of requests into results of `re
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, ClassVar
 
 import pydantic
@@ -162,15 +163,22 @@ class DialogueTask(Task):
 
 class SummarizationResult(TaskResult):
     summary: str
-    truncated: bool = False  # the text was cut to the model's input window
+    truncated: bool = False  # the model read only part of the input (cut to its window)
+
+
+DEFAULT_SUMMARY_RATIO = 1 / 3  # without max_sentences or ratio: about a third of the sentences ...
+DEFAULT_MAX_SENTENCES = 5  # ... and at most five
+Ratio = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0, lt=1.0)]
 
 
 class SummarizationTask(Task):
-    """Summarize a text in at most `max_length` tokens (at least `min_length`)."""
+    """Summarize a text in `max_sentences` or `ratio` of its sentences (default: a third, 1 to 5)."""
 
     task_type: ClassVar[str] = "summarize"
     result_type: ClassVar[type[TaskResult]] = SummarizationResult
     text: NonBlank
+    max_sentences: Annotated[int, Field(strict=True, ge=1, le=4096)] | None = None
+    ratio: Ratio | None = None
     max_length: Count = 128
     min_length: Annotated[int, Field(strict=True, ge=0, le=4096)] = 0
 
@@ -178,7 +186,22 @@ class SummarizationTask(Task):
     def _lengths(self) -> "SummarizationTask":
         if self.min_length > self.max_length:
             raise ValueError(f"min_length {self.min_length} is over max_length {self.max_length}")
+        if self.max_sentences is not None and self.ratio is not None:
+            raise ValueError("give max_sentences or ratio, not both")
         return self
+
+    def sentences_to_keep(self, n: int) -> int:
+        """How many of a text's n sentences its summary keeps: fewer than n unless n is 1 or max_sentences >= n."""
+        if self.max_sentences is not None:
+            return min(n, self.max_sentences)
+        keep = math.ceil((self.ratio or DEFAULT_SUMMARY_RATIO) * n - 1e-9)
+        if self.ratio is None:
+            keep = min(keep, DEFAULT_MAX_SENTENCES)
+        return max(1, min(keep, n - 1))
+
+    def fraction(self, n: int) -> float:
+        """The share of a text's n sentences kept (abstractive runners size their output in tokens by it)."""
+        return self.sentences_to_keep(n) / n if n > 1 else 1.0
 
     def texts_for_limit(self) -> list[str]:
         return [self.text]

@@ -84,6 +84,28 @@ def test_task_through_a_worker(client, model, task, field):
         assert all(s.strip(".") in task.text for s in value.split(". "))
 
 
+FIVE_SENTENCES = ("The city council met on Monday to review the annual budget. "
+                  "The budget for public parks was cut by ten percent. "
+                  "Several residents objected to the parks budget cut during the meeting. "
+                  "The mayor promised to revisit the parks budget next spring. "
+                  "Lunch at the meeting was pizza.")
+
+
+@pytest.mark.parametrize("model", ["minilm", "tiny-bart"])
+def test_default_summary_is_shorter_than_its_input(client, model):
+    min_length = 2 if model == "tiny-bart" else 0  # the random tiny BART may stop at once
+    task = llmos.SummarizationTask(text=FIVE_SENTENCES, min_length=min_length)
+    handle = client.load_model(model).submit(task)
+    summary = handle.result(timeout=120).summary
+    job = handle.job()
+    assert summary.strip() and job.tokens_out < job.tokens_in
+    if model == "minilm":  # two of the five sentences (a third, rounded up), in their original order
+        picked = [s if s.endswith(".") else s + "." for s in summary.split(". ")]
+        assert len(picked) == 2 and len(summary) < len(FIVE_SENTENCES)
+        assert all(p in FIVE_SENTENCES for p in picked)
+        assert FIVE_SENTENCES.index(picked[0]) < FIVE_SENTENCES.index(picked[1])
+
+
 @pytest.mark.parametrize("model", ["dialogpt", "gpt3"])
 def test_three_turn_dialogue_keeps_history(client, model):
     m = client.load_model(model)

@@ -8,7 +8,8 @@ from llmos.settings import Settings
 from llmos.tasks import (DialogueTask, EmbeddingTask, QuestionAnsweringTask, SentimentTask,
                          SummarizationTask, TranslationTask, WritingTask)
 from workers import model_cache
-from workers.runners import runners_for
+from workers.runners import runners_for, seq2seq
+from workers.runners.extractive import select_sentences, split_sentences
 
 
 def runners(registry, name, history=None, **changes):
@@ -114,17 +115,66 @@ def test_qa_answer_is_a_span_of_the_context_even_past_the_window(tiny_registry):
     assert r.run(tasks[:1])[0].tokens_in > 48  # several windows were scored
 
 
-def test_extractive_summary_keeps_sentences_in_order_within_budget(tmp_path):
+FIVE_SENTENCES = ("The city council met on Monday to review the annual budget. "
+                  "The budget for public parks was cut by ten percent. "
+                  "Several residents objected to the parks budget cut during the meeting. "
+                  "The mayor promised to revisit the parks budget next spring. "
+                  "Lunch at the meeting was pizza.")
+
+
+def test_select_sentences_keeps_the_best_in_text_order_within_budget():
+    scores, lengths = [0.1, 0.9, 0.5, 0.8, 0.2], [5, 5, 5, 5, 5]
+    assert select_sentences(scores, lengths, keep=2, budget=100) == [1, 3]
+    assert select_sentences(scores, lengths, keep=3, budget=100) == [1, 2, 3]
+    assert select_sentences(scores, [5, 5, 5, 50, 5], keep=2, budget=20) == [1, 2]  # 3 is over the budget
+    assert select_sentences(scores, [5, 99, 5, 5, 5], keep=1, budget=20) == [1]  # the best, even over it
+    assert select_sentences([0.3], [7], keep=1, budget=128) == [0]
+
+
+def test_extractive_summary_of_five_sentences_is_two_of_them_in_order(tmp_path):
     r = runners(Registry.load(Settings(home=tmp_path)), "minilm")["summarize"]
-    text = ("The council met on Monday. The budget for parks was cut by ten percent. "
-            "Several residents objected to the parks budget cut. The meeting ended at nine.")
-    out = r.run([SummarizationTask(text=text, max_length=25)])[0]
-    summary = out.result["summary"]
-    sentences = [s for s in text.split(". ")]
-    assert summary and all(part.rstrip(".") in text for part in summary.split(". "))
-    assert out.tokens_out <= 25 and len(summary) < len(text)
-    positions = [text.index(p.rstrip(".")) for p in summary.split(". ")]
-    assert positions == sorted(positions) and len(sentences) == 4
+    sentences = split_sentences(FIVE_SENTENCES)
+    one = "The budget for public parks was cut by ten percent."
+    outs = r.run([SummarizationTask(text=FIVE_SENTENCES), SummarizationTask(text=FIVE_SENTENCES, max_sentences=4),
+                  SummarizationTask(text=FIVE_SENTENCES, ratio=0.6), SummarizationTask(text=one),
+                  SummarizationTask(text=FIVE_SENTENCES, max_sentences=5, max_length=25)])
+    picked = [split_sentences(o.result["summary"]) for o in outs]
+    assert [len(p) for p in picked[:3]] == [2, 4, 3] and picked[3] == [one]
+    for p in picked:
+        assert set(p) <= set(sentences) | {one}
+        positions = [sentences.index(s) for s in p if s in sentences]
+        assert positions == sorted(positions)
+    assert "Lunch at the meeting was pizza." not in picked[0]  # off topic: farthest from the centroid
+    assert outs[4].tokens_out <= 25 < outs[4].tokens_in and len(picked[4]) < 5
+    assert all(o.tokens_out < o.tokens_in for o in outs[:3]) and outs[3].tokens_out == outs[3].tokens_in
+    assert not any(o.result["truncated"] for o in outs)
+
+
+def test_seq2seq_summary_asks_generate_for_fewer_tokens_than_the_input(tiny_registry, monkeypatch):
+    asked = []
+    real = seq2seq.generate_seq2seq
+
+    def spy(loaded, texts, max_new_tokens, min_new_tokens=0):
+        asked.append(max_new_tokens)
+        return real(loaded, texts, max_new_tokens, min_new_tokens)
+
+    monkeypatch.setattr(seq2seq, "generate_seq2seq", spy)
+    r = runners(tiny_registry, "tiny-bart")["summarize"]
+    long_text = " ".join(f"The cat number {i} likes a red ball in the garden." for i in range(12))
+    default, explicit = r.run([SummarizationTask(text=long_text), SummarizationTask(text=long_text, max_length=9)])
+    tokens_in = default.tokens_in
+    assert sorted(asked) == [9, seq2seq.summary_tokens(SummarizationTask(text=long_text), tokens_in)]
+    assert max(asked) <= tokens_in / 3 + 1  # 4 of 12 sentences: a third of the input, rounded down
+    assert default.tokens_out <= max(asked) < tokens_in and explicit.tokens_out <= 9
+
+
+def test_summary_tokens_bounds():
+    task = SummarizationTask(text="One. Two. Three.")
+    assert seq2seq.summary_tokens(task, 300) == 96  # a third, rounded down to a multiple of 8
+    assert seq2seq.summary_tokens(task, 12) == 10  # at least MIN_SUMMARY_TOKENS
+    assert seq2seq.summary_tokens(SummarizationTask(text="One."), 6) == 6  # one sentence: up to itself
+    assert seq2seq.summary_tokens(SummarizationTask(text="One. Two. Three.", max_length=20), 300) == 20
+    assert seq2seq.summary_tokens(SummarizationTask(text="One. Two. Three.", min_length=30), 30) == 30
 
 
 def test_int8_minilm_stays_close_to_fp32(tmp_path):

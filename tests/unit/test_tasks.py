@@ -66,3 +66,34 @@ def test_unstorable_text_booleans_and_limits_are_refused(make, message):
 
 def test_stop_strings_count_against_the_input_limit():
     assert llmos.WritingTask(prompt="ab", stop=["cde", "f"]).input_chars() == 6
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"max_sentences": 2, "ratio": 0.5}, "give max_sentences or ratio, not both"),
+    ({"ratio": 1.0}, "ratio: Input should be less than 1"),
+    ({"ratio": 0.0}, "ratio: Input should be greater than 0"),
+    ({"ratio": float("nan")}, "ratio: Input should be a finite number"),
+    ({"ratio": "0.5"}, "ratio: Input should be a valid number"),
+    ({"max_sentences": 0}, "max_sentences: Input should be greater than or equal to 1"),
+    ({"max_sentences": 1.5}, "max_sentences: Input should be a valid integer"),
+    ({"min_length": 10, "max_length": 5}, "min_length 10 is over max_length 5"),
+])
+def test_bad_summary_lengths_are_refused(kwargs, message):
+    with pytest.raises(ValidationError, match=message):
+        llmos.SummarizationTask(text="One. Two.", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,n,keep", [
+    ({}, 1, 1), ({}, 2, 1), ({}, 3, 1), ({}, 4, 2), ({}, 5, 2), ({}, 9, 3), ({}, 40, 5),  # a third, 1 to 5
+    ({"ratio": 0.5}, 5, 3), ({"ratio": 0.5}, 40, 20), ({"ratio": 0.99}, 4, 3), ({"ratio": 0.01}, 3, 1),
+    ({"max_sentences": 2}, 5, 2), ({"max_sentences": 9}, 5, 5), ({"max_sentences": 1}, 1, 1),
+])
+def test_sentences_to_keep(kwargs, n, keep):
+    task = llmos.SummarizationTask(text="x", **kwargs)
+    assert task.sentences_to_keep(n) == keep
+    assert task.fraction(n) == (keep / n if n > 1 else 1.0)
+
+
+def test_summary_ratio_roundtrips_json():
+    task = llmos.SummarizationTask(text="One. Two.", ratio=0.5, max_length=40)
+    assert parse_task("summarize", task.model_dump(mode="json")) == task

@@ -162,7 +162,9 @@ def generate_seq2seq(loaded: LoadedModel, texts: Sequence[str], max_new_tokens: 
                                 f"window of {window} tokens (on_overflow = \"reject\")")
     enc = tok(list(texts), padding=True, truncation=True, max_length=window, return_tensors="pt")
     enc = {k: v.to(loaded.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens)
+    # min_length=0: a model's own minimum (distilbart-cnn's config says 56) would hold back the end
+    # of text and cut a short summary mid-sentence; the task's min_length is the only lower bound.
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_length=0)
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
     if tok.pad_token_id is not None:

@@ -183,8 +183,12 @@ class OpenAISummaryRunner(OpenAIRunner):
     task_type = "summarize"
 
     def call(self, client: OpenAIClient, task: SummarizationTask, history: list) -> ItemOutcome:
+        from workers.runners.extractive import split_sentences
+
+        keep = task.sentences_to_keep(len(split_sentences(task.text)) or 1)
         messages = [{"role": "system", "content": "You summarize texts faithfully and briefly."},
-                    {"role": "user", "content": f"Summarize this text:\n\n{task.text}"}]
+                    {"role": "user", "content": f"Summarize this text in at most {keep} "
+                                                f"sentence{'s' if keep > 1 else ''}:\n\n{task.text}"}]
         text, usage = self.chat(client, messages, task.max_length, temperature=0)
         tin, tout = _usage(usage)
         return ItemOutcome(result={"summary": text.strip(), "truncated": False}, tokens_in=tin, tokens_out=tout)

@@ -2,20 +2,38 @@
 
 transformers 5 removed the summarization and translation pipelines; these runners call the
 Auto model's `generate` directly. Prefixes (T5's "summarize: ", "translate English to German: ")
-come from the registry entry's options `summarize_prefix` and `translate_prefix`.
+come from the registry entry's options `summarize_prefix` and `translate_prefix`. A summary's
+`max_new_tokens` is sized from its input (`summary_tokens`), so it is shorter than the text.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 from llmos.jobs import Job
 from llmos.tasks import SummarizationTask, Task, TranslationTask
 from workers.runners.base import ItemOutcome, Runner
+from workers.runners.extractive import split_sentences
 from workers.runners.generation import generate_seq2seq
 
 LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "zh": "Chinese", "es": "Spanish",
                   "ro": "Romanian", "ja": "Japanese", "it": "Italian", "ru": "Russian", "pt": "Portuguese"}
+
+
+MIN_SUMMARY_TOKENS = 10  # a default-sized summary of a short text still gets a few words
+TOKEN_STEP = 8  # sizes over two steps round down to a multiple, so similar texts share a generate
+
+
+def summary_tokens(task: SummarizationTask, input_tokens: int) -> int:
+    """New tokens for a summary of `input_tokens`: the task's share of its sentences, of the
+    input's tokens (rounded down to a TOKEN_STEP), at least MIN_SUMMARY_TOKENS (or the input's
+    length) and `min_length`, at most `max_length`."""
+    share = math.ceil(task.fraction(len(split_sentences(task.text))) * input_tokens)
+    wanted = max(share, min(MIN_SUMMARY_TOKENS, input_tokens))
+    if wanted > 2 * TOKEN_STEP:
+        wanted -= wanted % TOKEN_STEP
+    return max(task.min_length, min(wanted, task.max_length))
 
 
 class AbstractiveSummaryRunner(Runner):
@@ -23,8 +41,11 @@ class AbstractiveSummaryRunner(Runner):
 
     def preprocess(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> Any:
         prefix = self.spec.options.get("summarize_prefix", "")
-        return [(prefix + r.text, r.max_length, r.min_length) for r in requests  # type: ignore[attr-defined]
-                if isinstance(r, SummarizationTask)]
+        tasks = [r for r in requests if isinstance(r, SummarizationTask)]
+        texts = [prefix + r.text for r in tasks]
+        window = self.loaded.context_window
+        lengths = [min(len(ids), window) for ids in self.loaded.tokenizer(texts)["input_ids"]]
+        return [(text, summary_tokens(r, n), r.min_length) for text, r, n in zip(texts, tasks, lengths)]
 
     def forward(self, items: list[tuple[str, int, int]]) -> list[tuple]:
         out: dict[int, tuple] = {}
