@@ -69,6 +69,8 @@ jobs = sa.Table(
     sa.Index(None, "batch_id"),
     sa.Index(None, "conversation_id", "created_at"),
     sa.Index(None, "created_at"),
+    sa.Index(None, "tenant", "created_at", "id"),  # a tenant's jobs newest first (API listing)
+    sa.Index(None, "tenant", "status"),  # a tenant's queued jobs (API quota)
     sa.UniqueConstraint("tenant", "idempotency_key"),
 )
 """One row per job: the record of its input, state, result and timings."""
@@ -86,6 +88,21 @@ workers = sa.Table(
     sa.Index(None, "model"),
 )
 """One row per worker process; the heartbeat tells the scheduler and reconciler it lives."""
+
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", sa.Uuid(as_uuid=False), primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(128)),
+    sa.Column("prefix", sa.String(16), nullable=False, unique=True),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("admin", sa.Boolean, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("revoked_at", Timestamp),
+    sa.Column("last_used_at", Timestamp),
+    sa.Index(None, "tenant"),
+)
+"""One row per API key: its tenant and the sha256 of its secret (the key itself is never stored)."""
 
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 """Characters Postgres cannot store in text or JSONB (NUL, lone UTF-16 surrogates)."""

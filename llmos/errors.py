@@ -55,5 +55,13 @@ class JobTimeoutError(LLMOSError, TimeoutError):
     """The job did not finish within the time waited; it may still run."""
 
 
+class NoWorkerError(LLMOSError):
+    """No live worker serves the model; the job stays queued. Start one with `llmos worker --model NAME` (or `llmos up -m NAME`)."""
+
+
+class NoWorkerWarning(UserWarning):
+    """No live worker serves the model: the job waits queued until one starts."""
+
+
 class ConfigError(LLMOSError):
     """The LLMOS configuration is invalid."""

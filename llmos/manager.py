@@ -8,15 +8,18 @@ duplicate message, a late worker or a racing cancel is a no-op, never a second r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
+import secrets
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
 
 import sqlalchemy as sa
 
-from llmos.constants import DEFAULT_TENANT
-from llmos.db import jobs, storable, workers
-from llmos.errors import IdempotencyConflictError
+from llmos.constants import DEFAULT_TENANT, MAX_TENANT_CHARS
+from llmos.db import UNSTORABLE, api_keys, jobs, storable, workers
+from llmos.errors import IdempotencyConflictError, ValidationError
 from llmos.jobs import Job, JobStatus
 
 
@@ -225,6 +228,37 @@ def batch_status_counts(engine: sa.Engine, batch_id: str, *, tenant: Tenant) -> 
          .where(*_scoped([jobs.c.batch_id == batch_id], tenant)).group_by(jobs.c.status))
     with engine.connect() as conn:
         return {JobStatus(s): n for s, n in conn.execute(q)}
+
+
+def list_jobs(engine: sa.Engine, *, tenant: Tenant, status: JobStatus | None = None,
+              model: str | None = None, task_type: str | None = None, batch_id: str | None = None,
+              created_since: datetime | None = None, before: tuple[datetime, str] | None = None,
+              limit: int = 100) -> list[Job]:
+    """`tenant`'s jobs newest first (created_at, then id), after the cursor `before` if given.
+
+    Keyset pagination over the (tenant, created_at, id) index: a page costs the same at any depth.
+    """
+    cond = _scoped([], tenant)
+    for column, value in ((jobs.c.status, status), (jobs.c.model, model),
+                          (jobs.c.task_type, task_type), (jobs.c.batch_id, batch_id)):
+        if value is not None:
+            cond.append(column == str(value))
+    if created_since is not None:
+        cond.append(jobs.c.created_at >= created_since)
+    if before is not None:
+        at, job_id = before
+        cond.append(sa.or_(jobs.c.created_at < at, sa.and_(jobs.c.created_at == at, jobs.c.id < job_id)))
+    q = sa.select(jobs).where(*cond).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+    with engine.connect() as conn:
+        return _jobs_from(conn.execute(q))
+
+
+def queued_count(engine: sa.Engine, *, tenant: Tenant) -> int:
+    """How many of `tenant`'s jobs are queued (the (tenant, status) index answers it)."""
+    q = sa.select(sa.func.count()).select_from(jobs).where(
+        *_scoped([jobs.c.status == JobStatus.QUEUED.value], tenant))
+    with engine.connect() as conn:
+        return conn.execute(q).scalar_one()
 
 
 def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: str,
@@ -506,6 +540,93 @@ def live_workers(engine: sa.Engine, model: str | None = None, *, within_s: float
             q = q.where(workers.c.model == model)
         rows = [dict(r._mapping) for r in conn.execute(q)]
     return [r for r in rows if (now - as_utc(r["last_heartbeat"])).total_seconds() <= within_s]
+
+
+API_KEY_PREFIX = "llmos_"
+"""Every API key reads `llmos_<prefix>_<secret>`; the prefix names it in lists and logs."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ApiKey:
+    """An API key's row without its hash: what lists and the API's authentication see."""
+
+    id: str
+    tenant: str
+    name: str | None
+    prefix: str
+    admin: bool
+    created_at: datetime
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, m: Any) -> "ApiKey":
+        return cls(id=str(m["id"]), tenant=m["tenant"], name=m["name"], prefix=m["prefix"],
+                   admin=bool(m["admin"]), created_at=as_utc(m["created_at"]),
+                   revoked_at=as_utc(m["revoked_at"]), last_used_at=as_utc(m["last_used_at"]))
+
+
+def _key_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_api_key(engine: sa.Engine, *, tenant: str, name: str | None = None,
+                   admin: bool = False) -> tuple[ApiKey, str]:
+    """A new key for `tenant`: (its row, the key). The key is returned only here; only its hash is kept."""
+    for what, value, required in (("tenant", tenant, True), ("name", name, False)):
+        if value is None and not required:
+            continue
+        if not isinstance(value, str) or not 1 <= len(value) <= MAX_TENANT_CHARS or UNSTORABLE.search(value):
+            raise ValidationError(f"{what} must be 1–{MAX_TENANT_CHARS} storable characters, got {value!r}")
+    secret = secrets.token_urlsafe(32)  # 256 bits
+    with engine.begin() as conn:
+        row = dict(id=str(uuid.uuid4()), tenant=tenant, name=name, prefix=secrets.token_hex(6),
+                   hash=_key_hash(secret), admin=bool(admin), created_at=db_now(conn))
+        conn.execute(api_keys.insert().values(**row))
+    return ApiKey.from_row({**row, "revoked_at": None, "last_used_at": None}), \
+        f"{API_KEY_PREFIX}{row['prefix']}_{secret}"
+
+
+def list_api_keys(engine: sa.Engine, *, tenant: Tenant = ANY_TENANT) -> list[ApiKey]:
+    """Keys (revoked ones too), oldest first; of one tenant, or of every tenant with ANY_TENANT."""
+    q = sa.select(api_keys).order_by(api_keys.c.created_at, api_keys.c.prefix)
+    if tenant is not ANY_TENANT:
+        q = q.where(api_keys.c.tenant == tenant)
+    with engine.connect() as conn:
+        return [ApiKey.from_row(r._mapping) for r in conn.execute(q)]
+
+
+def revoke_api_key(engine: sa.Engine, prefix: str) -> bool:
+    """Revoke the key with `prefix`; True if this call revoked it (False: none, or already revoked)."""
+    if not (isinstance(prefix, str) and prefix.isascii() and prefix.isalnum()):
+        return False  # no key has it (and the database need not see text it cannot store)
+    with engine.begin() as conn:
+        stmt = (api_keys.update().where(api_keys.c.prefix == prefix, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=db_now(conn)))
+        return conn.execute(stmt).rowcount == 1
+
+
+def authenticate_key(engine: sa.Engine, presented: str, *, touch_after_s: float = 60.0) -> ApiKey | None:
+    """The live key `presented` is, or None (malformed, unknown, wrong secret or revoked).
+
+    The secret's hash is compared in constant time. `last_used_at` is written at most once per
+    `touch_after_s`, so authenticating is a read on almost every request.
+    """
+    if not isinstance(presented, str) or not presented.startswith(API_KEY_PREFIX):
+        return None
+    prefix, _, secret = presented[len(API_KEY_PREFIX):].partition("_")
+    if not (prefix.isascii() and prefix.isalnum() and len(prefix) <= 16) or not secret:
+        return None
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(api_keys).where(api_keys.c.prefix == prefix)).first()
+    if row is None or not hmac.compare_digest(row.hash, _key_hash(secret)) or row.revoked_at is not None:
+        return None
+    key = ApiKey.from_row(row._mapping)
+    # the local clock only decides how often to touch; the time written is the database's
+    if key.last_used_at is None or (utcnow() - key.last_used_at).total_seconds() > touch_after_s:
+        with engine.begin() as conn:
+            conn.execute(api_keys.update().where(api_keys.c.id == key.id).values(last_used_at=db_now(conn)))
+    return key
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

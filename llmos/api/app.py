@@ -1,0 +1,50 @@
+"""The app factory: routers, error handlers, the body limit and the shared SDK client."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+
+from llmos import __version__
+from llmos.api import errors
+from llmos.api.quotas import BodyLimit, RateLimiter, storage_uri
+from llmos.api.routes import health, jobs, keys, models
+from llmos.api.settings import ApiSettings, get_api_settings
+from llmos.errors import NoWorkerWarning
+from llmos.sdk import Client
+from llmos.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None, api_settings: ApiSettings | None = None, *,
+               client: Client | None = None) -> FastAPI:
+    """A new API app on `settings` (default: the environment's), with `api_settings`' quotas.
+
+    `client`: the SDK client the routes call (default: one on `settings`; unit tests pass one
+    with an in-memory dispatcher). It has no tenant of its own: every call names the caller's.
+    """
+    # A job for a model no worker serves waits queued, and the API answers it; the SDK's warning
+    # would only say so on the server's stderr, to nobody.
+    warnings.filterwarnings("ignore", category=NoWorkerWarning)
+    settings = client.settings if client is not None else (settings or get_settings())
+    api_settings = api_settings or get_api_settings()
+    client = client or Client(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        client.close()
+
+    app = FastAPI(title="LLMOS", version=__version__, lifespan=lifespan,
+                  description="NLP jobs on language models: submit, wait, stream, cancel. "
+                              "Every /v1 route needs `Authorization: Bearer <API key>`.")
+    app.state.client = client
+    app.state.api_settings = api_settings
+    app.state.rate_limiter = RateLimiter(api_settings.rate_limit, storage_uri(settings, api_settings))
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=api_settings.max_body_bytes)
+    for module in (health, jobs, models, keys):
+        app.include_router(module.router)
+    return app

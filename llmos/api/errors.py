@@ -1,0 +1,145 @@
+"""The one error shape of the API, `{"error": {"code", "message", "details"}}`, and its handlers.
+
+Routes raise LLMOSError subclasses; `install` maps each to its status code here, in one place.
+A client's mistake is always a 4xx; a 5xx means LLMOS itself (or a service it needs) failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from llmos.errors import (BrokerUnavailableError, ConfigError, DatabaseUnavailableError,
+                          IdempotencyConflictError, JobNotFoundError, LLMOSError, UnknownModelError,
+                          UnsupportedTaskError, ValidationError)
+from llmos.logs import event
+
+log = logging.getLogger("llmos.api")
+
+
+class AuthError(LLMOSError):
+    """A valid API key is required: send `Authorization: Bearer <key>`."""
+
+
+class ForbiddenError(LLMOSError):
+    """This route needs an admin key."""
+
+
+class KeyNotFoundError(LLMOSError, LookupError):
+    """No live API key has that prefix."""
+
+
+class JobFinalError(LLMOSError):
+    """The job has already ended; only queued or running jobs can be cancelled."""
+
+    def __init__(self, message: str | None = None, *, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class QuotaExceededError(LLMOSError):
+    """The tenant is over a quota; retry after the time given."""
+
+    def __init__(self, message: str | None = None, *, limit: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+STATUS: list[tuple[type[LLMOSError], int, str]] = [  # first match wins: subclasses before bases
+    (IdempotencyConflictError, 409, "idempotency_conflict"),
+    (ValidationError, 422, "invalid_request"),
+    (UnknownModelError, 422, "unknown_model"),
+    (UnsupportedTaskError, 422, "unsupported_task"),
+    (JobNotFoundError, 404, "not_found"),
+    (KeyNotFoundError, 404, "not_found"),
+    (AuthError, 401, "unauthorized"),
+    (ForbiddenError, 403, "forbidden"),
+    (JobFinalError, 409, "job_final"),
+    (QuotaExceededError, 429, "quota_exceeded"),
+    (BrokerUnavailableError, 503, "broker_unavailable"),
+    (DatabaseUnavailableError, 503, "database_unavailable"),
+    (ConfigError, 503, "not_configured"),  # the deployment's registry, not the request, is wrong
+]
+"""Status code and error code of each LLMOSError subclass; any other LLMOSError is a 400."""
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+"""Error codes of the HTTP errors the framework raises itself (unknown route, wrong method...)."""
+
+RETRY_AFTER_UNAVAILABLE_S = 5
+"""Retry-After of a 503 (a service LLMOS needs does not answer)."""
+
+
+def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one error shape."""
+    return JSONResponse({"error": {"code": code, "message": message, "details": details or {}}},
+                        status_code=status, headers=headers)
+
+
+def llmos_error_response(exc: LLMOSError) -> JSONResponse:
+    status, code = next(((s, c) for cls, s, c in STATUS if isinstance(exc, cls)), (400, "bad_request"))
+    details: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    if isinstance(exc, QuotaExceededError):
+        details = {"limit": exc.limit, "retry_after_s": exc.retry_after_s}
+        headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, JobFinalError):
+        details = {"status": exc.status}
+    elif isinstance(exc, AuthError):
+        headers["WWW-Authenticate"] = "Bearer"
+    elif status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_UNAVAILABLE_S)
+    return error_response(status, code, " ".join(str(exc).split()), details, headers)
+
+
+def install(app: FastAPI) -> None:
+    """Register every handler on `app`."""
+
+    @app.exception_handler(LLMOSError)
+    async def _llmos(_request: Request, exc: LLMOSError) -> JSONResponse:
+        return llmos_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]  # not the input: it may be the whole (large) body
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return error_response(422, "invalid_request", f"{where}: {first['msg']}" if where else first["msg"],
+                              {"errors": errors})
+
+    @app.exception_handler(HTTPException)
+    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(sa.exc.OperationalError)
+    async def _database(_request: Request, exc: sa.exc.OperationalError) -> JSONResponse:
+        event(log, "database_unavailable", logging.WARNING, error=type(exc.orig or exc).__name__)
+        return llmos_error_response(DatabaseUnavailableError("the task table's database does not answer"))
+
+    @app.exception_handler(sa.exc.DataError)
+    async def _unstorable(_request: Request, exc: sa.exc.DataError) -> JSONResponse:
+        # A value from the request the database refused (the routes check what they know of first)
+        event(log, "database_refused_value", logging.WARNING, error=type(exc.orig or exc).__name__)
+        return error_response(422, "invalid_request", "a value in the request cannot be stored or compared "
+                              "by the database (NUL or a lone surrogate?)")
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    async def _broker(_request: Request, exc: redis.exceptions.ConnectionError) -> JSONResponse:
+        event(log, "broker_unavailable", logging.WARNING, error=type(exc).__name__)
+        return llmos_error_response(BrokerUnavailableError())
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("action=api_error path=%s error=%s", request.url.path, type(exc).__name__, exc_info=exc)
+        return error_response(500, "internal", "internal error; see the API server's log")
