@@ -8,7 +8,8 @@
 
 from llmos.errors import (BrokerUnavailableError, ConfigError, DatabaseUnavailableError,
                           IdempotencyConflictError, JobFailedError, JobNotFoundError,
-                          JobTimeoutError, LLMOSError, UnknownModelError, UnsupportedTaskError,
+                          JobTimeoutError, LLMOSError, NoWorkerError, NoWorkerWarning,
+                          UnknownModelError, UnsupportedTaskError,
                           ValidationError)
 from llmos.jobs import Job, JobStatus
 from llmos.sdk import Client, JobHandle, Model, load_model
@@ -21,6 +22,7 @@ __all__ = [
     "BrokerUnavailableError", "Client", "ConfigError", "DatabaseUnavailableError",
     "DialogueResult", "DialogueTask", "EmbeddingResult", "EmbeddingTask", "IdempotencyConflictError",
     "Job", "JobFailedError", "JobHandle", "JobNotFoundError", "JobStatus", "JobTimeoutError", "LLMOSError", "Model",
+    "NoWorkerError", "NoWorkerWarning",
     "QuestionAnsweringResult", "QuestionAnsweringTask", "SentimentResult", "SentimentTask",
     "SummarizationResult", "SummarizationTask", "TranslationResult", "TranslationTask",
     "UnknownModelError", "UnsupportedTaskError", "ValidationError", "WritingResult", "WritingTask",

@@ -1,6 +1,7 @@
 """The `llmos` command: up, demo, worker, submit, job, cancel, db, models.
 
-LLMOS errors print as one line on stderr with exit code 2, never a traceback.
+LLMOS errors and usage errors print on stderr with exit code 2, never a traceback. `--json`
+prints one line of JSON on stdout; times are ISO 8601 with their UTC offset.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import json
 import signal
 import sys
 import threading
+import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,18 +19,45 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from llmos.errors import LLMOSError
+from llmos.api.cli import api_command, keys_app
+from llmos.errors import LLMOSError, NoWorkerWarning
 from llmos.settings import get_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLMOS: NLP jobs on language models.")
-db_app = typer.Typer(no_args_is_help=True, help="The task table's schema.")
-models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
+# plain help: typer's rich help labels every flag, --help too, `<bool>`
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="LLMOS: NLP jobs on language models.")
+db_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The task table's schema.")
+models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The model registry.")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+app.command("api")(api_command)
+app.add_typer(keys_app, name="keys")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 SAMPLE_FILE = Path(__file__).parent / "data" / "reviews.txt"
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one line of JSON (for scripts).")]
+
+
+def _print_json(data: object, one_line: bool) -> None:
+    """`data` as JSON on stdout: one line, or indented for reading."""
+    print(json.dumps(data, default=_json_value, indent=None if one_line else 2))
+
+
+def _json_value(value: object) -> object:
+    """Times as ISO 8601 with offset (naive ones were written in UTC), anything else as text."""
+    if isinstance(value, datetime):
+        from llmos.manager import as_utc
+
+        return as_utc(value).isoformat()
+    return str(value)
+
+
+def _warn(message: str) -> None:
+    from rich.markup import escape
+
+    err.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}", highlight=False)
 
 
 @app.command()
@@ -107,17 +137,22 @@ PRIMARY_FIELD = {"writing": "prompt", "dialogue": "user_utterance", "summarize":
 
 
 @app.command()
-def submit(task: Annotated[str, typer.Argument(help="Task type: " + ", ".join(PRIMARY_FIELD) + ".")],
-           texts: Annotated[list[str], typer.Argument(help="The text (prompt, utterance, question; several for embed).")],
-           model: Annotated[str, typer.Option("--model", "-m")] = "minilm",
-           set_: Annotated[Optional[list[str]], typer.Option("--set", help="Other task fields, key=value (JSON values allowed), e.g. --set target_lang=de.")] = None,
-           priority: Annotated[str, typer.Option(help="0–9 or critical/high/normal/low/batch.")] = "normal",
+def submit(task: Annotated[str, typer.Argument(metavar="TASK", help="Task type: " + ", ".join(PRIMARY_FIELD) + ".")],
+           texts: Annotated[list[str], typer.Argument(metavar="TEXT", help="The text (prompt, utterance, question; several for embed).")],
+           model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="Registered model name.")] = "minilm",
+           set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Other task fields (JSON values allowed), e.g. --set target_lang=de; repeatable.")] = None,
+           priority: Annotated[str, typer.Option(metavar="PRIORITY", help="0–9 or critical/high/normal/low/batch.")] = "normal",
            wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = True,
-           timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 120.0) -> None:
-    """Submit one job and print its result (or its id with --no-wait) as JSON."""
+           timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Seconds to wait.")] = 120.0,
+           as_json: JsonOption = False) -> None:
+    """Submit one job and print its result (or its id with --no-wait) as JSON.
+
+    Warns on stderr when no live worker serves the model (the job then waits queued). With
+    --json a job that fails or is not done in time is printed too: id, status, error.
+    """
     import llmos
 
-    from llmos.errors import ValidationError
+    from llmos.errors import JobFailedError, JobTimeoutError, ValidationError
     from llmos.tasks import parse_task
 
     field = PRIMARY_FIELD.get(task)
@@ -127,12 +162,21 @@ def submit(task: Annotated[str, typer.Argument(help="Task type: " + ", ".join(PR
         if not sep or not key:
             raise ValidationError(f"--set takes key=value, got {item!r}")
         data[key] = _set_value(key, value)
-    handle = llmos.load_model(model).submit(parse_task(task, data), priority=priority)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NoWorkerWarning)
+        handle = llmos.load_model(model).submit(parse_task(task, data), priority=priority)
+    for w in caught:
+        _warn(f"{w.message}; job {handle.id} waits queued until one starts")
     if not wait:
-        print(json.dumps({"id": handle.id, "status": "queued"}))
+        _print_json({"id": handle.id, "status": "queued"}, True)
         return
-    result = handle.result(timeout=timeout)
-    print(json.dumps({"id": handle.id, "status": "succeeded", "result": result.model_dump(mode="json")}))
+    try:
+        result = handle.result(timeout=timeout)
+    except (JobFailedError, JobTimeoutError) as exc:
+        if as_json:
+            _print_json({"id": handle.id, "status": handle.status().value, "error": str(exc)}, True)
+        raise
+    _print_json({"id": handle.id, "status": "succeeded", "result": result.model_dump(mode="json")}, True)
 
 
 def _set_value(key: str, text: str) -> object:
@@ -164,23 +208,45 @@ def _depth(value: object) -> int:
 
 
 @app.command()
-def job(job_id: str) -> None:
-    """Print a job's row as JSON."""
+def job(job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="The id submit printed.")],
+        as_json: JsonOption = False) -> None:
+    """Print a job's row as JSON (durations in ms, to 0.1 ms)."""
     import dataclasses
 
-    from llmos.sdk import default_client
+    from llmos.jobs import JobStatus
+    from llmos.sdk import default_client, no_worker_message
 
-    row = dataclasses.asdict(default_client().job(job_id))
-    print(json.dumps(row, default=str, indent=2))
+    client = default_client()
+    found = client.job(job_id)
+    row = dataclasses.asdict(found)
+    for key in ("queue_wait_ms", "compute_ms"):
+        if row[key] is not None:
+            row[key] = round(row[key], 1)
+    _print_json(row, as_json)
+    if found.status == JobStatus.QUEUED and not client.has_worker(found.model):
+        _warn(f"{no_worker_message(found.model)}; the job waits queued until one starts")
 
 
 @app.command()
-def cancel(job_id: str) -> None:
-    """Cancel a queued job."""
+def cancel(job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="The id submit printed.")],
+           as_json: JsonOption = False) -> None:
+    """Cancel a queued or running job; says why and exits 1 if it had already ended."""
     from llmos.sdk import default_client
 
-    done = default_client().cancel(job_id)
-    print(json.dumps({"id": job_id, "cancelled": done}))
+    client = default_client()
+    if client.cancel(job_id):
+        if as_json:
+            _print_json({"id": job_id, "cancelled": True}, True)
+        else:
+            out.print(f"cancelled job {job_id}", highlight=False)
+        return
+    ended = client.job(job_id)
+    when = _json_value(ended.finished_at) if ended.finished_at else "an unknown time"
+    reason = f"already {ended.status.value} at {when}"
+    if as_json:
+        _print_json({"id": ended.id, "cancelled": False, "status": ended.status.value, "reason": reason}, True)
+    err.print(f"job {ended.id} not cancelled: {reason}", highlight=False)
+    raise typer.Exit(1)
 
 
 @db_app.command("upgrade")
@@ -218,15 +284,31 @@ def _loaded_on(settings) -> dict[str, list[str]]:
     return where
 
 
+def _model_data(spec, loaded: dict[str, list[str]]) -> dict:
+    """One registry entry as `models show` prints it: the entry, its memory need, its workers."""
+    data = spec.model_dump(mode="json")
+    data["memory_need_mb"] = spec.memory_need_mb()
+    data["loaded_on"] = loaded.get(spec.name, [])
+    return data
+
+
 @models_app.command("list")
-def models_list() -> None:
+def models_list(as_json: JsonOption = False) -> None:
     """List every registered model: built-in and configured."""
     from llmos.registry import Registry
 
     settings = get_settings()
     loaded = _loaded_on(settings)
-    table = Table("name", "engine", "kind", "tasks", "source", "memory MB", "loaded on")
-    for spec in Registry.load(settings).all():
+    specs = Registry.load(settings).all()
+    if as_json:
+        _print_json([_model_data(spec, loaded) for spec in specs], True)
+        return
+    # names are never cut: the name column keeps its width, the others fold
+    table = Table()
+    table.add_column("name", no_wrap=True, min_width=max(len(s.name) for s in specs))
+    for header in ("engine", "kind", "tasks", "source", "memory MB", "loaded on"):
+        table.add_column(header, overflow="fold")
+    for spec in specs:
         mem = spec.memory_need_mb()
         table.add_row(spec.name, spec.engine, spec.kind if spec.engine == "transformers" else "-",
                       ", ".join(spec.tasks), spec.source or "(not configured)",
@@ -235,16 +317,13 @@ def models_list() -> None:
 
 
 @models_app.command("show")
-def models_show(name: str) -> None:
+def models_show(name: Annotated[str, typer.Argument(metavar="NAME", help="Registered model name.")],
+                as_json: JsonOption = False) -> None:
     """Print one model's registry entry, memory need and workers as JSON."""
     from llmos.registry import Registry
 
     settings = get_settings()
-    spec = Registry.load(settings).get(name)
-    data = spec.model_dump(mode="json")
-    data["memory_need_mb"] = spec.memory_need_mb()
-    data["loaded_on"] = _loaded_on(settings).get(name, [])
-    print(json.dumps(data, indent=2))
+    _print_json(_model_data(Registry.load(settings).get(name), _loaded_on(settings)), as_json)
 
 
 @models_app.command("pull")
@@ -256,29 +335,45 @@ def models_pull(name: str) -> None:
     out.print(f"{name}: files in {path}")
 
 
+try:  # newer typer carries its own copy of click, whose errors derive from TyperException
+    USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException,)
+except AttributeError:
+    import click
+
+    USAGE_ERRORS = (click.ClickException,)
+
+
+def _context_of(argv: list[str]) -> typer.Context:
+    """A context for the (sub)command `argv` names, for a usage error raised without one."""
+    command, path = typer.main.get_command(app), ["llmos"]
+    for token in argv:
+        sub = getattr(command, "commands", {}).get(token)
+        if sub is None:
+            break
+        command, path = sub, [*path, token]
+    return typer.Context(command, info_name=" ".join(path))
+
+
 def main(argv: list[str] | None = None) -> None:
     from llmos.logs import setup
 
     setup()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="llmos", standalone_mode=False)  # a typer.Exit's code, or None
     except LLMOSError as exc:
         from rich.markup import escape
 
         line = " ".join(str(exc).split())  # one line, whatever the message holds
         err.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False)
         sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except USAGE_ERRORS as exc:  # the usage line and the problem, exit 2 (no traceback)
+        if getattr(exc, "ctx", False) is None:  # e.g. an option without its value
+            exc.ctx = _context_of(sys.argv[1:] if argv is None else argv)
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import math
 import threading
 import time
 import uuid
+import warnings
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
@@ -27,7 +28,8 @@ from llmos.constants import (CANCEL_CHANNEL, DEFAULT_TENANT, MAX_ATTEMPTS, MAX_B
 from llmos.db import UNSTORABLE, check_database, first_line, get_engine
 from llmos.dispatch import CeleryDispatcher, Dispatcher
 from llmos.errors import (DatabaseUnavailableError, JobFailedError, JobNotFoundError,
-                          JobTimeoutError, LLMOSError, ValidationError)
+                          JobTimeoutError, LLMOSError, NoWorkerError, NoWorkerWarning,
+                          ValidationError)
 from llmos.jobs import Job, JobStatus
 from llmos.logs import event
 from llmos.notify import channel, ping, redis_client, wait_until
@@ -106,8 +108,18 @@ class Client:
         `timeout_s`: longest a job may run (then it fails with reason timeout); `deadline`: a
         time (or seconds from now) after which a job that has not started is `expired`;
         `max_attempts`: runs before a job whose worker keeps dying is failed. Every argument is
-        checked first: a ValidationError means nothing was written or sent.
+        checked first: a ValidationError means nothing was written or sent. If no live worker
+        serves `model`, a NoWorkerWarning says how to start one (the jobs wait queued).
         """
+        return self._submit(model, tasks, priority=priority, idempotency_key=idempotency_key,
+                            tenant=tenant, batch_id=batch_id, timeout_s=timeout_s,
+                            deadline=deadline, max_attempts=max_attempts, warn=True)[0]
+
+    def _submit(self, model: str, tasks: Iterable[Task], *, priority: int | str | None,
+                idempotency_key: str | Sequence[str | None] | None, tenant: str | None,
+                batch_id: str | None, timeout_s: float | None, deadline: datetime | float | None,
+                max_attempts: int, warn: bool) -> tuple[list["JobHandle"], bool]:
+        """`submit` (`warn`: a NoWorkerWarning if no worker serves the model), and whether one does."""
         spec = self.registry.get(model)
         tasks = _task_list(tasks)
         prio = parse_priority(priority)
@@ -127,7 +139,7 @@ class Client:
                               max_attempts=max_attempts)
                for t, k in zip(checked, keys)]
         if not new:
-            return []
+            return [], False
         if self._dispatcher is None or isinstance(self._dispatcher, CeleryDispatcher):
             ping(self.redis, self.settings)  # fail before writing anything if Redis is down
         created = self._db(manager.create_jobs, new)
@@ -138,7 +150,16 @@ class Client:
             # The rows are written: the jobs are accepted. The reconciler sends them once Redis
             # answers again (their ids are not in the pending set), so the caller keeps handles.
             event(log, "send_deferred", logging.WARNING, jobs=len(to_send), error=str(exc))
-        return [JobHandle(self, job.id, job.model, job.task_type, tenant) for job, _ in created]
+        served = self.has_worker(spec.name)  # one indexed query per submit call
+        if not served:
+            event(log, "no_worker", model=spec.name, jobs=len(created))
+            if warn:
+                warnings.warn(no_worker_message(spec.name), NoWorkerWarning, stacklevel=4)
+        return [JobHandle(self, job.id, job.model, job.task_type, tenant) for job, _ in created], served
+
+    def has_worker(self, model: str) -> bool:
+        """Whether a worker that heartbeated within LLMOS_DEAD_AFTER_S serves `model`."""
+        return bool(self._db(manager.live_workers, model, within_s=self.settings.dead_after_s))
 
     def _tenant(self, tenant: str | None) -> str:
         """The tenant a call acts for: the one given, else this client's."""
@@ -212,6 +233,12 @@ class Client:
                 f"cannot reach the database at {redact(self.settings.db_url)}: "
                 f"{first_line(exc.orig or exc)}"
             ) from None
+
+
+def no_worker_message(model: str) -> str:
+    """What to do when no live worker serves `model`."""
+    return (f"no live worker serves model {model!r}; start one with `llmos worker --model {model}` "
+            f"(or `llmos up -m {model}`)")
 
 
 def _job_id(value: Any) -> str:
@@ -407,9 +434,33 @@ class Model:
                                   timeout_s=timeout_s, deadline=deadline, max_attempts=max_attempts)
 
     def execute(self, task: Task, *, timeout: float | None = 300.0,
-                priority: int | str | None = None, **options: Any) -> TaskResult:
-        """Submit one task and wait up to `timeout` seconds for its result."""
-        return self.submit(task, priority=priority, **options).result(timeout=timeout)
+                priority: int | str | None = None, idempotency_key: str | None = None,
+                tenant: str | None = None, timeout_s: float | None = None,
+                deadline: datetime | float | None = None, max_attempts: int = 3) -> TaskResult:
+        """Submit one task and wait up to `timeout` seconds for its result.
+
+        If no live worker serves the model, it waits LLMOS_NO_WORKER_GRACE_S only, then raises
+        NoWorkerError while the job is still queued and no worker has appeared.
+        """
+        handles, served = self.client._submit(  # no warning: the NoWorkerError below says it
+            self.name, [task], priority=priority, idempotency_key=idempotency_key, tenant=tenant,
+            batch_id=None, timeout_s=timeout_s, deadline=deadline, max_attempts=max_attempts,
+            warn=False)
+        handle = handles[0]
+        if served or (timeout is not None and _seconds(timeout) is None):
+            return handle.result(timeout=timeout)  # (a bad timeout raises ValidationError there)
+        grace = self.client.settings.no_worker_grace_s
+        if timeout is not None:
+            grace = min(grace, timeout)
+        start = time.monotonic()
+        try:
+            return handle.result(timeout=grace)
+        except JobTimeoutError:
+            if handle.status() == JobStatus.QUEUED and not self.client.has_worker(self.name):
+                raise NoWorkerError(f"{no_worker_message(self.name)}: job {handle.id} is still queued "
+                                    f"after {grace} s and stays queued until one starts") from None
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        return handle.result(timeout=left)
 
     def results(self, handles: Sequence[JobHandle], timeout: float | None = None) -> list[TaskResult]:
         """Wait for many jobs; results in the same order (raises on the first failed job)."""

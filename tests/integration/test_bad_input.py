@@ -57,6 +57,8 @@ FIELDS = {
     "source_lang": mostly(st.just("en"), ["de", "e", "en\x00", "x" * 17]),
     "target_lang": mostly(st.just("de"), ["zh", "d\ud800"]),
     "conversation_id": mostly(st.sampled_from(["user-42", "c" * 64]), ["c" * 65, "bad id", "\x00"]),
+    "max_sentences": mostly(st.integers(1, 10), [0, -1, True, 2.5]),
+    "ratio": mostly(st.floats(0.05, 0.95), [0, 1, 1.5, float("nan"), True]),
 }
 OPTIONS = {
     "priority": mostly(st.one_of(st.integers(0, 9), st.sampled_from(["high", "batch", " 5 "])),

@@ -5,6 +5,7 @@ import time
 import pytest
 
 import llmos
+from llmos import manager
 from llmos.constants import DONE_CHANNEL_PREFIX
 from llmos.db import get_engine, jobs
 from llmos.dispatch import InMemoryDispatcher
@@ -13,6 +14,9 @@ from llmos.jobs import JobStatus
 from llmos.notify import channel
 from llmos.registry import ModelSpec, Registry
 from llmos.sdk import Client
+
+# these tests submit with no worker on purpose; the no-worker tests below expect the warning
+pytestmark = pytest.mark.filterwarnings("ignore::llmos.NoWorkerWarning")
 
 
 def count_rows(settings):
@@ -265,3 +269,90 @@ def test_too_many_tasks_in_one_submit_are_refused(client, sqlite_settings):
     with pytest.raises(ValidationError, match="more than 10000 tasks in one submit"):
         client.load_model("small").submit_many(llmos.SentimentTask(text=f"{i}") for i in range(10_001))
     assert count_rows(sqlite_settings) == 0 and client.sent == []
+
+
+def start_worker(settings, model, worker_id="w1"):
+    """A live worker row for `model`, as a worker process writes at start."""
+    manager.register_worker(get_engine(settings.db_url), worker_id=worker_id, host="h", pid=1,
+                            model=model, device="cpu")
+
+
+def test_submit_warns_once_per_call_when_no_worker_serves_the_model(client, sqlite_settings, monkeypatch, caplog):
+    queries = []
+    real = manager.live_workers
+    monkeypatch.setattr(manager, "live_workers", lambda *a, **k: queries.append(a[1:]) or real(*a, **k))
+    start_worker(sqlite_settings, "small")  # serves another model
+    with pytest.warns(llmos.NoWorkerWarning) as caught, caplog.at_level("INFO", "llmos.sdk"):
+        hs = client.load_model("minilm").submit_many([llmos.SentimentTask(text=f"t{i}") for i in range(50)])
+    assert [str(w.message) for w in caught] == [
+        "no live worker serves model 'minilm'; start one with `llmos worker --model minilm` "
+        "(or `llmos up -m minilm`)"]
+    assert queries == [("minilm",)]  # one query for the whole call
+    assert "action=no_worker model=minilm jobs=50" in caplog.text
+    assert {h.status() for h in hs} == {JobStatus.QUEUED} and len(client.sent) == 50
+
+
+def test_submit_is_silent_when_a_live_worker_serves_the_model(client, sqlite_settings):
+    import warnings
+
+    start_worker(sqlite_settings, "small")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", llmos.NoWorkerWarning)
+        client.load_model("small").submit(llmos.SentimentTask(text="hi"))
+
+
+def test_a_stopped_or_silent_worker_does_not_count(client, sqlite_settings):
+    import sqlalchemy as sa
+
+    from llmos.db import workers
+
+    engine = get_engine(sqlite_settings.db_url)
+    start_worker(sqlite_settings, "small", "stopped")
+    manager.stop_worker(engine, "stopped")
+    start_worker(sqlite_settings, "small", "silent")
+    with engine.begin() as conn:
+        conn.execute(workers.update().where(workers.c.id == "silent")
+                     .values(last_heartbeat=sa.func.datetime("now", "-1 hour")))
+    with pytest.warns(llmos.NoWorkerWarning, match="no live worker serves model 'small'"):
+        client.load_model("small").submit(llmos.SentimentTask(text="hi"))
+
+
+def test_execute_fails_fast_when_no_worker_serves_the_model(sqlite_settings):
+    settings = sqlite_settings.model_copy(update={"no_worker_grace_s": 0.3})
+    c = Client(settings, dispatcher=InMemoryDispatcher())
+    with pytest.raises(llmos.NoWorkerError) as failed:
+        c.load_model("minilm").execute(llmos.SentimentTask(text="hi"), timeout=300)
+    (job,) = [manager.get_job(c.engine, row_id, tenant=manager.ANY_TENANT) for row_id in all_ids(settings)]
+    assert str(failed.value) == (
+        "no live worker serves model 'minilm'; start one with `llmos worker --model minilm` "
+        f"(or `llmos up -m minilm`): job {job.id} is still queued after 0.3 s and stays queued until one starts")
+    assert job.status == JobStatus.QUEUED  # the job is kept
+
+
+def test_execute_keeps_waiting_when_a_worker_appeared_within_the_grace(sqlite_settings, monkeypatch):
+    settings = sqlite_settings.model_copy(update={"no_worker_grace_s": 0.2})
+    c = Client(settings, dispatcher=InMemoryDispatcher())
+    engine = get_engine(settings.db_url)
+    checks = []
+    real = manager.live_workers
+
+    def live_workers(*args, **kwargs):
+        checks.append(args[1])
+        if len(checks) == 2:  # after the grace: a worker started meanwhile, and runs the job
+            (job_id,) = all_ids(settings)
+            start_worker(settings, "minilm")
+            claimed, _ = manager.claim(engine, [job_id], worker_id="w1", device="cpu")
+            manager.finish(engine, [manager.Outcome(job_id=job_id, worker_id="w1", attempt=claimed[0].attempts,
+                                                    result={"label": "POSITIVE", "score": 0.9})])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "live_workers", live_workers)
+    result = c.load_model("minilm").execute(llmos.SentimentTask(text="hi"), timeout=30)
+    assert result.label == "POSITIVE" and checks == ["minilm", "minilm"]
+
+
+def all_ids(settings):
+    import sqlalchemy as sa
+
+    with get_engine(settings.db_url).connect() as c:
+        return [str(r[0]) for r in c.execute(sa.select(jobs.c.id))]
