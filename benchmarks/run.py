@@ -276,8 +276,11 @@ def naive_run(env: Env, model: str, config: Path | None, tasks: list, warm: list
 
 def submit_rate(env: Env, model: str, config: Path | None, tasks: list) -> float:
     """Bulk submit with no worker running: rows + messages per second."""
+    import warnings
+
     env.reset()
-    with llmos.Client(env.settings(config)) as client:
+    with llmos.Client(env.settings(config)) as client, warnings.catch_warnings():
+        warnings.simplefilter("ignore", llmos.NoWorkerWarning)  # no worker, on purpose
         m = client.load_model(model)
         m.submit_many(tasks[:50])  # connections, registry, schema check
         t0 = time.perf_counter()
