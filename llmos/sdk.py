@@ -479,11 +479,19 @@ _default: Client | None = None
 _default_lock = threading.Lock()
 
 
-def default_client() -> Client:
+def default_client() -> "Client | HTTPClient":
+    """The process's client: over HTTP when LLMOS_URL is set (key: LLMOS_API_KEY), else direct."""
     global _default
     with _default_lock:
         if _default is None:
-            _default = Client()
+            settings = get_settings()
+            if settings.url:
+                from llmos.remote import HTTPClient
+
+                key = settings.api_key.get_secret_value() if settings.api_key else None
+                _default = HTTPClient(settings.url, key, settings=settings)
+            else:
+                _default = Client(settings)
         return _default
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llmos.constants import DEFAULT_MAX_JOB_SECONDS, EMBEDDED_DB_FILE, EMBEDDED_REDIS_SOCKET
@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL of the task table.")
     redis_url: str | None = Field(default=None, description="Redis URL of the broker.")
     config: Path | None = Field(default=None, description="Model registry file (TOML).")
+    url: str | None = Field(default=None, description="An LLMOS REST API; when set, the SDK's default client talks to it over HTTP.")
+    api_key: SecretStr | None = Field(default=None, description="The API key the HTTP client sends (with LLMOS_URL).")
     models: str = Field(default="minilm", description="Comma-separated models `llmos up` starts a worker for.")
     max_job_seconds: int = Field(default=DEFAULT_MAX_JOB_SECONDS, gt=0,
                                  description="Longest a job may run; sets the visibility timeout.")
