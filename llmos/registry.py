@@ -47,6 +47,23 @@ OPENAI_TASKS = frozenset({"writing", "dialogue", "summarize", "translate", "embe
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MEMORY_OVERHEAD = 1.2
 """Activations, buffers and allocator slack on top of the weights, for the memory estimate."""
+HEADS_DIR = Path(__file__).resolve().parent / "data"
+"""Where built-in sentiment heads live: `sentiment_head_<name>.json` (and their adapters)."""
+
+
+def head_path(name: str) -> Path:
+    """A sentiment head's JSON: a built-in name, or a path ending in `.json`."""
+    return Path(name) if name.endswith(".json") else HEADS_DIR / f"sentiment_head_{name}.json"
+
+
+def head_has_adapter(name: str) -> bool:
+    """Whether the head names an adapter (its runner then holds a second, adapted copy of the encoder)."""
+    import json
+
+    try:
+        return bool(json.loads(head_path(name).read_text()).get("adapter"))
+    except (OSError, ValueError):
+        return False  # the runner reports an unreadable head when it loads
 
 
 class ModelSpec(BaseModel):
@@ -116,7 +133,8 @@ class ModelSpec(BaseModel):
             raise ConfigError(f"model {self.name!r} has no OpenAI-compatible endpoint configured: {hint}")
 
     def memory_need_mb(self) -> float | None:
-        """Given `memory_mb`, else parameters × bytes per parameter × overhead, else None."""
+        """Given `memory_mb`, else parameters × bytes per parameter × overhead (× 2 for an encoder
+        whose sentiment head has an adapter: the adapted copy), else None."""
         if self.memory_mb is not None:
             return self.memory_mb
         params = self.params
@@ -125,7 +143,10 @@ class ModelSpec(BaseModel):
         if params is None:
             return None
         per_param = 1 if self.quantization == "int8" else DTYPE_BYTES[self.dtype]
-        return round(params * per_param * MEMORY_OVERHEAD / 2**20, 1)
+        head = self.options.get("sentiment_head")
+        copies = 2 if (self.kind == "encoder" and "sentiment" in self.tasks and isinstance(head, str)
+                       and head_has_adapter(head)) else 1
+        return round(copies * params * per_param * MEMORY_OVERHEAD / 2**20, 1)
 
 
 def local_param_count(spec: ModelSpec) -> int | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from llmos.errors import ConfigError
 from llmos.registry import ModelSpec, resolve_source
@@ -69,8 +69,13 @@ def load(spec: ModelSpec, device: str) -> LoadedModel:
     return load_transformers(spec, device)
 
 
-def load_transformers(spec: ModelSpec, device: str) -> LoadedModel:
-    """Tokenizer and weights from a local folder, a package, or (online) the hub."""
+def load_transformers(spec: ModelSpec, device: str,
+                      transform: Callable[[Any], Any] | None = None) -> LoadedModel:
+    """Tokenizer and weights from a local folder, a package, or (online) the hub.
+
+    `transform(model)` runs on the float weights before quantization and the move to the device
+    (the sentiment runner merges its adapter there).
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     import transformers
@@ -94,6 +99,8 @@ def load_transformers(spec: ModelSpec, device: str) -> LoadedModel:
         tokenizer.padding_side = "left"  # generation continues from the right edge
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+    if transform is not None:
+        transform(model)
     torch_device = torch.device(device)
     if spec.quantization == "int8":
         if torch_device.type != "cpu":

@@ -119,7 +119,10 @@ def test_memory_need_from_params_dtype_and_int8(tmp_path):
 
 def test_memory_need_counted_from_local_safetensors(tmp_path):
     spec = Registry.load(Settings(home=tmp_path)).get("minilm").model_copy(update={"params": None})
-    assert spec.memory_need_mb() == pytest.approx(22_713_216 * 4 * 1.2 / 2**20, rel=0.01)
+    bare = spec.model_copy(update={"options": {}})
+    assert bare.memory_need_mb() == pytest.approx(22_713_216 * 4 * 1.2 / 2**20, rel=0.01)
+    # minilm's sentiment head has an adapter: its runner holds a second, adapted copy
+    assert spec.memory_need_mb() == pytest.approx(2 * bare.memory_need_mb(), rel=1e-3)
 
 
 @pytest.mark.parametrize("entry,match", [

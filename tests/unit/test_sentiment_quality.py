@@ -1,5 +1,6 @@
 """minilm's sentiment (its trained head, fp32) on labeled sets written for the tests, and the demo's 36 reviews."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from workers.runners import runners_for
 from workers.runners.sentiment import load_head
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-REVIEWS = Path(__file__).resolve().parents[2] / "llmos" / "data" / "reviews.txt"
+HEADS = Path(__file__).resolve().parents[2] / "llmos" / "data"
+REVIEWS = HEADS / "reviews.txt"
 
 
 def load(name):
@@ -32,26 +34,10 @@ def accuracy(rows, tmp_path):
     return sum(p == label for (label, _), p in zip(rows, predict([t for _, t in rows], tmp_path))) / len(rows)
 
 
-def test_heldout_v4_accuracy_at_least_083(tmp_path):
-    rows = load("sentiment_heldout_v4.tsv")
-    assert len(rows) >= 260 and sum(label == "POSITIVE" for label, _ in rows) * 2 == len(rows)
-    assert accuracy(rows, tmp_path) >= 0.83  # measured 0.847, 254/300 (docs/models.md)
-
-
-def test_heldout_v3_accuracy_at_least_089(tmp_path):
-    rows = load("sentiment_heldout_v3.tsv")
-    assert len(rows) >= 240 and sum(label == "POSITIVE" for label, _ in rows) * 2 == len(rows)
-    assert accuracy(rows, tmp_path) >= 0.89  # measured 0.900, 234/260 (docs/models.md); 2 rows of margin
-
-
-def test_heldout_v2_accuracy_at_least_093(tmp_path):
-    rows = load("sentiment_heldout_v2.tsv")
-    assert len(rows) >= 200 and {label for label, _ in rows} == {"POSITIVE", "NEGATIVE"}
-    assert accuracy(rows, tmp_path) >= 0.93  # measured 0.941
-
-
-def test_old_heldout_accuracy_at_least_096(tmp_path):
-    assert accuracy(load("sentiment_heldout.tsv"), tmp_path) >= 0.96  # measured 0.98
+def test_heldout_v5_accuracy_at_least_092(tmp_path):
+    rows = load("sentiment_heldout_v5.tsv")
+    assert len(rows) == 300 and sum(label == "POSITIVE" for label, _ in rows) == 150
+    assert accuracy(rows, tmp_path) >= 0.92  # the issue's target; measured 0.940, 282/300 (docs/models.md)
 
 
 def test_every_demo_review_labelled_as_a_person_would(tmp_path):
@@ -64,3 +50,33 @@ def test_every_demo_review_labelled_as_a_person_would(tmp_path):
 def test_an_unknown_head_is_a_config_error():
     with pytest.raises(ConfigError, match="sentiment_head 'nope'"):
         load_head("nope")
+
+
+def test_a_head_whose_adapter_is_missing_is_a_config_error(tmp_path):
+    head = json.loads((HEADS / "sentiment_head_minilm.json").read_text())
+    assert head["adapter"] and (HEADS / head["adapter"]).is_file()  # the shipped head has its adapter
+    (tmp_path / "h.json").write_text(json.dumps({**head, "adapter": "gone.safetensors"}))
+    with pytest.raises(ConfigError, match="adapter .*gone.safetensors is missing"):
+        load_head(str(tmp_path / "h.json"))
+
+
+def test_the_adapter_leaves_embeddings_alone(tmp_path):
+    """sentiment reads an adapted copy of the encoder; embed still returns the base model's vectors."""
+    import torch
+
+    from llmos.tasks import EmbeddingTask
+    from workers.runners.encoder import encode_texts
+
+    spec = Registry.load(Settings(home=tmp_path)).get("minilm")
+    loaded = model_cache.get(spec, "cpu")
+    runners = runners_for(loaded)
+    text = "The delivery was two days late."
+    before = runners["embed"].run([EmbeddingTask(texts=[text])])[0].result["vectors"][0]
+    runners["sentiment"].run([SentimentTask(text=text)])
+    assert runners["sentiment"].head_model().model is not loaded.model
+    after = runners["embed"].run([EmbeddingTask(texts=[text])])[0].result["vectors"][0]
+    assert before == after
+    base = torch.nn.functional.normalize(torch.tensor([before]), dim=1)
+    with torch.inference_mode():
+        moved, _ = encode_texts(runners["sentiment"].head_model(), [text], 1)
+    assert float((base @ moved.T)[0, 0]) < 0.999  # the adapted copy computes something else

@@ -10,12 +10,12 @@ from workers.runners.generate import DialogueRunner, Seq2SeqWritingRunner, Writi
 from workers.runners.openai import (OpenAIDialogueRunner, OpenAIEmbedRunner, OpenAISummaryRunner,
                                     OpenAITranslationRunner, OpenAIWritingRunner)
 from workers.runners.qa import QuestionAnsweringRunner
-from workers.runners.sentiment import ClassifierSentimentRunner, ZeroShotSentimentRunner
+from workers.runners.sentiment import ClassifierSentimentRunner, EncoderSentimentRunner
 from workers.runners.seq2seq import AbstractiveSummaryRunner, TranslationRunner
 
 RUNNERS: dict[tuple[str, str], type[Runner]] = {
     ("encoder", "embed"): EmbedRunner,
-    ("encoder", "sentiment"): ZeroShotSentimentRunner,
+    ("encoder", "sentiment"): EncoderSentimentRunner,
     ("encoder", "summarize"): ExtractiveSummaryRunner,
     ("causal-lm", "writing"): WritingRunner,
     ("causal-lm", "dialogue"): DialogueRunner,

@@ -1,31 +1,34 @@
-"""`sentiment` on an encoder (a trained linear head, else zero-shot) and on a classifier.
+"""`sentiment` on an encoder (a trained head, with or without an adapter, else zero-shot) and on a classifier.
 
-Encoder, with `options.sentiment_head` (minilm's built-in entry has `"minilm"`): a logistic
-regression on mean- and max-pooled hidden states of several layers, shipped as JSON in llmos/data
-(`sentiment_head_<name>.json`; a value ending in `.json` is a path). It is trained by
-benchmarks/train_sentiment_head.py on llmos/data/sentiment_train.tsv; the score is its
-probability. Without a head, zero-shot: each label has a few descriptions whose normalised
-embeddings are averaged into one prototype per label at load; a text's label is the prototype
-with the highest cosine similarity, the score the softmax of the similarities (scaled by
-`temperature`). Labels and descriptions can be replaced per model with `options.sentiment_labels`.
+Encoder, with `options.sentiment_head` (minilm's built-in entry has `"minilm"`): a linear head on
+pooled hidden states, shipped as JSON in llmos/data (`sentiment_head_<name>.json`; a value ending
+in `.json` is a path). A head may name an `adapter` (a LoRA file beside the JSON,
+workers/runners/adapter.py): the runner then loads its own copy of the encoder with the adapter
+merged into its weights (once, at the first sentiment batch; quantized like the entry), so the
+worker's `embed` vectors stay the base model's. minilm's head and adapter are fine-tuned together
+by benchmarks/train_sentiment_head.py; the score is the head's probability. Without a head,
+zero-shot: each label has a few descriptions whose normalised embeddings are averaged into one
+prototype per label at load; a text's label is the prototype with the highest cosine similarity,
+the score the softmax of the similarities (scaled by `temperature`). Labels and descriptions can
+be replaced per model with `options.sentiment_labels`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-import llmos
 from llmos.errors import ConfigError
 from llmos.jobs import Job
+from llmos.registry import head_path
 from llmos.tasks import SentimentTask, Task
 from workers.model_cache import LoadedModel
 from workers.runners.base import ItemOutcome, Runner
 from workers.runners.encoder import encode_texts, token_counts, tokenize
 
-HEADS_DIR = Path(llmos.__file__).resolve().parent / "data"
-"""Where built-in heads live: `sentiment_head_<name>.json`."""
 
 DEFAULT_LABELS: dict[str, list[str]] = {
     "POSITIVE": [
@@ -68,15 +71,36 @@ def layer_features(loaded: LoadedModel, texts: Sequence[str], blocks: Sequence[s
 
 
 def load_head(name: str) -> dict[str, Any]:
-    """A head's JSON: a built-in name, or a path ending in `.json`."""
-    path = Path(name) if name.endswith(".json") else HEADS_DIR / f"sentiment_head_{name}.json"
+    """A head's JSON: a built-in name, or a path ending in `.json`; `adapter` becomes an absolute path."""
+    path = head_path(name)
     try:
-        return json.loads(path.read_text())
+        head = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"sentiment_head {name!r}: cannot read {path}: {e}") from e
+    if head.get("adapter"):
+        head["adapter"] = str(path.parent / head["adapter"])
+        if not Path(head["adapter"]).is_file():
+            raise ConfigError(f"sentiment_head {name!r}: its adapter {head['adapter']} is missing")
+    return head
 
 
-class ZeroShotSentimentRunner(Runner):
+def adapted(loaded: LoadedModel, head: dict[str, Any]) -> LoadedModel:
+    """A second copy of `loaded`'s encoder with the head's adapter merged in (same dtype, quantization, device)."""
+    from workers import model_cache
+    from workers.runners import adapter
+
+    def merge(model: Any) -> None:
+        try:
+            adapter.merge(model, Path(head["adapter"]), head["adapter_rank"], head["adapter_alpha"])
+        except (AttributeError, ValueError, KeyError) as e:
+            raise ConfigError(f"model {loaded.spec.name!r}: the sentiment adapter {head['adapter']} "
+                              f"does not fit this model ({e})") from None
+
+    copy = model_cache.load_transformers(loaded.spec, str(loaded.device), transform=merge)
+    return dataclasses.replace(copy, tokenizer=loaded.tokenizer)
+
+
+class EncoderSentimentRunner(Runner):
     """`sentiment` on an encoder: the trained head named by `options.sentiment_head`, else zero-shot."""
 
     task_type = "sentiment"
@@ -91,6 +115,17 @@ class ZeroShotSentimentRunner(Runner):
         self._descriptions = None if self.head else [list(labels[k]) for k in self.labels]
         self._prototypes: Any = None
         self._weights: Any = None
+        self._adapted: LoadedModel | None = None
+        self._adapt_lock = threading.Lock()
+
+    def head_model(self) -> LoadedModel:
+        """The model the head reads: the worker's own, or (head with an adapter) the adapted copy."""
+        if not self.head or not self.head.get("adapter"):
+            return self.loaded
+        with self._adapt_lock:
+            if self._adapted is None:
+                self._adapted = adapted(self.loaded, self.head)
+            return self._adapted
 
     def prototypes(self) -> Any:
         import torch
@@ -115,7 +150,7 @@ class ZeroShotSentimentRunner(Runner):
 
     def forward(self, texts: list[str]) -> tuple[Any, list[int]]:
         if self.head:
-            features, counts = layer_features(self.loaded, texts, self.head["blocks"],
+            features, counts = layer_features(self.head_model(), texts, self.head["blocks"],
                                               self.spec.max_batch_size)
             coef, intercept = self.weights()
             return (features @ coef + intercept).softmax(dim=1), counts
