@@ -1,4 +1,4 @@
-"""The `llmos` command: up, demo, worker, submit, job, cancel, db, models.
+"""The `llmos` command: up, demo, worker, submit, job, cancel, prune, db, models.
 
 LLMOS errors and usage errors print on stderr with exit code 2, never a traceback. `--json`
 prints one line of JSON on stdout; times are ISO 8601 with their UTC offset.
@@ -62,15 +62,17 @@ def _warn(message: str) -> None:
 
 @app.command()
 def up(model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model to start a worker for (repeatable); default LLMOS_MODELS.")] = None,
-       device: Annotated[Optional[str], typer.Option(help="cpu or cuda:N for the workers.")] = None) -> None:
-    """Start Redis (embedded unless LLMOS_REDIS_URL), the schema and one worker per model; stop on Ctrl-C."""
+       device: Annotated[Optional[str], typer.Option(help="cpu or cuda:N for the workers.")] = None,
+       no_api: Annotated[bool, typer.Option("--no-api", help="Do not start the REST API.")] = False,
+       api_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port of the REST API (default LLMOS_API_PORT, 8000).")] = None) -> None:
+    """Start Redis (embedded unless LLMOS_REDIS_URL), the schema, one worker per model and the REST API; stop on Ctrl-C."""
     from llmos.stack import Stack
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     settings = get_settings()
-    stack = Stack(settings, model or None, device).start()
+    stack = Stack(settings, model or None, device, api=not no_api, api_port=api_port).start()
     try:
         stack.wait_ready(stop=stop)
         from llmos.reconciler import Reconciler
@@ -81,11 +83,15 @@ def up(model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help=
         for k, v in stack.describe().items():
             table.add_row(k, v)
         out.print(table)
+        for line in stack.api_banner():
+            out.print(line, highlight=False, markup=False)
         out.print("Submit from another terminal with the same LLMOS_HOME, e.g. "
                   "[bold]llmos submit sentiment \"I love it\"[/bold]. Ctrl-C stops everything.")
         while not stop.wait(1.0):
             for m in stack.supervise_once():
                 err.print(f"worker for {m} exited; restarted it")
+            if stack.supervise_api():
+                err.print("the API exited; restarted it")
     finally:
         out.print("stopping…")
         stack.stop()
@@ -119,6 +125,35 @@ def reconcile(once: Annotated[bool, typer.Option("--once", help="One pass, print
         signal.signal(sig, lambda *_: stop.set())
     rec.run_forever(stop, interval)
     rec.close()
+
+
+@app.command()
+def prune(older_than: Annotated[str, typer.Option("--older-than", metavar="AGE", help="Delete what finished (or stopped) longer ago than AGE: a number and s, m, h, d or w, e.g. 30d.")],
+          batch_size: Annotated[int, typer.Option(min=1, max=100_000, help="Rows per delete; each batch is its own short transaction.")] = 5000,
+          as_json: JsonOption = False) -> None:
+    """Delete finished jobs and stopped workers' rows older than AGE, in batches.
+
+    Queued and running jobs stay, and so does every job of a batch that still has one (and any
+    job or batch an undelivered webhook waits for). LLMOS_RETENTION_DAYS has the reconciler do
+    the same once a day.
+    """
+    from llmos.db import check_database, get_engine
+    from llmos.retention import parse_age, prune_all
+
+    age = parse_age(older_than)
+    settings = get_settings()
+    check_database(settings.db_url)
+    show = None if as_json else (lambda r: err.print(f"… {r.jobs:,} jobs and {r.workers:,} worker rows deleted so far", highlight=False))
+    report = prune_all(get_engine(settings.db_url), age, batch_size=batch_size, progress=show)
+    data = {"jobs": report.jobs, "workers": report.workers, "deliveries": report.deliveries, "kept": report.kept,
+            "cutoff": report.cutoff}
+    if as_json:
+        _print_json(data, True)
+        return
+    kept = f"; kept {report.kept:,} of open batches or awaited by a webhook" if report.kept else ""
+    out.print(f"deleted {report.jobs:,} finished jobs, {report.workers:,} worker rows and "
+              f"{report.deliveries:,} ended webhook deliveries older than "
+              f"{older_than.strip()} (finished before {_json_value(report.cutoff)}){kept}", highlight=False)
 
 
 @app.command()

@@ -68,12 +68,32 @@ jobs = sa.Table(
     sa.Index(None, "status", "worker_id"),
     sa.Index(None, "batch_id"),
     sa.Index(None, "conversation_id", "created_at"),
-    sa.Index(None, "created_at"),
     sa.Index(None, "tenant", "created_at", "id"),  # a tenant's jobs newest first (API listing)
-    sa.Index(None, "tenant", "status"),  # a tenant's queued jobs (API quota)
+    # a tenant's jobs of one status newest first (API listing), its queued jobs (API quota)
+    sa.Index(None, "tenant", "status", "created_at", "id"),
+    sa.Index(None, "finished_at", "id", postgresql_where=sa.text("finished_at IS NOT NULL"),
+             sqlite_where=sa.text("finished_at IS NOT NULL")),  # retention: oldest finished first
     sa.UniqueConstraint("tenant", "idempotency_key"),
 )
 """One row per job: the record of its input, state, result and timings."""
+
+# Partial indexes over the few rows that are not final, so that the reconciler's pass, and the
+# retention's open-batch check, cost the same with ten million finished jobs as with none.
+QUEUED_ROWS = "status = 'queued'"
+_partial_jobs_indexes = [  # each attached to `jobs` by its columns
+    # the serve order of each model's queued jobs (stale_queued), and which models have any
+    sa.Index("ix_jobs_queued_order", jobs.c.model, jobs.c.priority.desc(), jobs.c.queued_at,
+             postgresql_where=sa.text(QUEUED_ROWS), sqlite_where=sa.text(QUEUED_ROWS)),
+    sa.Index("ix_jobs_queued_deadline", jobs.c.deadline,  # expire_overdue
+             postgresql_where=sa.text(f"{QUEUED_ROWS} AND deadline IS NOT NULL"),
+             sqlite_where=sa.text(f"{QUEUED_ROWS} AND deadline IS NOT NULL")),
+    sa.Index("ix_jobs_queued_run_after", jobs.c.run_after,  # due_retries
+             postgresql_where=sa.text(f"{QUEUED_ROWS} AND run_after IS NOT NULL"),
+             sqlite_where=sa.text(f"{QUEUED_ROWS} AND run_after IS NOT NULL")),
+    sa.Index("ix_jobs_open_batches", jobs.c.tenant, jobs.c.batch_id,  # retention keeps open batches
+             postgresql_where=sa.text("batch_id IS NOT NULL AND status IN ('queued','running')"),
+             sqlite_where=sa.text("batch_id IS NOT NULL AND status IN ('queued','running')")),
+]
 
 workers = sa.Table(
     "workers", metadata,
@@ -86,6 +106,7 @@ workers = sa.Table(
     sa.Column("last_heartbeat", Timestamp, nullable=False),
     sa.Column("stopped_at", Timestamp),
     sa.Index(None, "model"),
+    sa.Index(None, "last_heartbeat"),  # the reconciler's recent workers; retention
 )
 """One row per worker process; the heartbeat tells the scheduler and reconciler it lives."""
 
@@ -103,6 +124,47 @@ api_keys = sa.Table(
     sa.Index(None, "tenant"),
 )
 """One row per API key: its tenant and the sha256 of its secret (the key itself is never stored)."""
+
+MAX_WEBHOOK_URL_CHARS = 2048
+"""Longest webhook URL (the `webhook_deliveries.url` column)."""
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries", metadata,
+    sa.Column("id", sa.Uuid(as_uuid=False), primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(8), nullable=False),  # 'job' (job_id set) or 'batch' (batch_id set)
+    sa.Column("job_id", sa.Uuid(as_uuid=False)),
+    sa.Column("batch_id", sa.String(64)),
+    sa.Column("url", sa.String(MAX_WEBHOOK_URL_CHARS), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("next_attempt_at", Timestamp, nullable=False),  # also the lease of a claimed delivery
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("first_attempt_at", Timestamp),
+    sa.Column("last_attempt_at", Timestamp),
+    sa.Column("last_status", sa.Integer),  # the receiver's HTTP status; null when none answered
+    sa.Column("last_error", sa.Text),
+    sa.Column("delivered_at", Timestamp),
+    sa.Column("given_up_at", Timestamp),
+    sa.CheckConstraint("(kind = 'job' AND job_id IS NOT NULL AND batch_id IS NULL) OR "
+                       "(kind = 'batch' AND batch_id IS NOT NULL AND job_id IS NULL)", name="target"),
+    # the deliverer's poll: undelivered deliveries by due time (delivered ones leave the index)
+    sa.Index(None, "next_attempt_at", postgresql_where=sa.text("delivered_at IS NULL AND given_up_at IS NULL"),
+             sqlite_where=sa.text("delivered_at IS NULL AND given_up_at IS NULL")),
+    sa.Index(None, "tenant", "created_at"),  # a tenant's deliveries newest first (API listing)
+    sa.Index(None, "job_id"),
+)
+"""One row per webhook to deliver: a final job or batch to POST to `url`, its attempts and outcome.
+
+Written in the submit's transaction, so an accepted job's webhook survives any crash.
+"""
+
+webhook_secrets = sa.Table(
+    "webhook_secrets", metadata,
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("secret", sa.String(128), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+)
+"""One row per tenant: the secret its webhooks are signed with (made on first need, rotatable)."""
 
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 """Characters Postgres cannot store in text or JSONB (NUL, lone UTF-16 surrogates)."""

@@ -1,4 +1,4 @@
-"""The one module that changes job state: create, claim, finish, fail, cancel, and worker rows.
+"""The one module that changes job state: create, claim, finish, fail, cancel, prune, and worker rows.
 
 Workers, the SDK, the CLI and (later) the API and reconciler call these functions; nobody else
 writes the `status` column. Every transition is a conditional UPDATE on the current state, so a
@@ -13,14 +13,14 @@ import hmac
 import secrets
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import sqlalchemy as sa
 
 from llmos.constants import DEFAULT_TENANT, MAX_TENANT_CHARS
-from llmos.db import UNSTORABLE, api_keys, jobs, storable, workers
+from llmos.db import UNSTORABLE, api_keys, jobs, storable, webhook_deliveries, webhook_secrets, workers
 from llmos.errors import IdempotencyConflictError, ValidationError
-from llmos.jobs import Job, JobStatus
+from llmos.jobs import FINAL_STATUSES, Job, JobStatus
 
 
 def utcnow() -> datetime:
@@ -113,12 +113,36 @@ def _jobs_from(rows: Iterable[Any]) -> list[Job]:
     return [Job.from_row(r._mapping) for r in rows]
 
 
-def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True) -> list[tuple[Job, bool]]:
+def _typed_row(columns: Sequence[Any], values: Sequence[Any]) -> Any:
+    """`values` as a row of parameters typed like `columns`: the right side of `(a, b) < (x, y)`."""
+    return sa.tuple_(*(sa.literal(v, c.type) for c, v in zip(columns, values)))
+
+
+def _status_in(column: Any, *statuses: JobStatus) -> Any:
+    """`column` (a status) among `statuses`, written as SQL literals, not parameters: a partial
+    index's predicate (`status = 'queued'`) then matches in every plan, a generic one or SQLite's."""
+    values = [sa.literal_column(f"'{JobStatus(s).value}'") for s in statuses]
+    return column == values[0] if len(values) == 1 else column.in_(values)
+
+
+FORGET_WORKER_AFTER_S = 86_400.0
+"""A worker row silent this long is of a process long gone: the reconciler no longer reads it,
+and retention may delete it even if the worker never recorded its stop (it crashed)."""
+
+MAX_AGE_S = 1e9
+"""Ages at or above this (~31 years; `math.inf` too) mean "any age" (no timestamp that old)."""
+
+
+def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True, *,
+                webhook_url: str | None = None) -> list[tuple[Job, bool]]:
     """Write jobs as `queued`; returns (job, created) in input order.
 
     A job whose (tenant, idempotency_key) already exists is not created again: the existing job
     comes back with created=False, so the caller does not send it twice. If that job's model, task
     or input differ, IdempotencyConflictError is raised and nothing is written.
+
+    `webhook_url` (checked by the caller): deliveries written in the same transaction as the jobs,
+    one per batch id among the created jobs, one per created job without a batch id.
     """
     now = db_now(engine)
     existing: dict[tuple[str, str], Job] = {}
@@ -145,15 +169,56 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True) -
         if key is not None:
             existing[key] = job  # a repeated key inside one call yields one job
     if rows:
+        deliveries = _deliveries_for(rows, webhook_url, now)
         try:
             with engine.begin() as conn:  # one executemany: psycopg 3 pipelines every row
                 conn.execute(jobs.insert(), rows)
+                deliveries = _without_pending_batches(conn, deliveries)
+                if deliveries:  # the same transaction: no accepted job without its webhook
+                    conn.execute(webhook_deliveries.insert(), deliveries)
         except sa.exc.IntegrityError:
             if not keyed or not _retry:
                 raise
             # A concurrent submit with the same key won the race: retry once, it is now "existing".
-            return create_jobs(engine, new, _retry=False)
+            return create_jobs(engine, new, _retry=False, webhook_url=webhook_url)
     return out
+
+
+def _deliveries_for(rows: list[dict[str, Any]], url: str | None, now: datetime) -> list[dict[str, Any]]:
+    """Delivery rows for newly written job rows: one per (tenant, batch id), one per unbatched job."""
+    if url is None:
+        return []
+    out, batches = [], set()
+    for row in rows:
+        if row["batch_id"] is None:
+            target = dict(kind=WEBHOOK_JOB, job_id=row["id"], batch_id=None)
+        elif (row["tenant"], row["batch_id"]) in batches:
+            continue
+        else:
+            batches.add((row["tenant"], row["batch_id"]))
+            target = dict(kind=WEBHOOK_BATCH, job_id=None, batch_id=row["batch_id"])
+        out.append(dict(id=str(uuid.uuid4()), tenant=row["tenant"], url=url, created_at=now,
+                        next_attempt_at=now, attempts=0, **target))
+    return out
+
+
+def _without_pending_batches(conn: sa.Connection, deliveries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`deliveries` less the batch ones whose batch already waits for a webhook to the same URL.
+
+    A batch submitted in several parts gets one webhook (the summary once all of it is final),
+    not one per part; a part submitted after its batch's webhook went out gets a new one.
+    """
+    batch = [d for d in deliveries if d["kind"] == WEBHOOK_BATCH]
+    if not batch:
+        return deliveries
+    t = webhook_deliveries.c
+    pending = {(r.tenant, r.batch_id, r.url) for r in conn.execute(
+        sa.select(t.tenant, t.batch_id, t.url).where(
+            t.kind == WEBHOOK_BATCH, t.tenant.in_({d["tenant"] for d in batch}),
+            t.batch_id.in_({d["batch_id"] for d in batch}),
+            t.delivered_at.is_(None), t.given_up_at.is_(None)))}
+    return [d for d in deliveries
+            if d["kind"] != WEBHOOK_BATCH or (d["tenant"], d["batch_id"], d["url"]) not in pending]
 
 
 def _same_job(job: Job, new: NewJob) -> Job:
@@ -247,7 +312,10 @@ def list_jobs(engine: sa.Engine, *, tenant: Tenant, status: JobStatus | None = N
         cond.append(jobs.c.created_at >= created_since)
     if before is not None:
         at, job_id = before
-        cond.append(sa.or_(jobs.c.created_at < at, sa.and_(jobs.c.created_at == at, jobs.c.id < job_id)))
+        # a row comparison, not `a < x OR (a = x AND b < y)`: it is the index's range condition,
+        # so a page deep in ten million rows reads its 100 entries, not every newer one
+        key = (jobs.c.created_at, jobs.c.id)
+        cond.append(sa.tuple_(*key) < _typed_row(key, (at, str(job_id))))
     q = sa.select(jobs).where(*cond).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
     with engine.connect() as conn:
         return _jobs_from(conn.execute(q))
@@ -456,8 +524,8 @@ def expire_overdue(engine: sa.Engine) -> list[str]:
     """Queued jobs whose deadline passed (database clock): expired (they never ran)."""
     with engine.begin() as conn:
         now = db_now(conn)
-        stmt = (jobs.update()
-                .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.deadline.is_not(None),
+        stmt = (jobs.update()  # the partial index ix_jobs_queued_deadline: queued rows with a deadline
+                .where(_status_in(jobs.c.status, JobStatus.QUEUED), jobs.c.deadline.is_not(None),
                        jobs.c.deadline <= now)
                 .values(status=JobStatus.EXPIRED.value, finished_at=now,
                         error="expired: its deadline passed before it started")
@@ -465,38 +533,61 @@ def expire_overdue(engine: sa.Engine) -> list[str]:
         return [str(r[0]) for r in conn.execute(stmt)]
 
 
-def queued_counts(engine: sa.Engine) -> dict[str, int]:
-    """Queued jobs per model that are due now (not waiting out a retry backoff)."""
+def queued_models(engine: sa.Engine) -> list[str]:
+    """Models that have queued jobs: one probe of ix_jobs_queued_order per model (a skip scan),
+    however many jobs are queued."""
+    found: list[str] = []
     with engine.connect() as conn:
-        now = db_now(conn)
-        q = (sa.select(jobs.c.model, sa.func.count())
-             .where(jobs.c.status == JobStatus.QUEUED.value,
-                    sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
-             .group_by(jobs.c.model))
-        return {m: n for m, n in conn.execute(q)}
+        while True:
+            q = sa.select(jobs.c.model).where(_status_in(jobs.c.status, JobStatus.QUEUED))
+            if found:
+                q = q.where(jobs.c.model > found[-1])
+            model = conn.execute(q.order_by(jobs.c.model).limit(1)).scalar()
+            if model is None:
+                return found
+            found.append(model)
 
 
 def due_retries(engine: sa.Engine, limit: int = 10_000) -> list[Job]:
     """Queued jobs whose retry backoff has passed and that were not sent since."""
     with engine.connect() as conn:
         now = db_now(conn)
-        q = (sa.select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.run_after.is_not(None),
+        q = (sa.select(jobs).where(_status_in(jobs.c.status, JobStatus.QUEUED), jobs.c.run_after.is_not(None),
                                    jobs.c.run_after <= now,
                                    sa.or_(jobs.c.dispatched_at.is_(None), jobs.c.dispatched_at < jobs.c.run_after))
              .limit(limit))
         return _jobs_from(conn.execute(q))
 
 
-def stale_queued(engine: sa.Engine, model: str, older_than_s: float, limit: int = 10_000) -> list[Job]:
-    """Queued, due jobs of `model` last sent more than `older_than_s` ago (database clock), oldest first."""
+class QueuedRef(NamedTuple):
+    """What the reconciler reads of a queued job to judge whether its message is lost (no input).
+
+    A named tuple, not a dataclass: a pass builds tens of thousands of them.
+    """
+
+    id: str
+    model: str
+    priority: int
+    sent_at: datetime  # when its message was last sent: dispatched_at, else queued_at (database clock)
+
+
+def stale_queued(engine: sa.Engine, model: str, older_than_s: float, limit: int = 10_000) -> list[QueuedRef]:
+    """Queued, due jobs of `model` last sent more than `older_than_s` ago (database clock), in
+    serve order (highest priority, then oldest first).
+
+    ix_jobs_queued_order holds the queued rows in this order, so the query reads `limit` rows (and
+    the recently sent ones it skips), not the whole backlog; only the columns a resend needs.
+    """
+    sent_at = sa.func.coalesce(jobs.c.dispatched_at, jobs.c.queued_at)
     with engine.connect() as conn:
         now = db_now(conn)
         cutoff = now - timedelta(seconds=older_than_s)
-        q = (sa.select(jobs).where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.model == model,
-                                   sa.func.coalesce(jobs.c.dispatched_at, jobs.c.queued_at) < cutoff,
-                                   sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
+        q = (sa.select(jobs.c.id, jobs.c.model, jobs.c.priority, sent_at)
+             .where(_status_in(jobs.c.status, JobStatus.QUEUED), jobs.c.model == model, sent_at < cutoff,
+                    sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
              .order_by(jobs.c.priority.desc(), jobs.c.queued_at).limit(limit))
-        return _jobs_from(conn.execute(q))
+        rows = conn.execute(q).all()
+    return [QueuedRef(str(i), m, p, as_utc(at)) for i, m, p, at in rows]
 
 
 def mark_dispatched(engine: sa.Engine, job_ids: Sequence[str]) -> None:
@@ -526,20 +617,114 @@ def stop_worker(engine: sa.Engine, worker_id: str) -> None:
         conn.execute(workers.update().where(workers.c.id == worker_id).values(stopped_at=db_now(conn)))
 
 
-def worker_ids(engine: sa.Engine) -> list[str]:
-    with engine.connect() as conn:
-        return [r[0] for r in conn.execute(sa.select(workers.c.id))]
-
-
 def live_workers(engine: sa.Engine, model: str | None = None, *, within_s: float = 30.0) -> list[dict]:
-    """Workers that heartbeated within `within_s` seconds (database clock) and have not stopped."""
+    """Workers that heartbeated within `within_s` seconds (database clock) and have not stopped.
+
+    The heartbeat's age is a condition of the query (ix_workers_last_heartbeat), so the rows of
+    workers that died long ago without recording their stop are not read.
+    """
     with engine.connect() as conn:
         now = db_now(conn)
         q = sa.select(workers).where(workers.c.stopped_at.is_(None))
+        if within_s < MAX_AGE_S:
+            q = q.where(workers.c.last_heartbeat >= now - timedelta(seconds=within_s))
         if model:
             q = q.where(workers.c.model == model)
-        rows = [dict(r._mapping) for r in conn.execute(q)]
-    return [r for r in rows if (now - as_utc(r["last_heartbeat"])).total_seconds() <= within_s]
+        return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def recent_workers(engine: sa.Engine, *, within_s: float = FORGET_WORKER_AFTER_S) -> list[dict]:
+    """Worker rows, stopped ones too, that heartbeated within `within_s` seconds (database clock),
+    each with `silent_s`: seconds since its last beat. Older rows are not read."""
+    with engine.connect() as conn:
+        now = db_now(conn)
+        q = sa.select(workers).where(workers.c.last_heartbeat >= now - timedelta(seconds=min(within_s, MAX_AGE_S)))
+        return [{**r._mapping, "silent_s": (now - as_utc(r.last_heartbeat)).total_seconds()}
+                for r in conn.execute(q)]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PruneReport:
+    """What one `prune` call deleted, and where the next call continues."""
+
+    jobs: int = 0  # finished jobs deleted
+    kept: int = 0  # finished jobs old enough, kept: their batch is open or a webhook waits for them
+    workers: int = 0  # worker rows deleted
+    deliveries: int = 0  # webhook deliveries deleted (delivered or given up before the cutoff)
+    cursor: tuple[datetime, str] | None = None  # (finished_at, id) of the last job looked at
+    done: bool = False  # nothing old enough is left to look at
+    cutoff: datetime | None = None  # older than this went (database clock)
+
+
+def prune(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 5000,
+          max_batches: int | None = None, cursor: tuple[datetime, str] | None = None) -> PruneReport:
+    """Delete finished jobs and worker rows older than `older_than` (database clock), in batches.
+
+    A job goes when it is final, finished before the cutoff, its batch (tenant, batch_id) has no
+    queued or running job (an open batch keeps every job of it), and no undelivered webhook waits
+    for it or its batch. A worker row goes when the worker stopped before the cutoff, or never
+    recorded its stop and has been silent since before both the cutoff and FORGET_WORKER_AFTER_S.
+    A webhook delivery row goes when it was delivered or given up before the cutoff.
+
+    Each batch is one read of up to `batch_size` candidates in (finished_at, id) order, from
+    `cursor`, then one DELETE of that key range in its own short transaction: row locks on the
+    rows it deletes only, and the same cost at any depth, however many kept rows lie before it.
+    `max_batches` bounds the call; pass the report's `cursor` to the next call to go on.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    now = db_now(engine)
+    cutoff = now - older_than
+    silent = now - timedelta(seconds=max(older_than.total_seconds(), FORGET_WORKER_AFTER_S))
+    key = (jobs.c.finished_at, jobs.c.id)
+    o, d = jobs.alias("open_job"), webhook_deliveries
+    undelivered = [d.c.delivered_at.is_(None), d.c.given_up_at.is_(None)]
+    not_kept = [  # each a NOT EXISTS of its own, so that the planner may make it an anti-join
+        ~sa.exists().where(o.c.tenant == jobs.c.tenant, o.c.batch_id == jobs.c.batch_id,  # ix_jobs_open_batches
+                           _status_in(o.c.status, JobStatus.QUEUED, JobStatus.RUNNING)),
+        ~sa.exists().where(d.c.job_id == jobs.c.id, *undelivered),
+        ~sa.exists().where(d.c.tenant == jobs.c.tenant, d.c.batch_id == jobs.c.batch_id, *undelivered)]
+    gone = sa.and_(workers.c.last_heartbeat < cutoff,
+                   sa.or_(workers.c.stopped_at < cutoff,
+                          sa.and_(workers.c.stopped_at.is_(None), workers.c.last_heartbeat < silent)))
+    ended = sa.or_(d.c.delivered_at < cutoff, d.c.given_up_at < cutoff)
+    deleted = kept_n = workers_n = deliveries_n = batches = 0
+    jobs_done = workers_done = deliveries_done = False
+    while (not (jobs_done and workers_done and deliveries_done)
+           and (max_batches is None or batches < max_batches)):
+        batches += 1
+        if not jobs_done:
+            q = sa.select(*key).where(jobs.c.finished_at < cutoff)
+            if cursor is not None:
+                q = q.where(sa.tuple_(*key) > _typed_row(key, cursor))
+            with engine.connect() as conn:  # a read: the write transaction below starts with its write
+                found = conn.execute(q.order_by(*key).limit(batch_size)).all()
+            if found:
+                last = (found[-1].finished_at, str(found[-1].id))
+                # the plain bounds beside the row comparisons give the planner a true row estimate
+                span = [jobs.c.finished_at < cutoff, jobs.c.finished_at <= last[0],
+                        sa.tuple_(*key) <= _typed_row(key, last)]
+                if cursor is not None:
+                    span += [jobs.c.finished_at >= cursor[0], sa.tuple_(*key) > _typed_row(key, cursor)]
+                stmt = jobs.delete().where(*span, _status_in(jobs.c.status, *sorted(FINAL_STATUSES)), *not_kept)
+                with engine.begin() as conn:
+                    n = conn.execute(stmt).rowcount
+                deleted, kept_n, cursor = deleted + n, kept_n + len(found) - n, last
+            jobs_done = len(found) < batch_size
+        if not workers_done:
+            ids = sa.select(workers.c.id).where(gone).limit(batch_size)
+            with engine.begin() as conn:
+                n = conn.execute(workers.delete().where(workers.c.id.in_(ids))).rowcount
+            workers_n += n
+            workers_done = n < batch_size
+        if not deliveries_done:
+            ids = sa.select(d.c.id).where(ended).limit(batch_size)
+            with engine.begin() as conn:
+                n = conn.execute(d.delete().where(d.c.id.in_(ids))).rowcount
+            deliveries_n += n
+            deliveries_done = n < batch_size
+    return PruneReport(jobs=deleted, kept=kept_n, workers=workers_n, deliveries=deliveries_n, cursor=cursor,
+                       done=jobs_done and workers_done and deliveries_done, cutoff=cutoff)
 
 
 API_KEY_PREFIX = "llmos_"
@@ -627,6 +812,173 @@ def authenticate_key(engine: sa.Engine, presented: str, *, touch_after_s: float 
         with engine.begin() as conn:
             conn.execute(api_keys.update().where(api_keys.c.id == key.id).values(last_used_at=db_now(conn)))
     return key
+
+
+WEBHOOK_JOB, WEBHOOK_BATCH = "job", "batch"
+"""The kinds of webhook delivery: one job's final state, or a whole batch's."""
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+"""Every webhook signing secret reads `whsec_<random>`."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Delivery:
+    """A webhook delivery's row: what to POST where, and how its attempts went."""
+
+    id: str
+    tenant: str
+    kind: str
+    job_id: str | None
+    batch_id: str | None
+    url: str
+    created_at: datetime
+    next_attempt_at: datetime
+    attempts: int
+    first_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    given_up_at: datetime | None = None
+
+    @property
+    def target_id(self) -> str:
+        """The job id or batch id the delivery announces."""
+        return self.job_id if self.kind == WEBHOOK_JOB else self.batch_id
+
+    @classmethod
+    def from_row(cls, m: Any) -> "Delivery":
+        return cls(id=str(m["id"]), tenant=m["tenant"], kind=m["kind"],
+                   job_id=None if m["job_id"] is None else str(m["job_id"]), batch_id=m["batch_id"],
+                   url=m["url"], created_at=as_utc(m["created_at"]), next_attempt_at=as_utc(m["next_attempt_at"]),
+                   attempts=m["attempts"], first_attempt_at=as_utc(m["first_attempt_at"]),
+                   last_attempt_at=as_utc(m["last_attempt_at"]), last_status=m["last_status"],
+                   last_error=m["last_error"], delivered_at=as_utc(m["delivered_at"]),
+                   given_up_at=as_utc(m["given_up_at"]))
+
+
+def _due_deliveries(now: datetime) -> tuple[sa.Select, Any]:
+    """(SELECT of the ids of undelivered deliveries due at `now` whose job or whole batch is final, its alias)."""
+    d = webhook_deliveries.alias("due")  # an alias: the subquery must not correlate to an UPDATE's table
+    final = [s.value for s in FINAL_STATUSES]
+    job_final = sa.exists().where(jobs.c.id == d.c.job_id, jobs.c.status.in_(final))
+    of_batch = [jobs.c.batch_id == d.c.batch_id, jobs.c.tenant == d.c.tenant]
+    batch_final = sa.and_(sa.exists().where(*of_batch),
+                          ~sa.exists().where(*of_batch, jobs.c.status.not_in(final)))
+    return (sa.select(d.c.id)
+            .where(d.c.delivered_at.is_(None), d.c.given_up_at.is_(None), d.c.next_attempt_at <= now,
+                   sa.or_(sa.and_(d.c.kind == WEBHOOK_JOB, job_final),
+                          sa.and_(d.c.kind == WEBHOOK_BATCH, batch_final)))
+            .order_by(d.c.next_attempt_at), d)
+
+
+def claim_deliveries(engine: sa.Engine, *, limit: int, lease_s: float) -> list[Delivery]:
+    """Due deliveries whose target is final, leased for `lease_s` to this caller (oldest due first).
+
+    The lease is `next_attempt_at` pushed forward, so another process skips the row until then;
+    on Postgres the rows are picked `FOR UPDATE SKIP LOCKED`, so concurrent callers split them and
+    no row is claimed twice at once. A caller that dies mid-POST loses its lease when it passes,
+    and the delivery is tried again (at least once, never lost).
+    """
+    with engine.connect() as conn:  # a read first: an idle poll takes no write lock
+        now = db_now(conn)
+        due, _ = _due_deliveries(now)
+        if conn.execute(due.limit(1)).first() is None:
+            return []
+    with engine.begin() as conn:
+        now = db_now(conn)
+        due, d = _due_deliveries(now)
+        due = due.limit(limit).with_for_update(skip_locked=True, of=d)  # (SQLite: a plain update)
+        stmt = (webhook_deliveries.update()
+                .where(webhook_deliveries.c.id.in_(due))
+                .values(next_attempt_at=now + timedelta(seconds=lease_s))
+                .returning(*webhook_deliveries.c))
+        return [Delivery.from_row(r._mapping) for r in conn.execute(stmt)]
+
+
+def record_delivery(engine: sa.Engine, delivery: Delivery, *, delivered: bool, status: int | None,
+                    error: str | None, retry_in_s: float, give_up_after_s: float) -> str:
+    """Write the outcome of one attempt at a claimed delivery; returns what became of it.
+
+    'delivered'; 'retry' (next attempt in `retry_in_s`); 'given_up' (failing for `give_up_after_s`
+    since its first attempt); 'lost' (the lease had passed and another caller has the row: nothing
+    written). Times are the database's.
+    """
+    d = webhook_deliveries
+    with engine.begin() as conn:
+        now = db_now(conn)
+        first = delivery.first_attempt_at or now
+        values: dict[str, Any] = dict(attempts=d.c.attempts + 1, last_status=status, last_attempt_at=now,
+                                      first_attempt_at=first,
+                                      last_error=None if error is None else storable(error[:1000]))
+        if delivered:
+            values["delivered_at"], outcome = now, "delivered"
+        elif (now - first).total_seconds() + retry_in_s > give_up_after_s:
+            values["given_up_at"], outcome = now, "given_up"
+        else:
+            values["next_attempt_at"], outcome = now + timedelta(seconds=retry_in_s), "retry"
+        stmt = d.update().where(d.c.id == delivery.id, d.c.next_attempt_at == delivery.next_attempt_at,
+                                d.c.delivered_at.is_(None), d.c.given_up_at.is_(None)).values(**values)
+        return outcome if conn.execute(stmt).rowcount == 1 else "lost"
+
+
+def list_deliveries(engine: sa.Engine, *, tenant: str, job_id: str | None = None,
+                    batch_id: str | None = None, limit: int = 100) -> list[Delivery]:
+    """`tenant`'s deliveries newest first, of one job or batch if given."""
+    d = webhook_deliveries
+    q = sa.select(d).where(d.c.tenant == tenant)
+    if job_id is not None:
+        q = q.where(d.c.job_id == str(job_id))
+    if batch_id is not None:
+        q = q.where(d.c.batch_id == batch_id)
+    q = q.order_by(d.c.created_at.desc(), d.c.id.desc()).limit(limit)
+    with engine.connect() as conn:
+        return [Delivery.from_row(r._mapping) for r in conn.execute(q)]
+
+
+def batch_job_ids(engine: sa.Engine, batch_id: str, *, tenant: Tenant) -> list[str]:
+    """Ids of one of `tenant`'s batches' jobs, oldest first."""
+    q = (sa.select(jobs.c.id).where(*_scoped([jobs.c.batch_id == batch_id], tenant))
+         .order_by(jobs.c.created_at, jobs.c.id))
+    with engine.connect() as conn:
+        return [str(r[0]) for r in conn.execute(q)]
+
+
+def _new_webhook_secret() -> str:
+    return WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)  # 256 bits
+
+
+def webhook_secret(engine: sa.Engine, tenant: str) -> tuple[str, datetime]:
+    """`tenant`'s webhook signing secret and when it was made; made now if it has none."""
+    s = webhook_secrets
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(s.c.secret, s.c.created_at).where(s.c.tenant == tenant)).first()
+    if row is not None:
+        return row.secret, as_utc(row.created_at)
+    try:
+        with engine.begin() as conn:
+            now = db_now(conn)
+            secret = _new_webhook_secret()
+            conn.execute(s.insert().values(tenant=tenant, secret=secret, created_at=now))
+        return secret, now
+    except sa.exc.IntegrityError:  # another process made it first: that one is the secret
+        return webhook_secret(engine, tenant)
+
+
+def rotate_webhook_secret(engine: sa.Engine, tenant: str) -> tuple[str, datetime]:
+    """A new secret for `tenant` (every delivery from now on is signed with it), and its time."""
+    s = webhook_secrets
+    secret = _new_webhook_secret()
+    with engine.begin() as conn:
+        now = db_now(conn)
+        if conn.execute(s.update().where(s.c.tenant == tenant).values(secret=secret, created_at=now)).rowcount:
+            return secret, now
+    try:
+        with engine.begin() as conn:
+            conn.execute(s.insert().values(tenant=tenant, secret=secret, created_at=now))
+        return secret, now
+    except sa.exc.IntegrityError:  # made meanwhile by a first delivery: replace it
+        return rotate_webhook_secret(engine, tenant)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

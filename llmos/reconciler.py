@@ -12,11 +12,18 @@ Each pass, in this order:
    failed), held by a worker that died, or delivered (kombu's unacked hash) after their last
    send to a worker that died before taking it, or popped from its list by a worker that died
    before recording it (found from each priority list's length and oldest message, O(1)); and
-   any queued job last sent over `lost_after_s` ago, whatever Redis says.
+   any queued job last sent over `lost_after_s` ago, whatever Redis says;
+6. with LLMOS_RETENTION_DAYS set, once a day: deletes finished jobs and stopped worker rows older
+   than that (`manager.prune`), one bounded batch per pass until none is left.
+Each step reads only the rows it may act on, through partial indexes over the queued rows and
+the workers seen within `manager.FORGET_WORKER_AFTER_S`: a pass costs the same beside ten
+million finished jobs as beside none (docs/benchmarks.md, "The task table at scale").
 After a pass that failed, or a gap between passes longer than `dead_after_s` (the database or
 Redis was away, so were the workers' heartbeats), no worker is judged dead by the age of its
 heartbeat until `dead_after_s` of successful passes have given every live worker time to beat
-again; the other steps run meanwhile, and a worker that recorded its own stop is dead at once.
+again; the other steps run meanwhile, and a worker that recorded its own stop is dead at once
+(a worker silent for over `manager.FORGET_WORKER_AFTER_S` is not read at all: after an outage
+that long its held jobs are sent again, a duplicate at worst).
 A duplicate message is harmless: claims are conditional. `llmos up` runs it in a thread;
 production runs `llmos reconcile` (one process is enough; two are safe, only wasteful).
 """
@@ -29,7 +36,7 @@ import math
 import threading
 import time
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Sequence
 
 import redis
 
@@ -37,7 +44,7 @@ from llmos import manager
 from llmos.db import get_engine
 from llmos.dispatch import (CeleryDispatcher, Dispatcher, delivered_before, held_set, pending_set,
                             queue_key, queue_tails)
-from llmos.jobs import Job
+from llmos.jobs import Job, JobStatus
 from llmos.logs import event
 from llmos.notify import publish_done, redis_client
 from llmos.settings import Settings
@@ -47,6 +54,12 @@ log = logging.getLogger("llmos.reconciler")
 ORPHAN_MARGIN_S = 0.5
 """A queue list's oldest message must have been sent this much later than a job's last send
 before the job counts as popped from that list (absorbs the gap between a send and its record)."""
+
+RETENTION_EVERY_S = 86_400.0
+"""Retention (LLMOS_RETENTION_DAYS) starts once a day, and at the reconciler's start."""
+
+RETENTION_BATCH = 2000
+"""Finished jobs (and worker rows) one pass deletes at most while retention runs."""
 
 
 @dataclasses.dataclass
@@ -59,6 +72,8 @@ class PassReport:
     timed_out: int = 0
     retried: int = 0
     resent: int = 0
+    pruned_jobs: int = 0
+    pruned_workers: int = 0
 
     def any(self) -> bool:
         return any(dataclasses.astuple(self))
@@ -74,6 +89,8 @@ class Reconciler:
         self._last_ok: float | None = None  # monotonic end of the last successful pass
         self._blind = False  # the last pass failed
         self._judge_from = -math.inf  # monotonic time from which heartbeat ages are judged
+        self._prune_from = -math.inf  # monotonic time of the next retention run
+        self._prune_cursor: tuple[datetime, str] | None = None  # where the running one is
 
     def run_once(self) -> PassReport:
         """One pass; while it must not judge heartbeats (see the module doc), only stopped
@@ -108,19 +125,35 @@ class Reconciler:
         report.retried = len(retries)
         self._send(retries)
         report.resent = self._resend_lost(dead_after)
+        report.pruned_jobs, report.pruned_workers = self._retain()
         if report.any():
             event(log, "reconcile", **dataclasses.asdict(report))
         return report
 
+    def _retain(self) -> tuple[int, int]:
+        """One bounded batch of retention when it is due: (jobs, worker rows) deleted."""
+        days = self.settings.retention_days
+        if not days or time.monotonic() < self._prune_from:
+            return 0, 0
+        done = manager.prune(self.engine, timedelta(days=days), batch_size=RETENTION_BATCH,
+                             max_batches=1, cursor=self._prune_cursor)
+        self._prune_cursor = None if done.done else done.cursor
+        if done.done:
+            self._prune_from = time.monotonic() + RETENTION_EVERY_S
+        return done.jobs, done.workers
+
     def _resend_lost(self, dead_after: float) -> int:
         s = self.settings
         total = 0
-        live = {w["id"] for w in manager.live_workers(self.engine, within_s=dead_after)}
-        dead = set(manager.worker_ids(self.engine)) - live
+        # workers seen within a day (a worker silent longer is long gone; its held set was
+        # cleared by the passes after it died): no pass reads every worker row ever started
+        seen = manager.recent_workers(self.engine, within_s=manager.FORGET_WORKER_AFTER_S)
+        live = {w["id"] for w in seen if w["stopped_at"] is None and w["silent_s"] <= dead_after}
+        dead = {w["id"] for w in seen} - live
         held_live = _union(self.redis, [held_set(w) for w in live])
         held_dead = _union(self.redis, [held_set(w) for w in dead])
         delivered: dict[str, float] | None = None
-        for model in manager.queued_counts(self.engine):
+        for model in manager.queued_models(self.engine):
             stale = manager.stale_queued(self.engine, model, s.resend_after_s)
             stale = [j for j in stale if j.id not in held_live]  # a live worker has it in hand
             if not stale:
@@ -129,21 +162,17 @@ class Reconciler:
                 delivered = delivered_before(self.redis, s.dead_after_s)
             present = self.redis.smismember(pending_set(model), [j.id for j in stale])
             orphans = self._orphans(model, [j for j, here in zip(stale, present) if here])
-            now = manager.db_now(self.engine)
-            lost = []
-            for j, here in zip(stale, present):
-                sent = _sent_at(j)
-                if (not here or j.id in held_dead or j.id in orphans
-                        or delivered.get(j.id, 0.0) > sent.timestamp()  # taken by a worker that died
-                        or (now - sent).total_seconds() > s.lost_after_s):
-                    lost.append(j)
-            self._send(lost)
-            total += len(lost)
+            lost_before = manager.db_now(self.engine) - timedelta(seconds=s.lost_after_s)
+            lost = [j for j, here in zip(stale, present)
+                    if not here or j.id in held_dead or j.id in orphans or j.sent_at < lost_before
+                    # delivered after its last send, to a worker that died before taking it
+                    or (delivered and delivered.get(j.id, 0.0) > j.sent_at.timestamp())]
+            total += self._resend(lost)
         if dead:
             self.redis.delete(*[held_set(w) for w in dead])
         return total
 
-    def _orphans(self, model: str, pending: list[Job]) -> set[str]:
+    def _orphans(self, model: str, pending: list[manager.QueuedRef]) -> set[str]:
         """Ids of `pending` jobs whose message cannot still be in its queue list: a worker popped
         it and died before recording the delivery.
 
@@ -160,12 +189,25 @@ class Reconciler:
         oldest = manager.get_jobs(self.engine, sorted({t for _, t in tails.values() if t}),
                                   tenant=manager.ANY_TENANT)
         margin = timedelta(seconds=ORPHAN_MARGIN_S)
+        empty = {k for k, (length, _) in tails.items() if length == 0}
+        # per list: a job sent before this was popped from it (absent: the list's oldest is no job's)
+        popped_before = {k: _sent_at(oldest[t]) - margin for k, (_, t) in tails.items() if t in oldest}
+        keys = {p: queue_key(model, p) for p in {j.priority for j in pending}}
         found = set()
         for j in pending:
-            length, tail = tails[queue_key(model, j.priority)]
-            if length == 0 or (tail in oldest and _sent_at(oldest[tail]) > _sent_at(j) + margin):
+            key = keys[j.priority]
+            if key in empty or (key in popped_before and popped_before[key] > j.sent_at):
                 found.add(j.id)
         return found
+
+    def _resend(self, refs: Sequence[manager.QueuedRef]) -> int:
+        """Send again those of `refs` still queued (their full rows read now); how many were sent."""
+        if not refs:
+            return 0
+        found = manager.get_jobs(self.engine, [r.id for r in refs], tenant=manager.ANY_TENANT)
+        jobs = [found[r.id] for r in refs if r.id in found and found[r.id].status == JobStatus.QUEUED]
+        self._send(jobs)
+        return len(jobs)
 
     def _send(self, jobs: list[Job]) -> None:
         if not jobs:

@@ -121,16 +121,20 @@ class HTTPClient:
                idempotency_key: str | Sequence[str | None] | None = None,
                tenant: str | None = None, batch_id: str | None = None,
                timeout_s: float | None = None, deadline: datetime | float | None = None,
-               max_attempts: int = 3) -> list[JobHandle]:
-        """`Client.submit` over HTTP: one request (a batch for many tasks); the server validates."""
+               max_attempts: int = 3, webhook_url: str | None = None) -> list[JobHandle]:
+        """`Client.submit` over HTTP: one request (a batch for many tasks); the server validates.
+
+        `webhook_url`: a job webhook for one task without a batch id, else a batch webhook.
+        """
         return self._submit(model, tasks, priority=priority, idempotency_key=idempotency_key,
                             tenant=tenant, batch_id=batch_id, timeout_s=timeout_s,
-                            deadline=deadline, max_attempts=max_attempts, warn=True)[0]
+                            deadline=deadline, max_attempts=max_attempts, warn=True,
+                            webhook_url=webhook_url)[0]
 
     def _submit(self, model: str, tasks: Iterable[Task], *, priority: int | str | None,
                 idempotency_key: str | Sequence[str | None] | None, tenant: str | None,
                 batch_id: str | None, timeout_s: float | None, deadline: datetime | float | None,
-                max_attempts: int, warn: bool) -> tuple[list[JobHandle], bool]:
+                max_attempts: int, warn: bool, webhook_url: str | None = None) -> tuple[list[JobHandle], bool]:
         """`submit` (`warn`: a NoWorkerWarning if no worker serves the model), and whether one does."""
         self._no_tenant(tenant)
         checked = [ensure_task(t) for t in _task_list(tasks)]
@@ -140,6 +144,8 @@ class HTTPClient:
         options = {"model": model, "priority": priority, "timeout_s": timeout_s,
                    "deadline": deadline.isoformat() if isinstance(deadline, datetime) else deadline,
                    "max_attempts": max_attempts}
+        if webhook_url is not None:  # only when given: a server without webhooks refuses the field
+            options["webhook_url"] = webhook_url
         items = [{"task": t.task_type, "input": t.model_dump(mode="json"), "idempotency_key": k}
                  for t, k in zip(checked, keys)]
         if len(items) == 1 and batch_id is None:

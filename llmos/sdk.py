@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+import urllib.parse
 import uuid
 import warnings
 from datetime import datetime, timezone
@@ -25,7 +26,7 @@ from llmos import manager
 from llmos.constants import (CANCEL_CHANNEL, DEFAULT_TENANT, MAX_ATTEMPTS, MAX_BATCH_ID_CHARS,
                              MAX_DEADLINE_S, MAX_IDEMPOTENCY_KEY_CHARS, MAX_JOBS_PER_SUBMIT,
                              MAX_TENANT_CHARS, WAIT_MAX_POLL_S, WAIT_POLL_S)
-from llmos.db import UNSTORABLE, check_database, first_line, get_engine
+from llmos.db import MAX_WEBHOOK_URL_CHARS, UNSTORABLE, check_database, first_line, get_engine
 from llmos.dispatch import CeleryDispatcher, Dispatcher
 from llmos.errors import (DatabaseUnavailableError, JobFailedError, JobNotFoundError,
                           JobTimeoutError, LLMOSError, NoWorkerError, NoWorkerWarning,
@@ -102,23 +103,26 @@ class Client:
                idempotency_key: str | Sequence[str | None] | None = None,
                tenant: str | None = None, batch_id: str | None = None,
                timeout_s: float | None = None, deadline: datetime | float | None = None,
-               max_attempts: int = 3) -> list["JobHandle"]:
+               max_attempts: int = 3, webhook_url: str | None = None) -> list["JobHandle"]:
         """Validate, write and send `tasks` for `model`; one handle per task, in order.
 
         `timeout_s`: longest a job may run (then it fails with reason timeout); `deadline`: a
         time (or seconds from now) after which a job that has not started is `expired`;
-        `max_attempts`: runs before a job whose worker keeps dying is failed. Every argument is
+        `max_attempts`: runs before a job whose worker keeps dying is failed; `webhook_url`: an
+        http(s) URL an API process POSTs the final job to (one task without a batch id), else
+        the final batch (several tasks get a new batch id if none is given). Every argument is
         checked first: a ValidationError means nothing was written or sent. If no live worker
         serves `model`, a NoWorkerWarning says how to start one (the jobs wait queued).
         """
         return self._submit(model, tasks, priority=priority, idempotency_key=idempotency_key,
                             tenant=tenant, batch_id=batch_id, timeout_s=timeout_s,
-                            deadline=deadline, max_attempts=max_attempts, warn=True)[0]
+                            deadline=deadline, max_attempts=max_attempts, warn=True,
+                            webhook_url=webhook_url)[0]
 
     def _submit(self, model: str, tasks: Iterable[Task], *, priority: int | str | None,
                 idempotency_key: str | Sequence[str | None] | None, tenant: str | None,
                 batch_id: str | None, timeout_s: float | None, deadline: datetime | float | None,
-                max_attempts: int, warn: bool) -> tuple[list["JobHandle"], bool]:
+                max_attempts: int, warn: bool, webhook_url: str | None = None) -> tuple[list["JobHandle"], bool]:
         """`submit` (`warn`: a NoWorkerWarning if no worker serves the model), and whether one does."""
         spec = self.registry.get(model)
         tasks = _task_list(tasks)
@@ -126,6 +130,9 @@ class Client:
         tenant = self._tenant(tenant)
         keys = _keys(idempotency_key, len(tasks))
         batch_id = _name("batch_id", batch_id, MAX_BATCH_ID_CHARS)
+        webhook_url = webhook_url_of(webhook_url)
+        if webhook_url is not None and batch_id is None and len(tasks) > 1:
+            batch_id = uuid.uuid4().hex  # one webhook for the whole submit, as POST /v1/jobs:batch sends
         timeout_s = _timeout(timeout_s, self.settings.max_job_seconds)
         deadline, deadline_in_s = _deadline(deadline)
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) \
@@ -142,7 +149,7 @@ class Client:
             return [], False
         if self._dispatcher is None or isinstance(self._dispatcher, CeleryDispatcher):
             ping(self.redis, self.settings)  # fail before writing anything if Redis is down
-        created = self._db(manager.create_jobs, new)
+        created = self._db(manager.create_jobs, new, webhook_url=webhook_url)
         to_send = [job for job, is_new in created if is_new]
         try:
             self.dispatcher.send(to_send)
@@ -304,6 +311,33 @@ def _name(what: str, value: Any, max_chars: int) -> str | None:
     return value
 
 
+def webhook_url_of(value: Any) -> str | None:
+    """A webhook URL's form checked: None, or an absolute http(s) URL with a host, storable, ≤ 2048 chars.
+
+    Which addresses it may reach is the API's to check (`llmos.api.webhooks.check_url`), at
+    submit and again before every POST.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(f"webhook_url must be a string (an http or https URL), got {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_WEBHOOK_URL_CHARS:
+        raise ValidationError(f"webhook_url must be 1–{MAX_WEBHOOK_URL_CHARS} characters, got {len(value)}")
+    if UNSTORABLE.search(value) or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValidationError("webhook_url contains whitespace or a control character; percent-encode it")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 (ValueError for a port that is not a number 0-65535)
+    except ValueError as exc:
+        raise ValidationError(f"webhook_url is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        shown = f"{parts.scheme}:" if parts.scheme else "no scheme"
+        raise ValidationError(f"webhook_url must be an http:// or https:// URL, got {shown} ({value[:80]!r})")
+    if not parts.hostname:
+        raise ValidationError(f"webhook_url has no host: {value[:80]!r}")
+    return value
+
+
 def _keys(key: Any, n: int) -> list[str | None]:
     if key is None:
         return [None] * n
@@ -417,21 +451,27 @@ class Model:
     def submit(self, task: Task, *, priority: int | str | None = None,
                idempotency_key: str | None = None, tenant: str | None = None,
                timeout_s: float | None = None, deadline: datetime | float | None = None,
-               max_attempts: int = 3) -> JobHandle:
-        """Enqueue one task; see `Client.submit` for the options."""
+               max_attempts: int = 3, webhook_url: str | None = None) -> JobHandle:
+        """Enqueue one task; see `Client.submit` for the options (`webhook_url`: the final job is POSTed)."""
         return self.client.submit(self.name, [task], priority=priority,
                                   idempotency_key=idempotency_key, tenant=tenant,
-                                  timeout_s=timeout_s, deadline=deadline, max_attempts=max_attempts)[0]
+                                  timeout_s=timeout_s, deadline=deadline, max_attempts=max_attempts,
+                                  webhook_url=webhook_url)[0]
 
     def submit_many(self, tasks: Iterable[Task], *, priority: int | str | None = None,
                     tenant: str | None = None, batch_id: str | None = None,
                     idempotency_keys: Sequence[str | None] | None = None,
                     timeout_s: float | None = None, deadline: datetime | float | None = None,
-                    max_attempts: int = 3) -> list[JobHandle]:
-        """Validate every task first (nothing is written if one is bad), then enqueue them all."""
+                    max_attempts: int = 3, webhook_url: str | None = None) -> list[JobHandle]:
+        """Validate every task first (nothing is written if one is bad), then enqueue them all.
+
+        `webhook_url`: the batch is POSTed there once every job of it is final (a single task
+        without a `batch_id`: the job, as `submit` does).
+        """
         return self.client.submit(self.name, tasks, priority=priority, tenant=tenant,
                                   batch_id=batch_id, idempotency_key=idempotency_keys,
-                                  timeout_s=timeout_s, deadline=deadline, max_attempts=max_attempts)
+                                  timeout_s=timeout_s, deadline=deadline, max_attempts=max_attempts,
+                                  webhook_url=webhook_url)
 
     def execute(self, task: Task, *, timeout: float | None = 300.0,
                 priority: int | str | None = None, idempotency_key: str | None = None,

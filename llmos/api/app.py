@@ -1,7 +1,8 @@
-"""The app factory: routers, error handlers, the body limit and the shared SDK client."""
+"""The app factory: routers, error handlers, the body limit, the shared SDK client and the webhook deliverer."""
 
 from __future__ import annotations
 
+import asyncio
 import warnings
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -11,8 +12,9 @@ from fastapi import FastAPI
 from llmos import __version__
 from llmos.api import errors
 from llmos.api.quotas import BodyLimit, RateLimiter, storage_uri
-from llmos.api.routes import health, jobs, keys, models
+from llmos.api.routes import health, jobs, keys, models, webhooks
 from llmos.api.settings import ApiSettings, get_api_settings
+from llmos.api.webhooks import Deliverer
 from llmos.errors import NoWorkerWarning
 from llmos.sdk import Client
 from llmos.settings import Settings, get_settings
@@ -29,13 +31,21 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     # would only say so on the server's stderr, to nobody.
     warnings.filterwarnings("ignore", category=NoWorkerWarning)
     settings = client.settings if client is not None else (settings or get_settings())
-    api_settings = api_settings or get_api_settings()
+    api_settings = api_settings or get_api_settings(settings)
     client = client or Client(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        client.close()
+        # every API process delivers webhooks (LLMOS_API_WEBHOOK_DELIVER=false: not this one)
+        deliverer = Deliverer(lambda: client.engine, api_settings) if api_settings.webhook_deliver else None
+        if deliverer is not None:
+            deliverer.start()
+        try:
+            yield
+        finally:
+            if deliverer is not None:
+                await asyncio.to_thread(deliverer.stop)
+            client.close()
 
     app = FastAPI(title="LLMOS", version=__version__, lifespan=lifespan,
                   description="NLP jobs on language models: submit, wait, stream, cancel. "
@@ -45,6 +55,6 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     app.state.rate_limiter = RateLimiter(api_settings.rate_limit, storage_uri(settings, api_settings))
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=api_settings.max_body_bytes)
-    for module in (health, jobs, models, keys):
+    for module in (health, jobs, models, keys, webhooks):
         app.include_router(module.router)
     return app

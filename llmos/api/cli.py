@@ -6,6 +6,7 @@ Registered in `llmos.cli`; `python -m llmos.api.cli` runs the same commands on t
 from __future__ import annotations
 
 import json
+import socket
 from typing import Annotated, Optional
 
 import typer
@@ -23,8 +24,27 @@ def api_command(
     """Serve the REST API (see docs/api.md)."""
     import uvicorn
 
+    from llmos.api.settings import get_api_settings
+
+    get_api_settings()  # a bad [tenants] or [shedding] table in llmos.toml stops here, before uvicorn
+    check_port(host, port, "pass --port N")
     uvicorn.run("llmos.api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level=get_settings().log_level.lower())
+                log_level=get_settings().log_level.lower(),
+                timeout_graceful_shutdown=5)  # open event streams and long polls end after 5 s
+
+
+def check_port(host: str, port: int, hint: str) -> None:
+    """LLMOSError if nothing can listen on `host`:`port` now (another server holds it)."""
+    from llmos.errors import LLMOSError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise LLMOSError(f"cannot serve the API on {host}:{port}: {exc.strerror or exc} "
+                             f"(is another API or `llmos up` running there?); {hint}") from None
 
 
 @keys_app.command("create")

@@ -9,7 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from llmos import manager
 from llmos.api.errors import AuthError, ForbiddenError
-from llmos.api.quotas import RateLimiter
+from llmos.api.quotas import RateLimiter, check_body
 from llmos.api.settings import ApiSettings
 from llmos.manager import ApiKey
 from llmos.sdk import Client
@@ -31,14 +31,20 @@ ApiSettingsDep = Annotated[ApiSettings, Depends(get_api_settings)]
 
 def get_key(request: Request, client: ClientDep,
             credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> ApiKey:
-    """The caller's live API key (401 otherwise); counts the request against its tenant's rate."""
+    """The caller's live API key (401 otherwise); counts the request against its tenant's rate.
+
+    Then the tenant's own body limit, if its [tenants.NAME] table sets one below the global cap.
+    """
     if credentials is None:
         raise AuthError("missing API key: send `Authorization: Bearer <key>`")
     key = manager.authenticate_key(client.engine, credentials.credentials)
     if key is None:
         raise AuthError("invalid or revoked API key")
+    api: ApiSettings = request.app.state.api_settings
+    quota = api.quota(key.tenant)
     limiter: RateLimiter = request.app.state.rate_limiter
-    limiter.hit(key.tenant)
+    limiter.hit(key.tenant, quota)
+    check_body(request, quota, api)
     return key
 
 

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from llmos.errors import (BrokerUnavailableError, ConfigError, DatabaseUnavailableError,
                           IdempotencyConflictError, JobNotFoundError, LLMOSError, UnknownModelError,
@@ -90,7 +91,7 @@ def llmos_error_response(exc: LLMOSError) -> JSONResponse:
     details: dict[str, Any] = {}
     headers: dict[str, str] = {}
     if isinstance(exc, QuotaExceededError):
-        details = {"limit": exc.limit, "retry_after_s": exc.retry_after_s}
+        details = {"limit": exc.limit, "retry_after_s": exc.retry_after_s, **getattr(exc, "details", {})}
         headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, JobFinalError):
         details = {"status": exc.status}
@@ -99,6 +100,20 @@ def llmos_error_response(exc: LLMOSError) -> JSONResponse:
     elif status == 503:
         headers["Retry-After"] = str(RETRY_AFTER_UNAVAILABLE_S)
     return error_response(status, code, " ".join(str(exc).split()), details, headers)
+
+
+METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers on the request's path (the Allow of a 405).
+
+    Asked of the router itself, method by method (included routers are not flattened into
+    `app.routes`, and Starlette's own Allow names the methods of the first route only).
+    """
+    routes = request.app.router.routes
+    return [m for m in METHODS
+            if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
 
 
 def install(app: FastAPI) -> None:
@@ -118,9 +133,15 @@ def install(app: FastAPI) -> None:
                               {"errors": errors})
 
     @app.exception_handler(HTTPException)
-    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body the framework cannot decode (not UTF-8, say): malformed JSON
+            return error_response(422, "invalid_request", f"the request body is not valid JSON ({exc.detail})",
+                                  {"errors": [{"loc": ["body"], "msg": str(exc.detail), "type": "json_invalid"}]})
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette's Allow names the methods of one route of the path, not all
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
         code = HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
 
     @app.exception_handler(sa.exc.OperationalError)
     async def _database(_request: Request, exc: sa.exc.OperationalError) -> JSONResponse:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from llmos.constants import MAX_JOBS_PER_SUBMIT
+from llmos.constants import MAX_JOBS_PER_SUBMIT, MAX_TENANT_CHARS
+from llmos.db import MAX_WEBHOOK_URL_CHARS
 from llmos.jobs import Job, JobStatus
-from llmos.manager import ApiKey, as_utc
+from llmos.manager import ApiKey, Delivery, as_utc
 from llmos.registry import ModelSpec
 
 Priority = StrictInt | StrictStr
@@ -38,6 +39,10 @@ class JobOptions(_In):
     deadline: datetime | Seconds | None = Field(
         default=None, description="An ISO 8601 time with offset, or seconds from now; a job not started by then expires.")
     max_attempts: StrictInt = Field(default=3, description="Runs before a job whose worker keeps dying is failed.")
+    webhook_url: StrictStr | None = Field(
+        default=None, max_length=MAX_WEBHOOK_URL_CHARS,
+        description="An http(s) URL POSTed the final job (POST /v1/jobs) or the final batch (POST /v1/jobs:batch), "
+                    "signed; see docs/api.md, Webhooks.")
 
 
 class JobIn(JobOptions):
@@ -149,9 +154,9 @@ class ModelList(_Out):
 
 
 class KeyIn(_In):
-    tenant: StrictStr
-    name: StrictStr | None = None
-    admin: bool = False
+    tenant: StrictStr = Field(min_length=1, max_length=MAX_TENANT_CHARS)
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_TENANT_CHARS)
+    admin: StrictBool = False
 
 
 class KeyOut(_Out):
@@ -177,6 +182,42 @@ class KeyCreated(KeyOut):
 
 class KeyList(_Out):
     keys: list[KeyOut]
+
+
+class WebhookSecretOut(_Out):
+    """The tenant's webhook signing secret (X-LLMOS-Signature is an HMAC-SHA256 with it)."""
+
+    secret: str
+    created_at: datetime
+
+
+class DeliveryOut(_Out):
+    """One webhook delivery: a final job or batch POSTed (or to be POSTed) to `url`."""
+
+    id: str
+    kind: str = Field(description="`job` or `batch`.")
+    target_id: str = Field(description="The job id or the batch id.")
+    url: str
+    created_at: datetime
+    next_attempt_at: datetime | None = Field(description="When the next attempt is due (null once delivered or given up).")
+    attempts: int
+    last_status: int | None = Field(description="The receiver's HTTP status at the last attempt (null: no answer).")
+    last_error: str | None = None
+    last_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+    given_up_at: datetime | None = None
+
+    @classmethod
+    def of(cls, d: Delivery) -> "DeliveryOut":
+        done = d.delivered_at is not None or d.given_up_at is not None
+        return cls(id=d.id, kind=d.kind, target_id=d.target_id, url=d.url, created_at=d.created_at,
+                   next_attempt_at=None if done else d.next_attempt_at, attempts=d.attempts,
+                   last_status=d.last_status, last_error=d.last_error, last_attempt_at=d.last_attempt_at,
+                   delivered_at=d.delivered_at, given_up_at=d.given_up_at)
+
+
+class DeliveryList(_Out):
+    deliveries: list[DeliveryOut]
 
 
 class Health(_Out):

@@ -51,7 +51,7 @@ def test_demo_against_postgres_and_redis(services, tmp_path):
 def test_up_then_submit_from_another_terminal(tmp_path):
     home = tmp_path / "home"
     env = service_env(LLMOS_HOME=str(home))
-    up = subprocess.Popen(LLMOS + ["up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    up = subprocess.Popen(LLMOS + ["up", "--no-api"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, cwd=REPO)
     try:
         seen = ""

@@ -20,9 +20,10 @@ from llmos import manager
 from llmos.api.deps import ApiSettingsDep, ClientDep, TenantDep
 from llmos.api.errors import JobFinalError
 from llmos.api.quotas import check_queued
-from llmos.api.routes import AUTHENTICATED, errors
+from llmos.api.routes import AUTHENTICATED, IsoDatetime, errors, event_stream
 from llmos.api.schemas import BatchIn, BatchOut, JobIn, JobOut, JobPage
 from llmos.api.settings import WAIT_MAX_S, ApiSettings
+from llmos.api.webhooks import check_url
 from llmos.db import UNSTORABLE
 from llmos.errors import LLMOSError, ValidationError
 from llmos.jobs import JobStatus
@@ -36,13 +37,15 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 def _submit(client: Client, api: ApiSettings, tenant: str, body: JobIn | BatchIn,
             items: list, batch_id: str | None) -> list[JobOut]:
-    """Validate every task (nothing is written if one is bad), check the quota, submit through the SDK."""
+    """Validate every task and the webhook URL (nothing is written if one is bad), check the quota, submit."""
     tasks = [parse_task(item.task, item.input) for item in items]
     keys = [item.idempotency_key for item in items]
-    check_queued(client.engine, tenant, len(tasks), api)
+    if body.webhook_url is not None:  # its addresses too: a tenant's URL never reaches a private one
+        check_url(body.webhook_url, allow_private=api.webhook_allow_private)
+    check_queued(client, tenant, len(tasks), api, model=body.model, priority=body.priority)
     handles = client.submit(body.model, tasks, priority=body.priority, tenant=tenant, batch_id=batch_id,
                             idempotency_key=keys, timeout_s=body.timeout_s, deadline=body.deadline,
-                            max_attempts=body.max_attempts)
+                            max_attempts=body.max_attempts, webhook_url=body.webhook_url)
     found = manager.get_jobs(client.engine, [h.id for h in handles], tenant=tenant)
     event(log, "api_submit", tenant=tenant, model=body.model, jobs=len(handles), batch_id=batch_id)
     return [JobOut.of(found[h.id]) for h in handles]
@@ -65,7 +68,7 @@ def submit_batch(body: BatchIn, tenant: TenantDep, client: ClientDep, api: ApiSe
 def list_jobs(tenant: TenantDep, client: ClientDep,
               status: JobStatus | None = None, model: str | None = None, task: str | None = None,
               batch_id: str | None = None,
-              created_since: Annotated[datetime | None, Query(description="ISO 8601; naive is UTC.")] = None,
+              created_since: Annotated[IsoDatetime | None, Query(description="ISO 8601; naive is UTC.")] = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
               cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
               ) -> JobPage:
@@ -118,9 +121,9 @@ def wait_job(job_id: str, tenant: TenantDep, client: ClientDep,
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
-    200: {"description": "Server-Sent Events: one event per status the job reaches (event name: the "
-                         "status, data: the job as JSON); the stream ends after the final one.",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    200: event_stream("Server-Sent Events: one event per status the job reaches (event name: the "
+                      "status, data: the job as JSON); the stream ends after the final one.",
+                      JobOut, [s.value for s in JobStatus]),
     **errors(*AUTHENTICATED, 404)})
 async def job_events(job_id: str, tenant: TenantDep, client: ClientDep, api: ApiSettingsDep) -> StreamingResponse:
     """Stream the job's statuses as Server-Sent Events: queued, running, then its final status."""
