@@ -262,11 +262,19 @@ class Stack:
         return restarted
 
     def supervise_api(self) -> bool:
-        """Restart the API if it died; True if it was restarted."""
+        """Restart the API if it died, waiting longer after each restart (2, 4 … 60 s); True if restarted.
+
+        An API that cannot start (its port taken since, a config broken since) is retried with
+        backoff rather than every second; its log says why.
+        """
         if self.api is None or self.api.proc is None or self.api.alive():
+            return False
+        now = time.monotonic()
+        if now < getattr(self, "_api_retry_at", 0.0):
             return False
         self.api.wait(0)
         self.api.restarts += 1
+        self._api_retry_at = now + min(60.0, 2.0 ** min(self.api.restarts, 6))
         self.api.start()
         return True
 

@@ -83,9 +83,22 @@ def verify(secret: str, body: bytes, timestamp: str | None, signature: str | Non
 
 
 # -- the address policy --------------------------------------------------------------------
+RESOLVE_TIMEOUT_S = 3.0
+"""How long a webhook host's name may take to resolve (getaddrinfo has no timeout of its own)."""
+_resolver = ThreadPoolExecutor(4, thread_name_prefix="llmos-webhook-dns")
+
+
 def system_resolve(host: str, port: int) -> list[str]:
-    """The addresses `host` resolves to, in the resolver's order."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    """The addresses `host` resolves to, in the resolver's order; OSError past RESOLVE_TIMEOUT_S.
+
+    Resolution runs on a small pool of its own, so a slow name server holds those threads, not
+    the API's request threads.
+    """
+    future = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = future.result(timeout=RESOLVE_TIMEOUT_S)
+    except TimeoutError:
+        raise OSError(f"no answer from the resolver within {RESOLVE_TIMEOUT_S:g} s") from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
@@ -294,6 +307,8 @@ class Deliverer:
                             head = chunk[:200]
                             break
                         text = " ".join(head.decode("utf-8", "replace").split())
+                        if refused_reason(address) is not None:  # allowed private: keep its body out of the table
+                            text = ""
                         return resp.status_code, f"HTTP {resp.status_code}: {text}".rstrip(": ")
                 except httpx.ConnectError as exc:  # nothing was sent: the next address may answer
                     error = f"cannot connect: {str(exc) or type(exc).__name__}"

@@ -210,3 +210,13 @@ def test_models_and_openapi(api):
             assert "200" in op["responses"] or "201" in op["responses"] or "204" in op["responses"], (path, method)
             if path.startswith("/v1/"):
                 assert {"401", "422", "429"} <= set(op["responses"]), (path, method)
+
+
+def test_a_keyed_batch_retried_without_a_batch_id_answers_the_first_batch_id(api):
+    http, _, a, _ = api
+    body = {"model": "minilm", "jobs": [{"task": "embed", "input": {"texts": [f"doc {i}"]}, "idempotency_key": f"k{i}"}
+                                        for i in range(3)]}
+    first = http.post("/v1/jobs:batch", headers=a, json=body).json()
+    again = http.post("/v1/jobs:batch", headers=a, json=body).json()
+    assert [j["id"] for j in again["jobs"]] == [j["id"] for j in first["jobs"]]
+    assert again["batch_id"] == first["batch_id"] == first["jobs"][0]["batch_id"]

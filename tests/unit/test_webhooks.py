@@ -445,3 +445,16 @@ def test_verify_refuses_headers_a_receiver_cannot_parse_without_raising():
 def test_an_ipv4_address_inside_a_6to4_address_is_judged_as_ipv4():
     assert refused_reason("2002:a00:1::") == "private"  # embeds 10.0.0.1
     assert refused_reason("2002:7f00:1::") == "loopback"  # embeds 127.0.0.1
+
+
+def test_an_allowed_private_receivers_answer_is_not_kept_in_the_table(engine):
+    """With private addresses allowed, a tenant must not read internal services' bodies through last_error."""
+    (job, _), = manager.create_jobs(engine, [new_job()], webhook_url="http://internal.example.com/h")
+    finish(engine, job.id)
+    d = deliverer(engine, Receiver(500), webhook_allow_private=True)
+    try:
+        assert d.run_once() == 1
+    finally:
+        d.stop()
+    row, = rows(engine)
+    assert row["last_status"] == 500 and row["last_error"] == "HTTP 500"

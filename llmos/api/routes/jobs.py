@@ -61,7 +61,12 @@ def submit_job(body: JobIn, tenant: TenantDep, client: ClientDep, api: ApiSettin
 def submit_batch(body: BatchIn, tenant: TenantDep, client: ClientDep, api: ApiSettingsDep) -> BatchOut:
     """Submit up to 10,000 jobs for one model: one insert, one send; all or none are accepted."""
     batch_id = body.batch_id or uuid.uuid4().hex
-    return BatchOut(batch_id=batch_id, jobs=_submit(client, api, tenant, body, body.jobs, batch_id))
+    out = _submit(client, api, tenant, body, body.jobs, batch_id)
+    if body.batch_id is None:  # a retry whose keys all name earlier jobs: their batch, not the new id
+        earlier = {j.batch_id for j in out}
+        if len(earlier) == 1 and None not in earlier:
+            batch_id = earlier.pop() or batch_id
+    return BatchOut(batch_id=batch_id, jobs=out)
 
 
 @router.get("", responses=errors(*AUTHENTICATED))
