@@ -34,9 +34,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from llmos.registry import Registry, resolve_source  # noqa: E402
+from llmos.registry import Registry  # noqa: E402
 from llmos.settings import Settings  # noqa: E402
+from workers import model_cache  # noqa: E402
 from workers.runners import adapter  # noqa: E402
+from workers.runners.encoder import embed, tokenize  # noqa: E402
 
 DATA = ROOT / "llmos" / "data"
 TESTS = ROOT / "tests" / "data"
@@ -66,18 +68,14 @@ def read(paths) -> list[tuple[int, str]]:
 
 def train(rows: list[tuple[int, str]], rank: int, lr: float, epochs: int, seed: int = 0,
           batch: int = 16, head_lr: float = 5e-3, dropout: float = 0.1, log=print):
-    """(model with LoRA wrappers, head, wrapped layer names, tokenizer) after fine-tuning on `rows`."""
+    """(minilm with LoRA wrappers, as a LoadedModel; head; wrapped layer names) after fine-tuning on `rows`."""
     import torch
-    import transformers
-    from transformers import AutoModel, AutoTokenizer
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(seed)
     random.seed(seed)
-    source = resolve_source(Registry.load(Settings()).get("minilm"))
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModel.from_pretrained(source, dtype=torch.float32)
+    spec = Registry.load(Settings()).get("minilm").model_copy(update={"quantization": None})
+    loaded = model_cache.load_transformers(spec, "cpu")  # a copy of its own: the cache is not used
+    model = loaded.model
     names = adapter.wrap(model, rank=rank, alpha=2 * rank, dropout=dropout)
     head = torch.nn.Linear(model.config.hidden_size, len(LABELS))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -88,44 +86,37 @@ def train(rows: list[tuple[int, str]], rank: int, lr: float, epochs: int, seed: 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm))))
     order = list(range(len(rows)))
     model.train()
-    t0, step = time.perf_counter(), 0
+    t0 = time.perf_counter()
     for epoch in range(epochs):
         random.Random(seed + epoch).shuffle(order)
         total = 0.0
         for i in range(0, len(order), batch):
             chunk = [rows[j] for j in order[i:i + batch]]
-            logits = forward(model, head, tokenizer, [t for _, t in chunk])
+            logits = forward(loaded, head, [t for _, t in chunk])
             loss = torch.nn.functional.cross_entropy(logits, torch.tensor([y for y, _ in chunk]))
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(chunk)
-            step += 1
         log(f"  epoch {epoch + 1}/{epochs}: loss {total / len(rows):.4f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
-    return model, head, names, tokenizer
+    return loaded, head, names
 
 
-def forward(model, head, tokenizer, texts):
-    import torch
-
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-    enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
-    hidden = model(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).float()
-    pooled = torch.nn.functional.normalize((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9), dim=1)
-    return head(pooled)
+def forward(loaded, head, texts):
+    """The head's logits over the runner's own `mean:6` block: the vector `embed` computes, on the adapted model."""
+    return head(embed(loaded, tokenize(loaded, texts)))
 
 
-def accuracy(model, head, tokenizer, rows) -> float:
+def accuracy(loaded, head, rows) -> float:
     import torch
 
     right = 0
     with torch.inference_mode():
         for i in range(0, len(rows), 64):
             chunk = rows[i:i + 64]
-            pred = forward(model, head, tokenizer, [t for _, t in chunk]).argmax(dim=1).tolist()
+            pred = forward(loaded, head, [t for _, t in chunk]).argmax(dim=1).tolist()
             right += sum(p == y for p, (y, _) in zip(pred, chunk))
     return right / len(rows)
 
@@ -144,8 +135,8 @@ def main() -> None:
     table = []
     for setting in (GRID if args.grid else (SETTING,)):
         print(f"setting {setting} on train")
-        model, head, _, tok = train(train_rows, **setting)
-        acc = accuracy(model, head, tok, dev_rows)
+        loaded, head, _ = train(train_rows, **setting)
+        acc = accuracy(loaded, head, dev_rows)
         print(f"  dev accuracy {acc:.4f}")
         table.append({**setting, "dev_accuracy": round(acc, 4)})
     print(json.dumps({"dev_table": table}))
@@ -153,8 +144,8 @@ def main() -> None:
         return
     setting = SETTING
     print(f"refit on train + dev with {setting}")
-    model, head, names, tok = train(train_rows + dev_rows, **setting)
-    save_file(adapter.adapter_state(model, names), str(OUT_ADAPTER))
+    loaded, head, names = train(train_rows + dev_rows, **setting)
+    save_file(adapter.adapter_state(loaded.model, names), str(OUT_ADAPTER))
     files = [p for p in TRAIN if p.exists()] + list(DEV)
     out = {
         "model": "minilm (all-MiniLM-L6-v2, fp32) with a rank-%d adapter" % setting["rank"],
@@ -172,7 +163,7 @@ def main() -> None:
                      "rows": len(train_rows) + len(dev_rows)},
         "dev_accuracy_before_refit": table[0]["dev_accuracy"],
         "data_sha256": {str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
-        "train_accuracy": round(accuracy(model, head, tok, train_rows + dev_rows), 4),
+        "train_accuracy": round(accuracy(loaded, head, train_rows + dev_rows), 4),
     }
     OUT_HEAD.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k not in ("coef", "intercept")}, indent=1))

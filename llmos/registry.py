@@ -15,6 +15,7 @@ Every field is described in docs/models.md.
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -56,8 +57,12 @@ def head_path(name: str) -> Path:
     return Path(name) if name.endswith(".json") else HEADS_DIR / f"sentiment_head_{name}.json"
 
 
+@functools.lru_cache(maxsize=64)
 def head_has_adapter(name: str) -> bool:
-    """Whether the head names an adapter (its runner then holds a second, adapted copy of the encoder)."""
+    """Whether the head names an adapter (its runner then holds a second, adapted copy of the encoder).
+
+    Read once per process and name: memory needs are asked for every entry of every list.
+    """
     import json
 
     try:

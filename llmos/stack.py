@@ -188,6 +188,7 @@ class Stack:
         self.redis = EmbeddedRedis(settings) if settings.embedded_redis else None
         self.workers: list[WorkerProcess] = []
         self.api: ApiProcess | None = None
+        self._api_retry_at = 0.0  # monotonic time before which a dead API is not restarted
         self.api_host, self.api_port = api_host, None
         if api:
             from llmos.api.settings import get_api_settings
@@ -270,7 +271,7 @@ class Stack:
         if self.api is None or self.api.proc is None or self.api.alive():
             return False
         now = time.monotonic()
-        if now < getattr(self, "_api_retry_at", 0.0):
+        if now < self._api_retry_at:
             return False
         self.api.wait(0)
         self.api.restarts += 1

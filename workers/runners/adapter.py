@@ -22,11 +22,14 @@ def target_names(model: Any, targets: Iterable[str] = TARGETS) -> list[str]:
     """Qualified names of the Linear layers to adapt: `encoder.layer.N.<target>` for every N."""
     import torch
 
-    wanted = tuple(targets)
-    return [name for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and ".layer." in name
-            and any(name.endswith("." + t) and name.split(".layer.")[1].split(".", 1)[1] == t
-                    for t in wanted)]
+    wanted = set(targets)
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layer." in name:
+            within = name.split(".layer.", 1)[1].split(".", 1)  # ["N", "<target>"]
+            if len(within) == 2 and within[1] in wanted:
+                names.append(name)
+    return names
 
 
 def wrap(model: Any, rank: int, alpha: float, dropout: float, targets: Iterable[str] = TARGETS) -> list[str]:

@@ -65,7 +65,7 @@ def submit_batch(body: BatchIn, tenant: TenantDep, client: ClientDep, api: ApiSe
     if body.batch_id is None:  # a retry whose keys all name earlier jobs: their batch, not the new id
         earlier = {j.batch_id for j in out}
         if len(earlier) == 1 and None not in earlier:
-            batch_id = earlier.pop() or batch_id
+            batch_id = earlier.pop()
     return BatchOut(batch_id=batch_id, jobs=out)
 
 
