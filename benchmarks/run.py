@@ -15,8 +15,9 @@ sentences, `make_short_texts`) and the usual ones (`make_texts`), each waited fo
 writes it (`submit_many` then `Model.results(handles)`; each handle's `result()` in turn), each
 pass right after a bare pass of the batched model (batch 32, same texts, same process) and
 divided by it: median of `--passes` alternating pairs. Shapes: `shared` (nothing pinned) and
-`pinned` (production shape: the worker process on core 1 and this producer on core 0 with
-`taskset`/`sched_setaffinity`, the bare loop on core 1 alone with one torch thread; the shared
+`pinned` (production shape: the worker's model thread on core 1 with one torch thread and its
+other threads on core 0 (`LLMOS_MODEL_CPUS=1`), this producer on core 0 (`sched_setaffinity`),
+the bare loop on core 1 alone with one torch thread; the shared
 Postgres and Redis servers cannot be pinned by a benchmark and float over both cores). Bulk
 submit: `--bulk-n` short jobs through `submit_many` (chunks of 10,000) into Postgres and Redis,
 no worker running, median of three.
@@ -482,7 +483,10 @@ def sdk_suite(env: Env, workdir: Path, n: int, passes: int, shapes: list[str]) -
                 tasks = [llmos.SentimentTask(text=t) for t in texts]
                 _bare_on(runner, tasks[:64], spec.max_batch_size, pinned)  # warm, in this shape
                 env.reset()
-                w = env.worker("minilm", config, cpus={PINNED_MODEL_CORE} if pinned else None)
+                # pinned: the worker's model thread on core 1, its other threads on core 0
+                # (LLMOS_MODEL_CPUS, workers/affinity.py), as on a host whose accelerator is the model's
+                w = env.worker("minilm", config,
+                               extra_env={"LLMOS_MODEL_CPUS": str(PINNED_MODEL_CORE)} if pinned else None)
                 r: dict[str, list[float]] = {"bare_before_results": [], "results": [],
                                              "bare_before_each": [], "each": []}
                 with llmos.Client(env.settings(config)) as client:

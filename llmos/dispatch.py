@@ -1,6 +1,10 @@
 """Dispatch: the Celery app, one queue per model, and sending job ids at their priority.
 
-Messages carry the job id only (JSON). The task table is the truth; a message is a wake-up.
+Messages carry job ids only (JSON). The task table is the truth; a message is a wake-up. A
+single submit sends one message per job (args `[id]`); a bulk submit packs up to `chunk` jobs
+of one model and priority into one message (args `[[id, id, ...]]`, Celery's idea of `chunks`),
+so Celery's per-message cost (delivery, a pool thread, the ack) is paid once per batch. Every
+id of a message is pending, held and reconciled on its own, exactly as a one-id message's.
 `Dispatcher` is the narrow interface producers use; `InMemoryDispatcher` is its twin for unit
 tests, `CeleryDispatcher` the real one.
 """
@@ -13,7 +17,7 @@ import os
 import socket
 import time
 import uuid
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import redis
 from celery import Celery
@@ -75,7 +79,7 @@ def make_celery(settings: Settings) -> Celery:
 class Dispatcher(Protocol):
     """Sends wake-up messages for jobs already written to the task table."""
 
-    def send(self, jobs: Sequence[Job]) -> None: ...
+    def send(self, jobs: Sequence[Job], chunk: int = 1) -> None: ...
 
     def close(self) -> None: ...
 
@@ -100,12 +104,16 @@ class CeleryDispatcher:
         self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
         self.reply_to = str(uuid.uuid4())
 
-    def message(self, job: Job) -> tuple[str, str]:
-        """(Redis list key, JSON payload) of the Celery message that wakes a worker for `job`."""
-        task_id = str(uuid.uuid4())
-        queue = queue_name(job.model)
-        pri = broker_priority(job.priority)
-        body = json.dumps([[job.id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    def message(self, jobs: Sequence[Job], ids: Sequence[str] | None = None) -> tuple[str, str]:
+        """(Redis list key, JSON payload) of the Celery message that wakes a worker for `jobs`
+        (one model and priority; one job: args `[id]`, several: args `[[id, ...]]`).
+        `ids`: two fresh UUIDs (task id, delivery tag), else made here."""
+        first = jobs[0]
+        task_id, tag = ids or new_ids(2)
+        queue = queue_name(first.model)
+        pri = broker_priority(first.priority)
+        args: list[Any] = [first.id] if len(jobs) == 1 else [[j.id for j in jobs]]
+        body = json.dumps([args, {}, _EMBED])
         payload = {
             "body": base64.b64encode(body.encode()).decode(),
             "content-encoding": "utf-8",
@@ -114,26 +122,34 @@ class CeleryDispatcher:
                 "lang": "py", "task": RUN_JOB_TASK, "id": task_id, "shadow": None, "eta": None,
                 "expires": None, "group": None, "group_index": None, "retries": 0,
                 "timelimit": [None, None], "root_id": task_id, "parent_id": None,
-                "argsrepr": repr([job.id]), "kwargsrepr": "{}", "origin": self.origin,
+                "argsrepr": repr(args), "kwargsrepr": "{}", "origin": self.origin,
                 "ignore_result": True, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
             },
             "properties": {
                 "correlation_id": task_id, "reply_to": self.reply_to, "delivery_mode": 2,
                 "delivery_info": {"exchange": "", "routing_key": queue}, "priority": pri,
-                "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+                "body_encoding": "base64", "delivery_tag": tag,
             },
         }
-        return queue_key(job.model, job.priority), json.dumps(payload)
+        return queue_key(first.model, first.priority), json.dumps(payload)
 
-    def send(self, jobs: Sequence[Job]) -> None:
+    def send(self, jobs: Sequence[Job], chunk: int = 1) -> None:
+        """Send wake-ups for `jobs`: one message per job, or (`chunk` > 1, our transport only)
+        one per up to `chunk` consecutive jobs of one model and priority."""
         if not jobs:
             return
+        if not self.settings.kombu_url.startswith(transport.SCHEME):
+            chunk = 1  # kombu's own transport cannot bound the ids a worker holds (llmos.transport)
+        groups = chunked(jobs, max(1, min(chunk, MAX_CHUNK)))
         try:
-            for i in range(0, len(jobs), 1000):
+            for i in range(0, len(groups), 1000):
+                part = groups[i:i + 1000]
+                fresh = new_ids(2 * len(part))
                 pipe = self.redis.pipeline(transaction=False)
-                for job in jobs[i:i + 1000]:
-                    key, payload = self.message(job)
-                    pipe.sadd(pending_set(job.model), job.id)  # before the message: see reconciler
+                for n, group in enumerate(part):
+                    key, payload = self.message(group, fresh[2 * n:2 * n + 2])
+                    # the ids are pending before their message exists: see the reconciler
+                    pipe.sadd(pending_set(group[0].model), *[j.id for j in group])
                     pipe.lpush(key, payload)
                 pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -142,6 +158,36 @@ class CeleryDispatcher:
     def close(self) -> None:
         self.app.close()
         self.redis.close()
+
+
+MAX_CHUNK = 256
+"""Most job ids one message carries (a bulk submit packs up to the model's max_batch_size)."""
+
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def new_ids(n: int) -> list[str]:
+    """`n` random UUID4 strings from one `os.urandom` call (one call per id is slow on some VMs)."""
+    raw = os.urandom(16 * n)
+    out = []
+    for i in range(0, 16 * n, 16):
+        b = bytearray(raw[i:i + 16])
+        b[6] = (b[6] & 0x0F) | 0x40  # version 4
+        b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+        out.append(str(uuid.UUID(bytes=bytes(b))))
+    return out
+
+
+def chunked(jobs: Sequence[Job], size: int) -> list[list[Job]]:
+    """Consecutive runs of jobs of one model and priority, each cut to at most `size`."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        last = groups[-1] if groups else None
+        if last and len(last) < size and last[0].model == job.model and last[0].priority == job.priority:
+            last.append(job)
+        else:
+            groups.append([job])
+    return groups
 
 
 def pending_set(model: str) -> str:
@@ -185,19 +231,21 @@ def delivered_before(client: redis.Redis, older_than_s: float) -> dict[str, floa
     ids: dict[str, float] = {}
     for (_, when), item in zip(pairs, client.hmget(UNACKED_HASH, tags)):
         try:
-            job_id = transport.job_id_of_payload(json.loads(item)[0])
+            job_ids = transport.job_ids_of_payload(json.loads(item)[0])
         except (TypeError, ValueError, KeyError, IndexError):
-            job_id = None
-        if job_id:  # else not one of ours, or a format we do not know: left to the visibility timeout
+            job_ids = []
+        for job_id in job_ids:  # none: not one of ours, or a format we do not know (visibility timeout)
             ids[job_id] = max(ids.get(job_id, 0.0), float(when))
     return ids
 
 
 def _job_id_of(raw: bytes | str) -> str | None:
+    """The first job id of a stored message (a chunk's jobs were all sent at once)."""
     try:
-        return transport.job_id_of_payload(json.loads(raw))
+        ids = transport.job_ids_of_payload(json.loads(raw))
     except (TypeError, ValueError):
         return None
+    return ids[0] if ids else None
 
 
 def queue_keys(model: str) -> list[str]:
@@ -233,8 +281,11 @@ class InMemoryDispatcher:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, str, int]] = []  # (queue, job id, broker priority)
+        self.messages: list[list[str]] = []  # the job ids of each message
 
-    def send(self, jobs: Sequence[Job]) -> None:
+    def send(self, jobs: Sequence[Job], chunk: int = 1) -> None:
+        for group in chunked(jobs, max(1, min(chunk, MAX_CHUNK))):
+            self.messages.append([j.id for j in group])
         for job in jobs:
             self.sent.append((queue_name(job.model), job.id, broker_priority(job.priority)))
 

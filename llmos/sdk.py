@@ -152,7 +152,8 @@ class Client:
         created = self._db(manager.create_jobs, new, webhook_url=webhook_url)
         to_send = [job for job, is_new in created if is_new]
         try:
-            self.dispatcher.send(to_send)
+            # a bulk submit: one message per batch of jobs; a single job: one message of its own
+            self.dispatcher.send(to_send, chunk=spec.max_batch_size if len(new) > 1 else 1)
         except LLMOSError as exc:
             # The rows are written: the jobs are accepted. The reconciler sends them once Redis
             # answers again (their ids are not in the pending set), so the caller keeps handles.

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     no_worker_grace_s: float = Field(default=5.0, ge=0, description="How long `execute` waits for a worker to serve a model none serves before raising NoWorkerError.")
     db_retry_s: float = Field(default=60.0, ge=0, description="How long workers retry the database before giving up a step.")
     retry_base_s: float = Field(default=1.0, gt=0, description="First backoff of a transient retry (doubles each attempt).")
+    model_cpus: str | None = Field(default=None, description="A worker's model thread runs on these cores (e.g. `1` or `2-3`) and everything else of the worker on its other cores (workers/affinity.py; Linux).")
     task_events: bool = Field(default=False, description="Workers send Celery task events (for Flower).")
     openai_base_url: str | None = Field(default=None, description="Endpoint behind the built-in `gpt3` alias.")
     openai_model: str = Field(default="gpt-3.5-turbo-instruct", description="Remote model name for `gpt3`.")

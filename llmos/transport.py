@@ -64,33 +64,43 @@ ACK_RETRY_S = 60.0
 """How long a failed ack write is retried before the acks are left to the visibility timeout."""
 
 
-def job_id_from(headers: Any, body: Any) -> str | None:
-    """The job id an LLMOS message carries (its decoded JSON body), or None for any other."""
+def job_ids_from(headers: Any, body: Any) -> list[str]:
+    """The job ids an LLMOS message carries (its decoded JSON body: args `[id]` or `[[id, ...]]`,
+    or kwargs `job_id`), or [] for any other message."""
     if not isinstance(headers, dict) or headers.get("task") != RUN_JOB_TASK:
-        return None
+        return []
     try:
         decoded = json.loads(body)
     except (TypeError, ValueError):
-        return None
+        return []
     if not isinstance(decoded, list) or len(decoded) < 2:
-        return None
+        return []
     args, kwargs = decoded[0], decoded[1]
     if isinstance(args, list) and args:
-        job_id = args[0]
+        value = args[0]
     else:
-        job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
-    return job_id if isinstance(job_id, str) and job_id else None
+        value = kwargs.get("job_id") if isinstance(kwargs, dict) else None
+    return _ids_of(value)
 
 
-def job_id_of_payload(payload: Any) -> str | None:
-    """The job id of a message as kombu stores it (the JSON payload, body still encoded)."""
+def _ids_of(value: Any) -> list[str]:
+    """A task argument as job ids: one id, or a list of ids (anything else: none)."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    return []
+
+
+def job_ids_of_payload(payload: Any) -> list[str]:
+    """The job ids of a message as kombu stores it (the JSON payload, body still encoded)."""
     try:
         body = payload["body"]
         if payload["properties"].get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        return job_id_from(payload["headers"], body)
+        return job_ids_from(payload["headers"], body)
     except (TypeError, ValueError, KeyError, AttributeError):
-        return None
+        return []
 
 
 class QoS(kombu_redis.QoS):
@@ -101,24 +111,50 @@ class QoS(kombu_redis.QoS):
         self._ack_ready = threading.Event()
         self._flusher: threading.Thread | None = None
         self._closing = False
-        self.prerecorded: set[str] = set()  # delivered by the bulk pop, already in `unacked`
+        self.prerecorded: dict[str, int] = {}  # delivered by the bulk pop, already in `unacked`: tag → ids
+        self._ids: dict[str, int] = {}  # delivery tag → job ids its message carries (delivered ones)
+
+    def ids_in_hand(self) -> int:
+        """Job ids carried by the messages delivered and not yet acked."""
+        delivered, dirty, total = self._delivered, self._dirty, 0
+        for tag in [t for t in self._ids if t not in delivered]:
+            del self._ids[tag]
+        for tag, n in self._ids.items():
+            if tag not in dirty:
+                total += n
+        return total
+
+    def id_room(self) -> int | None:
+        """How many more job ids this worker may take (None: no bound, `llmos_take` has no `max_ids`)."""
+        take = self.channel.llmos_take
+        limit = take.get("max_ids") if take else None
+        return None if not limit else max(0, int(limit) - self.ids_in_hand())
+
+    def can_consume(self) -> bool:
+        """kombu's prefetch count in messages, and our bound in job ids: a message may carry a
+        whole batch, and a worker holding 2 × prefetch batches would starve urgent jobs."""
+        if not super().can_consume():
+            return False
+        room = self.id_room()
+        return room is None or room > 0
 
     def append(self, message, delivery_tag) -> None:
         if delivery_tag in self.prerecorded:
-            self.prerecorded.discard(delivery_tag)
+            self._ids[delivery_tag] = self.prerecorded.pop(delivery_tag)
             virtual.QoS.append(self, message, delivery_tag)
             return
         delivery = message.delivery_info
         take = self.channel.llmos_take
-        job_id = job_id_from(message.headers, message.body) if take else None
+        job_ids = job_ids_from(message.headers, message.body)
         pipe = self.channel.client_for_commands().pipeline()  # MULTI … EXEC
         pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
         pipe.hset(self.unacked_key, delivery_tag,
                   dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
-        if job_id:
-            pipe.srem(take["pending"], job_id)
-            pipe.sadd(take["held"], job_id)
+        if job_ids and take:
+            pipe.srem(take["pending"], *job_ids)
+            pipe.sadd(take["held"], *job_ids)
         pipe.execute()
+        self._ids[delivery_tag] = max(1, len(job_ids))
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag) -> None:
@@ -215,16 +251,30 @@ _drop_pop_replies = int(os.environ.get(FAULT_DROP_POP_REPLY_ENV) or 0)  # read o
 _BULK_POP = """
 -- KEYS: the queue's lists in priority order, then unacked_index, unacked, pending set, held set,
 --       this pop's burst key, the channel's previous burst key (its reply arrived: deleted)
--- ARGV: room, now, task name, burst key expiry (s)
+-- ARGV: room (messages), now, task name, burst key expiry (s), id room (job ids; 0: no bound)
+-- A message's job ids are read from its argsrepr, "['id']" or "[['id', 'id', ...]]", and only
+-- when the ids rebuild the argsrepr exactly (a truncated one is left to the Python side).
 local n = #KEYS - 6
 local index, hash, pending, held = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
 local burst = KEYS[n + 5]
 redis.call('DEL', KEYS[n + 6])
 local room, now, task = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local id_room = tonumber(ARGV[5]) or 0
 local out = {}
-local taken = 0
+local taken, ids_taken = 0, 0
+local function ids_of(repr)
+  local inner = string.match(repr, "^%[%[(.*)%]%]$")
+  local nested = inner ~= nil
+  if not nested then inner = string.match(repr, "^%[(.*)%]$") end
+  if not inner then return {} end
+  local ids = {}
+  for id in string.gmatch(inner, "'([%w%-]+)'") do ids[#ids + 1] = id end
+  if #ids == 0 or (not nested and #ids ~= 1) then return {} end
+  if "'" .. table.concat(ids, "', '") .. "'" ~= inner then return {} end
+  return ids
+end
 local function pop(key)
-  while taken < room do
+  while taken < room and (id_room <= 0 or ids_taken < id_room) do
     local item = redis.call('RPOP', key)
     if not item then return true end
     local ok, msg = pcall(cjson.decode, item)
@@ -239,19 +289,20 @@ local function pop(key)
                .. ',' .. cjson.encode(info.routing_key or '') .. ']')
     redis.call('RPUSH', burst, props.delivery_tag)
     if taken == 0 then redis.call('EXPIRE', burst, ARGV[4]) end
-    local id = ''
+    local ids = {}
     local h = msg.headers
     if type(h) == 'table' and h.task == task and type(h.argsrepr) == 'string' then
-      id = string.match(h.argsrepr, "^%['([%w%-]+)'%]$") or ''
-      if id ~= '' then
+      ids = ids_of(h.argsrepr)
+      for _, id in ipairs(ids) do
         redis.call('SREM', pending, id)
         redis.call('SADD', held, id)
       end
     end
     out[#out + 1] = key
     out[#out + 1] = item
-    out[#out + 1] = id
+    out[#out + 1] = table.concat(ids, ',')
     taken = taken + 1
+    ids_taken = ids_taken + math.max(1, #ids)
   end
   return true
 end
@@ -309,6 +360,9 @@ class Channel(kombu_redis.Channel):
     def _pop_more(self) -> None:
         room = self.qos.can_consume_max_estimate()
         room = BULK_POP_MAX if room is None else min(room, BULK_POP_MAX)
+        id_room = self.qos.id_room()
+        if id_room is not None and id_room <= 0:
+            return
         # our queues only, and only where every delivery is acked (else `unacked` would fill up)
         queues = [q for q in self.active_queues if q.startswith(QUEUE_PREFIX) and q not in self._no_ack_queues]
         if room <= 0 or not queues:
@@ -322,7 +376,8 @@ class Channel(kombu_redis.Channel):
         try:
             out = self._bulk_pop(keys=[*keys, self.unacked_index_key, self.unacked_key, take["pending"],
                                        take["held"], burst_key, self._burst_key],
-                                 args=[room, time.time(), RUN_JOB_TASK, max(1, int(self.visibility_timeout))],
+                                 args=[room, time.time(), RUN_JOB_TASK, max(1, int(self.visibility_timeout)),
+                                       id_room or 0],
                                  client=client)
             _maybe_drop_reply(out)
         except (redis.RedisError, OSError) as exc:
@@ -337,29 +392,30 @@ class Channel(kombu_redis.Channel):
         for i in range(0, len(out), 3):
             key, item, taken = (x.decode() if isinstance(x, bytes) else x for x in out[i:i + 3])
             payload = loads(item)
-            job_id = None if taken else job_id_of_payload(payload)  # the script read it from argsrepr
-            if job_id:  # argsrepr did not name it: take it here, before delivery
-                missed.append(job_id)
+            # the script read the ids from argsrepr; where it could not, they are taken here
+            job_ids = taken.split(",") if taken else job_ids_of_payload(payload)
+            if not taken:
+                missed.extend(job_ids)
             queue = key if key in queues else key.rsplit(self.sep, 1)[0]
-            burst.append((payload["properties"]["delivery_tag"], payload, queue))
+            burst.append((payload["properties"]["delivery_tag"], payload, queue, max(1, len(job_ids))))
         if missed:
             pipe = client.pipeline()
             pipe.srem(take["pending"], *missed)
             pipe.sadd(take["held"], *missed)
             pipe.execute()
-        for n, (tag, payload, queue) in enumerate(burst):
-            self.qos.prerecorded.add(tag)
+        for n, (tag, payload, queue, count) in enumerate(burst):
+            self.qos.prerecorded[tag] = count
             try:
                 self.connection._deliver(payload, queue)
             except BaseException:
                 # The rest of the burst never reached the consumer: put it back in its lists (in
                 # pop order, so RPUSH restores it), its jobs pending again, before the error goes up.
-                undelivered = [t for t, _, _ in burst[n:] if t not in self.qos._delivered]
+                undelivered = [t for t, _, _, _ in burst[n:] if t not in self.qos._delivered]
                 for t in reversed(undelivered):
                     self.qos.restore_by_tag(t)
                 raise
             finally:
-                self.qos.prerecorded.discard(tag)
+                self.qos.prerecorded.pop(tag, None)
 
     def _recover_bursts(self) -> None:
         """Put back the messages of bulk pops whose reply was lost (recorded, never delivered).
@@ -388,12 +444,12 @@ class Channel(kombu_redis.Channel):
         alone (a dead holder's set is deleted by the reconciler; a live holder that no longer
         has the job in hand drops it at its next held-set audits, `workers.worker`)."""
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
-        job_id = job_id_of_payload(payload)
+        job_ids = job_ids_of_payload(payload)
         queue = str(routing_key or "")
-        if job_id and queue.startswith(QUEUE_PREFIX):
-            pipe.sadd(PENDING_SET_PREFIX + queue[len(QUEUE_PREFIX):], job_id)
+        if job_ids and queue.startswith(QUEUE_PREFIX):
+            pipe.sadd(PENDING_SET_PREFIX + queue[len(QUEUE_PREFIX):], *job_ids)
             if self.llmos_take and not getattr(self._sweeping, "active", False):
-                pipe.srem(self.llmos_take["held"], job_id)
+                pipe.srem(self.llmos_take["held"], *job_ids)
 
     def close(self) -> None:
         if self._lost_bursts and not self.closed:

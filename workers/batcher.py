@@ -1,7 +1,9 @@
 """The in-process batcher: Celery's threads hand it job ids; it claims and runs them in batches.
 
-It collects ids for up to `max_wait_ms` after the first, or until `max_batch_size`, claims them
-with one conditional UPDATE, groups the claimed jobs by task type, runs each group as one batch
+Its claimer thread collects ids for up to `max_wait_ms` after the first, or until
+`max_batch_size`, and claims them with one conditional UPDATE while the model's thread computes
+the batch before (claim ahead: at most one claimed batch waits). The model's thread groups the
+claimed jobs by task type, runs each group as one batch
 on its runner, and hands every job its own outcome; the outcomes of a group are written by one
 `complete` call (one transaction, one notice pipeline). A job whose input does not parse, or
 whose item raises, fails alone; a job cancelled or over its timeout is stopped and says so.
@@ -48,15 +50,21 @@ class Batcher:
     """Runs jobs handed in by many threads as batches on one thread (the model's owner)."""
 
     def __init__(self, runners: dict[str, Runner], *, max_batch_size: int, max_wait_ms: float,
-                 claim: Claim, complete: Complete, control: RunControl | None = None) -> None:
+                 claim: Claim, complete: Complete, control: RunControl | None = None,
+                 on_start: Callable[[], None] | None = None) -> None:
         self.runners = runners
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.claim = claim
         self.complete = complete
         self.control = control or RunControl()
+        self._on_start = on_start  # run first on the model's thread (its CPU placement)
         self._queue: queue.Queue[tuple[str, Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="llmos-batcher", daemon=True)
+        # The claimer claims the next batch while the model computes this one (claim ahead).
+        self._claimer = threading.Thread(target=self._collect_loop, name="llmos-claimer", daemon=True)
+        self._claimed: queue.Queue[tuple[dict[str, list[Future]], list[Job]] | None] = queue.Queue()
+        self._slot = threading.Semaphore(1)
         # Recording runs on its own thread, so the model starts the next batch while the last
         # one's results are written (one transaction) and announced (one pipeline).
         self._records: queue.Queue[tuple[list[Finished], list[Job], dict] | None] = queue.Queue()
@@ -72,6 +80,7 @@ class Batcher:
 
     def start(self) -> "Batcher":
         self._thread.start()
+        self._claimer.start()
         self._recorder.start()
         return self
 
@@ -79,6 +88,7 @@ class Batcher:
         """Finish what is queued and record it, then stop the threads."""
         self._stopping.set()
         self._queue.put(None)
+        self._claimer.join(timeout)
         self._thread.join(timeout)
         if self._thread.is_alive():  # still running a batch: its results must still be recorded
             self._thread.join()
@@ -94,13 +104,23 @@ class Batcher:
         self._queue.put((job_id, fut))
         return fut
 
-    def _loop(self) -> None:
+    def _collect_loop(self) -> None:
+        """The claimer: gathers the next batch's ids and claims them while the model computes.
+
+        It takes a slot before gathering (one slot: at most one claimed batch waits for the model,
+        so jobs are marked running at most one batch ahead of their compute), gathers up to
+        `max_batch_size` ids or `max_wait_ms` after the first, claims the fresh ones with one
+        conditional UPDATE and hands the batch over; the model thread frees the slot as it takes it.
+        """
         while True:
+            self._slot.acquire()
             item = self._queue.get()
             if item is None:
                 if self._queue.empty():
+                    self._claimed.put(None)
                     return
                 self._queue.put(None)  # jobs came in behind the marker: serve them first
+                self._slot.release()
                 continue
             batch = [item]
             deadline = time.monotonic() + self.max_wait_s
@@ -115,26 +135,49 @@ class Batcher:
                     break
                 batch.append(nxt)
             try:
-                self._run(batch)
-            except BaseException as exc:  # never let the model's thread die: callers would hang
+                claimed = self._claim_fresh(batch)
+            except BaseException as exc:  # never let the claimer die: callers would hang
                 event(log, "batch_crashed", logging.ERROR, error=repr(exc))
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                _resolve([f for _, f in batch], exc)
+                claimed = None
+            if claimed is None:
+                self._slot.release()
+            else:
+                self._claimed.put(claimed)
 
-    def _run(self, batch: list[tuple[str, Future]]) -> None:
+    def _claim_fresh(self, batch: list[tuple[str, Future]]) -> tuple[dict[str, list[Future]], list[Job]] | None:
+        """Claim a gathered batch's jobs that never ran: (futures by id, claimed jobs), or None
+        when the claim failed (its callers have the error)."""
         futures: dict[str, list[Future]] = {}
         for job_id, fut in batch:
             futures.setdefault(job_id, []).append(fut)
-        # Jobs that never ran are claimed together and run as batches. A job that ran before may
-        # be what killed its last worker: it is claimed and run alone, after the others are
-        # recorded, so a poison input only ever takes itself down.
         try:
-            fresh = self.claim(list(futures), True)
+            return futures, self.claim(list(futures), True)
         except Exception as exc:  # the table could not be read or written: the callers see it
             event(log, "claim_failed", logging.ERROR, error=repr(exc), jobs=len(futures))
             _resolve([f for fs in futures.values() for f in fs], exc)
-            return
+            return None
+
+    def _loop(self) -> None:
+        """The model's thread: runs each claimed batch, group by group."""
+        if self._on_start is not None:
+            self._on_start()
+        while True:
+            item = self._claimed.get()
+            self._slot.release()  # the claimer may gather and claim the next batch meanwhile
+            if item is None:
+                return
+            futures, fresh = item
+            try:
+                self._run(futures, fresh)
+            except BaseException as exc:  # never let the model's thread die: callers would hang
+                event(log, "batch_crashed", logging.ERROR, error=repr(exc))
+                _resolve([f for fs in futures.values() for f in fs], exc)
+
+    def _run(self, futures: dict[str, list[Future]], fresh: list[Job]) -> None:
+        # Jobs that never ran were claimed together and run as batches. A job that ran before may
+        # be what killed its last worker: it is claimed and run alone, after the others are
+        # recorded, so a poison input only ever takes itself down.
         for task_type in dict.fromkeys(j.task_type for j in fresh):
             self._run_and_record(task_type, [j for j in fresh if j.task_type == task_type], futures)
         for job_id in [i for i in futures if i not in {j.id for j in fresh}]:

@@ -46,6 +46,7 @@ from llmos.manager import as_utc
 from llmos.notify import publish_done, redis_client
 from llmos.registry import Registry
 from llmos.settings import Settings, get_settings
+from workers import affinity
 from workers.control import RunControl
 
 log = logging.getLogger("llmos.worker")
@@ -86,8 +87,9 @@ class Worker:
         # Unique per start: a restarted container reuses hostname and pid, and must not inherit
         # (and so hide from the reconciler) the running jobs of the process that died.
         self.worker_id = f"{self.spec.name}@{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        # Two batches' worth of messages in hand: the next batch is ready while one computes.
-        # A more urgent message waits behind at most these, i.e. about two batch cycles.
+        # Two batches' worth of job ids in hand (messages of one id, or bulk chunks of up to a
+        # batch: the transport bounds ids, not messages): the next batch is ready while one
+        # computes. A more urgent message waits behind at most these, about two batch cycles.
         self.concurrency = concurrency or 2 * self.spec.max_batch_size
         self.engine = get_engine(self.settings.db_url)
         self.redis = redis_client(self.settings)
@@ -106,11 +108,15 @@ class Worker:
         from workers.batcher import Batcher
         from workers.runners import runners_for
 
+        placement = affinity.from_setting(self.settings.model_cpus)
+        if placement is not None:  # before any thread starts: they inherit the main thread's cores
+            placement.pin_bookkeeping()
         loaded = model_cache.get(self.spec, self.torch_device)
         runners = runners_for(loaded, history=self.history)
         self.batcher = Batcher(runners, max_batch_size=self.spec.max_batch_size,
                                max_wait_ms=self.spec.max_wait_ms, claim=self.claim,
-                               complete=self.complete, control=self.control).start()
+                               complete=self.complete, control=self.control,
+                               on_start=placement.pin_model if placement else None).start()
         manager.register_worker(self.engine, worker_id=self.worker_id, host=self.host,
                                 pid=os.getpid(), model=self.spec.name, device=self.device)
         for target, name in ((self._heartbeat, "llmos-heartbeat"), (self._listen_cancels, "llmos-cancels")):
@@ -119,7 +125,9 @@ class Worker:
         if self.transport_takes:  # the delivery's MULTI moves the id pending → held (llmos.transport)
             app.conf.broker_transport_options = {
                 **app.conf.broker_transport_options,
-                "llmos_take": {"pending": pending_set(self.spec.name), "held": held_set(self.worker_id)}}
+                "llmos_take": {"pending": pending_set(self.spec.name), "held": held_set(self.worker_id),
+                               # in job ids: a chunk message carries a batch (llmos.transport.QoS)
+                               "max_ids": self.concurrency}}
         app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)(self.run_job)
         event(log, "worker_start", worker=self.worker_id, model=self.spec.name, device=self.device,
               queue=queue_name(self.spec.name))
@@ -142,23 +150,37 @@ class Worker:
         return int(getattr(celery_worker, "exitcode", 0) or 0)
 
     # -- Celery task body and batcher callbacks -------------------------------------------------
-    def run_job(self, job_id: str) -> None:
-        """Celery task body: hand the job to the batcher and wait (the delivery already marked it
-        held by this worker, on our transport; on another, this does)."""
+    def run_job(self, job_id: str | list[str]) -> None:
+        """Celery task body: hand the message's job ids (one, or a bulk submit's chunk) to the
+        batcher and wait until each is recorded (the delivery already marked them held by this
+        worker, on our transport; on another, this does)."""
+        ids = [job_id] if isinstance(job_id, str) else [str(i) for i in job_id]
         with self._hand_lock:
-            self._in_hand[job_id] += 1
+            for i in ids:
+                self._in_hand[i] += 1
         try:
             if not self.transport_takes:
                 try:
-                    take(self.redis, self.spec.name, self.worker_id, job_id)
+                    for i in ids:
+                        take(self.redis, self.spec.name, self.worker_id, i)
                 except redis.exceptions.RedisError as exc:  # the reconciler may then re-send: harmless
                     event(log, "take_unrecorded", logging.WARNING, error=repr(exc))
-            self.batcher.submit(job_id).result(timeout=self.settings.max_job_seconds * 2)
+            futures = [self.batcher.submit(i) for i in ids]
+            deadline = time.monotonic() + self.settings.max_job_seconds * 2
+            error: BaseException | None = None
+            for fut in futures:  # every id's outcome, even after one failed: all stay in hand till then
+                try:
+                    fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                except Exception as exc:
+                    error = error or exc
+            if error is not None:
+                raise error
         finally:
             with self._hand_lock:
-                self._in_hand[job_id] -= 1
-                if self._in_hand[job_id] <= 0:
-                    del self._in_hand[job_id]
+                for i in ids:
+                    self._in_hand[i] -= 1
+                    if self._in_hand[i] <= 0:
+                        del self._in_hand[i]
 
     def in_hand(self, job_id: str) -> bool:
         """Whether a Celery thread of this worker is running `run_job` for this job."""

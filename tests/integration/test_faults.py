@@ -9,6 +9,7 @@ of the run and kept in docs/reliability.md. Lost and recorded twice must be 0.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,10 +23,11 @@ import sqlalchemy as sa
 import llmos
 from llmos import manager
 from llmos.db import dispose_engines, get_engine, jobs
-from llmos.dispatch import UNACKED_HASH, UNACKED_INDEX, held_set
+from llmos.dispatch import UNACKED_HASH, UNACKED_INDEX, held_set, pending_set, queue_keys
 from llmos.jobs import JobStatus
 from llmos.sdk import Client
 from llmos.settings import Settings
+from llmos.transport import job_ids_of_payload
 from tests import helpers
 from tests.helpers import REPO, WorkerProcess
 from tests.services import PrivatePostgres, PrivateRedis
@@ -364,7 +366,11 @@ def test_hung_model_thread(env):
 def test_bulk_pop_reply_dropped(env):
     settings, e = env
     engine = get_engine(settings.db_url)
-    ids = submit(settings, texts(300, "drop"))  # a backlog before the worker starts
+    # a backlog of one-id messages before the worker starts (a bulk submit's chunks fill the
+    # worker's room in one or two messages, leaving the bulk pop little to do)
+    with Client(settings) as c:
+        m = c.load_model("minilm")
+        ids = [m.submit(llmos.SentimentTask(text=t)).id for t in texts(300, "drop")]
     rec = Reconciler(e)
     w = Worker(dict(e, LLMOS_FAULT_DROP_POP_REPLY="2")).wait_ready(settings.db_url)
     found = wait_final(engine, ids, timeout=120)
@@ -417,3 +423,117 @@ def test_postgres_outage_longer_than_dead_after(env, private):
     bad = {i: (j.status, j.attempts, j.error) for i, j in found.items() if j.status != JobStatus.SUCCEEDED}
     assert row["lost"] == 0, bad  # no result thrown away
     assert row["recorded twice"] == 0 and row["succeeded"] == 300
+
+
+def queued_messages(settings) -> list[tuple[str, bytes]]:
+    """(list key, payload) of every message in minilm's queue lists, oldest first."""
+    client = redis.Redis.from_url(settings.redis_url)
+    return [(k, raw) for k in queue_keys("minilm") for raw in reversed(client.lrange(k, 0, -1))]
+
+
+def chunks_of(messages) -> list[list[str]]:
+    """The job ids each message carries."""
+    return [job_ids_of_payload(json.loads(raw)) for _, raw in messages]
+
+
+def batch_config(tmp_path, name, size):
+    """An llmos.toml like the env fixture's with minilm's max_batch_size = `size` (the chunk a
+    producer packs; the batch a worker runs)."""
+    cfg = tmp_path / name
+    cfg.write_text(BIG_INPUTS + f"max_batch_size = {size}\n")
+    return cfg
+
+
+def redis_leftovers(settings) -> dict[str, int]:
+    """Messages still queued, delivered and not acked, ids pending or held, in the private Redis."""
+    client = redis.Redis.from_url(settings.redis_url)
+    return {"queued": sum(client.llen(k) for k in queue_keys("minilm")), "unacked": client.hlen(UNACKED_HASH),
+            "unacked_index": client.zcard(UNACKED_INDEX), "pending": client.scard(pending_set("minilm")),
+            "held": sum(len(h) for h in live_held(settings).values())}
+
+
+def test_sigkill_with_a_half_finished_chunk(env, tmp_path):
+    settings, e = env
+    engine = get_engine(settings.db_url)
+    producer = settings.model_copy(update={"config": batch_config(tmp_path, "chunk64.toml", 64)})
+    ids = submit(producer, texts(192, "chunk-kill"))  # no worker yet: three chunks of 64 in Redis
+    chunks = chunks_of(queued_messages(settings))
+    assert [len(c) for c in chunks] == [64, 64, 64] and sorted(sum(chunks, [])) == sorted(ids), chunks
+    first = chunks[0]  # the oldest message: the first one delivered
+    small = dict(e, LLMOS_CONFIG=str(batch_config(tmp_path, "batch8.toml", 8)))  # 8 batches per chunk
+    rec, a = Reconciler(e), Worker(small).wait_ready(settings.db_url)
+    deadline = time.monotonic() + 60
+    while not 0 < manager.status_counts(engine, first, tenant=ANY).get(JobStatus.SUCCEEDED, 0) < len(first):
+        assert time.monotonic() < deadline and a.proc.poll() is None, "the first chunk never ran:\n" + a.log()
+        time.sleep(0.005)
+    a.kill()  # SIGKILL with the first chunk's message delivered, some of its jobs recorded
+    at_kill = manager.get_jobs(engine, first, tenant=ANY)
+    done_at_kill = {i: j for i, j in at_kill.items() if j.status == JobStatus.SUCCEEDED}
+    assert 0 < len(done_at_kill) < len(first), len(done_at_kill)
+    b = Worker(small).wait_ready(settings.db_url)
+    found = wait_final(engine, ids, timeout=120)
+    b.stop(), rec.stop()
+    row = record("SIGKILL the worker with a 64-job chunk half recorded (worker batch 8), start another", found,
+                 {i: JobStatus.SUCCEEDED for i in ids})
+    bad = {i: (j.status, j.attempts, j.worker_id, j.error) for i, j in found.items() if j.status != JobStatus.SUCCEEDED}
+    assert row["lost"] == 0, bad
+    assert row["recorded twice"] == 0 and row["succeeded"] == 192
+    assert all((found[i].worker_id, found[i].finished_at, found[i].attempts, found[i].result)
+               == (j.worker_id, j.finished_at, j.attempts, j.result) for i, j in done_at_kill.items())
+
+
+def test_a_chunk_redelivered_after_it_was_done(env):
+    settings, e = env
+    engine = get_engine(settings.db_url)
+    ids = submit(settings, texts(64, "chunk-again"))  # no worker yet: two chunks of 32 in Redis
+    messages = queued_messages(settings)
+    assert [len(c) for c in chunks_of(messages)] == [32, 32]
+    rec, w = Reconciler(e), Worker(e).wait_ready(settings.db_url)
+    done = wait_final(engine, ids, timeout=120)
+    assert eventually(lambda: not any(redis_leftovers(settings).values())), redis_leftovers(settings)
+    client = redis.Redis.from_url(settings.redis_url)
+    pipe = client.pipeline(transaction=False)
+    for key, raw in messages:  # the same messages again, as a redelivery would put them back
+        pipe.sadd(pending_set("minilm"), *job_ids_of_payload(json.loads(raw)))
+        pipe.lpush(key, raw)
+    pipe.execute()
+    consumed = eventually(lambda: not any(redis_leftovers(settings).values()))
+    left, alive = redis_leftovers(settings), w.proc.poll() is None
+    found = manager.get_jobs(engine, ids, tenant=ANY)
+    w.stop(), rec.stop()
+    row = record("a finished chunk's message delivered again", found, {i: JobStatus.SUCCEEDED for i in ids})
+    assert row["lost"] == 0 and row["recorded twice"] == 0 and row["run twice"] == 0
+    assert alive, w.log()
+    assert consumed, f"the redelivered chunks were not consumed and cleaned up: {left}"
+    changed = {i: (found[i].status, found[i].finishes, found[i].attempts) for i, j in done.items()
+               if (found[i].result, found[i].finished_at, found[i].worker_id, found[i].finishes)
+               != (j.result, j.finished_at, j.worker_id, 1)}
+    assert not changed, changed
+
+
+def test_a_chunk_whose_jobs_were_cancelled(env):
+    settings, e = env
+    engine = get_engine(settings.db_url)
+    ids = submit(settings, texts(64, "chunk-cancel"))  # no worker yet: two chunks of 32 in Redis
+    chunks = chunks_of(queued_messages(settings))
+    assert [len(c) for c in chunks] == [32, 32]
+    cancelled = chunks[0][::3] + chunks[1][5:9]  # spread over one chunk, a run inside the other
+    with Client(settings) as c:
+        assert all(c.cancel(i) for i in cancelled)  # still queued: their ids stay in the messages
+    rec, w = Reconciler(e), Worker(e).wait_ready(settings.db_url)
+    found = wait_final(engine, ids, timeout=120)
+    clean = eventually(lambda: not any(redis_leftovers(settings).values()))
+    left = redis_leftovers(settings)
+    w.stop(), rec.stop()
+    expected = {i: JobStatus.SUCCEEDED for i in ids}
+    expected.update({i: JobStatus.CANCELLED for i in cancelled})
+    row = record("cancel queued jobs of chunks before a worker takes them", found, expected)
+    bad = {i: (found[i].status, found[i].error) for i in expected if found[i].status != expected[i]}
+    assert row["lost"] == 0, bad
+    assert row["recorded twice"] == 0 and row["run twice"] == 0 and row["succeeded"] == 64 - len(cancelled)
+    never_ran = {i: (found[i].started_at, found[i].attempts, found[i].finishes, found[i].worker_id, found[i].result)
+                 for i in cancelled}
+    assert all(v == (None, 0, 0, None, None) for v in never_ran.values()), never_ran
+    assert all(found[i].error == "cancelled by user" for i in cancelled)
+    assert all(found[i].finishes == 1 and found[i].attempts == 1 for i in ids if i not in cancelled)
+    assert clean, f"left in Redis after every job finished: {left}"

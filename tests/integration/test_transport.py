@@ -143,19 +143,23 @@ def test_a_failed_ack_write_is_kept_and_written_later(setup):
 
 
 @pytest.mark.parametrize("body, want", [
-    (b'[["abc-1"], {}, {}]', "abc-1"),
-    (b'[[], {"job_id": "abc-2"}, {}]', "abc-2"),
-    (b'[[null], {}, {}]', None),
-    (b'"a string"', None),
-    (b'not json', None),
-    (b'[[42], {}, {}]', None),
+    (b'[["abc-1"], {}, {}]', ["abc-1"]),
+    (b'[[["abc-1", "abc-2"]], {}, {}]', ["abc-1", "abc-2"]),
+    (b'[[], {"job_id": "abc-2"}, {}]', ["abc-2"]),
+    (b'[[], {"job_id": ["abc-2", "abc-3"]}, {}]', ["abc-2", "abc-3"]),
+    (b'[[null], {}, {}]', []),
+    (b'[[["abc-1", 7]], {}, {}]', []),
+    (b'[[[]], {}, {}]', []),
+    (b'"a string"', []),
+    (b'not json', []),
+    (b'[[42], {}, {}]', []),
 ])
 def test_job_id_parsing(body, want):
     from llmos.constants import RUN_JOB_TASK
-    from llmos.transport import job_id_from
+    from llmos.transport import job_ids_from
 
-    assert job_id_from({"task": RUN_JOB_TASK}, body) == want
-    assert job_id_from({"task": "other"}, body) is None
+    assert job_ids_from({"task": RUN_JOB_TASK}, body) == want
+    assert job_ids_from({"task": "other"}, body) == []
 
 
 def test_one_brpop_delivers_a_burst_recorded_and_taken(setup):
@@ -333,3 +337,94 @@ def test_a_visibility_timeout_sweep_leaves_held_sets_alone(setup):
     assert r.sismember(held_set("w2"), x.id) and r.sismember(held_set("w1"), x.id)
     channel.close()
     conn.close()
+
+
+# -- messages that carry several job ids (a bulk submit's chunks) ------------------------------
+def chunk_setup(app, max_ids: int) -> None:
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "llmos_take": {"pending": pending_set("tr"), "held": held_set("w1"), "max_ids": max_ids}}
+
+
+def chunk_ids(messages) -> list[list[str]]:
+    from llmos.transport import job_ids_from
+
+    return [job_ids_from(m.headers, m.body) for m in messages]
+
+
+def test_a_burst_of_chunks_is_bounded_by_job_ids_not_messages(setup):
+    """Ten messages of four ids each, a worker allowed 10 ids and 20 messages: the pop stops once
+    10 ids are in hand (the message that crosses the bound is the last), every id is taken, and
+    the channel consumes again only after an ack frees room."""
+    settings, r, app = setup
+    chunk_setup(app, max_ids=10)
+    jobs = [job(100 + i) for i in range(40)]
+    d = CeleryDispatcher(settings)
+    d.send(jobs, chunk=4)
+    d.close()
+    assert all_queued(r, "tr") == 10
+    conn, channel, got = consume_once(app, prefetch=20)
+    try:
+        ids = chunk_ids(got)
+        assert ids == [[j.id for j in jobs[4 * i:4 * i + 4]] for i in range(3)]  # 4 + 4 + 4 ≥ 10
+        held = {m.decode() for m in r.smembers(held_set("w1"))}
+        assert held == {i for chunk in ids for i in chunk}
+        assert r.scard(pending_set("tr")) == 28 and r.hlen("unacked") == 3
+        assert channel.qos.ids_in_hand() == 12 and not channel.qos.can_consume()
+        got[0].ack()
+        assert channel.qos.ids_in_hand() == 8 and channel.qos.can_consume()
+        assert channel.qos.id_room() == 2
+    finally:
+        channel.close()  # the two unacked chunks go back whole
+        conn.close()
+    # the acked chunk's ids stay held (a worker releases them once recorded), the rest pending
+    assert all_queued(r, "tr") == 9
+    assert {m.decode() for m in r.smembers(held_set("w1"))} == {j.id for j in jobs[:4]}
+    assert r.scard(pending_set("tr")) == 36
+
+
+def test_a_restored_chunk_puts_every_job_back_in_pending(setup):
+    settings, r, app = setup
+    chunk_setup(app, max_ids=64)
+    jobs = [job(200 + i) for i in range(5)]
+    d = CeleryDispatcher(settings)
+    d.send(jobs, chunk=5)
+    d.close()
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue_name("tr"))
+        q.get(timeout=5)
+        assert {m.decode() for m in r.smembers(held_set("w1"))} == {j.id for j in jobs}
+        assert r.scard(pending_set("tr")) == 0
+        q.close()
+    assert {m.decode() for m in r.smembers(pending_set("tr"))} == {j.id for j in jobs}
+    assert not r.exists(held_set("w1")) and all_queued(r, "tr") == 1
+
+
+def test_a_chunk_whose_argsrepr_is_not_ours_is_taken_from_its_body(setup):
+    """Celery truncates a long argsrepr; the script then leaves the ids to the Python side, which
+    reads them from the body: still every id held, none pending."""
+    settings, r, app = setup
+    chunk_setup(app, max_ids=64)
+    first = [job(300 + i) for i in range(3)]
+    send(settings, [first[0]])  # a one-id message first, so the chunk comes through the bulk pop
+    ids = [j.id for j in first[1:]]
+    with app.producer_or_acquire() as producer:
+        app.send_task(RUN_JOB_TASK_NAME(), args=[ids], queue=queue_name("tr"), producer=producer,
+                      argsrepr="[['" + ids[0] + "', ...]]", priority=5)
+    r.sadd(pending_set("tr"), *ids)
+    conn, channel, got = consume_once(app, prefetch=10)
+    try:
+        assert len(got) == 2
+        assert {m.decode() for m in r.smembers(held_set("w1"))} == {j.id for j in first}
+        assert r.scard(pending_set("tr")) == 0 and channel.qos.ids_in_hand() == 3
+    finally:
+        for m in got:
+            m.ack()
+        channel.close()
+        conn.close()
+
+
+def RUN_JOB_TASK_NAME() -> str:
+    from llmos.constants import RUN_JOB_TASK
+
+    return RUN_JOB_TASK

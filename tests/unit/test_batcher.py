@@ -249,3 +249,42 @@ def test_jobs_that_ran_before_are_claimed_and_run_alone_after_the_others():
     assert order[0] == ["new a", "new c"]  # the fresh ones together, first
     assert sorted(order[1:]) == [["again b"], ["again d"]]  # each one that ran before, alone
     assert [c for c in calls if not c[1]] == [(["id-1"], False), (["id-3"], False)]
+
+
+def test_the_next_batch_is_claimed_while_the_model_computes_and_only_one_ahead():
+    """Claim ahead: batch 2 is claimed while batch 1 runs; batch 3 waits until batch 2 is taken."""
+    gate, first_running = threading.Event(), threading.Event()
+
+    class Gated(EchoRunner):
+        def forward(self, texts):
+            if not first_running.is_set():
+                first_running.set()
+                assert gate.wait(10)
+            return super().forward(texts)
+
+    jobs = [job(i, f"t{i}", attempts=0) for i in range(6)]
+    table = FakeTable(jobs)
+    claims: list[list[str]] = []
+    real = table.claim
+
+    def claim(ids, fresh_only):
+        claims.append(list(ids))
+        return real(ids, fresh_only)
+
+    batcher = Batcher({"sentiment": Gated()}, max_batch_size=2, max_wait_ms=50, claim=claim,
+                      complete=lambda finished: None).start()
+    try:
+        futures = [batcher.submit(j.id) for j in jobs]
+        assert first_running.wait(10)
+        deadline = time.monotonic() + 5
+        while len(claims) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # give a third claim the chance to happen, if the bound were broken
+        assert claims == [["id-0", "id-1"], ["id-2", "id-3"]]  # one batch ahead, not two
+        gate.set()
+        for f in futures:
+            f.result(10)
+        assert claims == [["id-0", "id-1"], ["id-2", "id-3"], ["id-4", "id-5"]]
+    finally:
+        gate.set()
+        batcher.stop()
