@@ -203,13 +203,15 @@ def wait_done(engine: sa.Engine, batch_id: str, n: int, timeout: float = 900,
               notices: "redis.client.PubSub | None" = None) -> None:
     """Until all `n` jobs of the batch are final in the table (and all succeeded).
 
-    With `notices` (a pub/sub subscribed to every completion channel before the jobs were
+    With `notices` (a pub/sub subscribed to the completion channel before the jobs were
     submitted) the table is read once `n` distinct jobs have been announced, or after a quiet
     second: the end is seen at once, and the waiting side takes no CPU from the model. Without,
     the table is polled every 0.1 s.
     """
+    from llmos.notify import notice_ids
+
     deadline = time.monotonic() + timeout
-    announced: set[bytes] = set()
+    announced: set[str] = set()
     while True:
         counts = manager.batch_status_counts(engine, batch_id, tenant=manager.ANY_TENANT)
         if sum(n for s, n in counts.items() if s.is_final) == n:
@@ -225,17 +227,17 @@ def wait_done(engine: sa.Engine, batch_id: str, n: int, timeout: float = 900,
         quiet_until = time.monotonic() + 1.0
         while len(announced) < n and time.monotonic() < quiet_until:
             msg = notices.get_message(timeout=1.0)
-            if msg is not None and msg.get("type") == "pmessage":
-                announced.add(msg["channel"])
+            if msg is not None and msg.get("type") == "message":
+                announced.update(notice_ids(msg["data"]))
                 quiet_until = time.monotonic() + 1.0
 
 
 def subscribe_done(client: redis.Redis) -> "redis.client.PubSub":
     """Every completion notice from now on (see `llmos.notify`)."""
-    from llmos.constants import DONE_CHANNEL_PREFIX
+    from llmos.constants import DONE_CHANNEL
 
     pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.psubscribe(DONE_CHANNEL_PREFIX + "*")
+    pubsub.subscribe(DONE_CHANNEL)
     return pubsub
 
 

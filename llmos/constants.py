@@ -16,8 +16,9 @@ HELD_SET_PREFIX = "llmos:held:"
 CANCEL_CHANNEL = "llmos:cancel"
 """Redis pub/sub channel announcing the cancel of a running job (payload: its id)."""
 
-DONE_CHANNEL_PREFIX = "llmos:done:"
-"""Redis pub/sub channel a worker publishes on when a job reaches a final state."""
+DONE_CHANNEL = "llmos:done"
+"""Redis pub/sub channel announcing jobs that reached a final state (payload: their ids joined by
+","; one message per recorded batch, see `llmos.notify.publish_done`)."""
 
 PRIORITY_NAMES = {"critical": 9, "high": 7, "normal": 5, "low": 3, "batch": 1}
 """User-facing priority names; 9 is the most urgent."""

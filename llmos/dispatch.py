@@ -26,7 +26,7 @@ from llmos import transport
 from llmos.constants import HELD_SET_PREFIX, PENDING_SET_PREFIX, QUEUE_PREFIX, RUN_JOB_TASK
 from llmos.db import first_line
 from llmos.errors import BrokerUnavailableError
-from llmos.jobs import Job
+from llmos.jobs import Job, new_ids
 from llmos.priority import broker_priority
 from llmos.settings import Settings, redact
 
@@ -164,18 +164,6 @@ MAX_CHUNK = 256
 """Most job ids one message carries (a bulk submit packs up to the model's max_batch_size)."""
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-
-
-def new_ids(n: int) -> list[str]:
-    """`n` random UUID4 strings from one `os.urandom` call (one call per id is slow on some VMs)."""
-    raw = os.urandom(16 * n)
-    out = []
-    for i in range(0, 16 * n, 16):
-        b = bytearray(raw[i:i + 16])
-        b[6] = (b[6] & 0x0F) | 0x40  # version 4
-        b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
-        out.append(str(uuid.UUID(bytes=bytes(b))))
-    return out
 
 
 def chunked(jobs: Sequence[Job], size: int) -> list[list[Job]]:

@@ -18,9 +18,10 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import sqlalchemy as sa
 
 from llmos.constants import DEFAULT_TENANT, MAX_TENANT_CHARS
-from llmos.db import UNSTORABLE, api_keys, jobs, storable, webhook_deliveries, webhook_secrets, workers
+from llmos.db import (UNSTORABLE, api_keys, dump_json, jobs, storable, webhook_deliveries, webhook_secrets,
+                      workers)
 from llmos.errors import IdempotencyConflictError, ValidationError
-from llmos.jobs import FINAL_STATUSES, Job, JobStatus
+from llmos.jobs import FINAL_STATUSES, Job, JobStatus, new_ids
 
 
 def utcnow() -> datetime:
@@ -143,63 +144,124 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True, *
 
     `webhook_url` (checked by the caller): deliveries written in the same transaction as the jobs,
     one per batch id among the created jobs, one per created job without a batch id.
+
+    On Postgres one transaction reads the clock and the keys, then writes the rows with one binary
+    COPY (~3x faster than executemany for 10,000 rows: what is left is mostly the server's index
+    entries); elsewhere (SQLite) the rows go in with one executemany.
     """
-    now = db_now(engine)
-    existing: dict[tuple[str, str], Job] = {}
     keyed = [(n.tenant, n.idempotency_key) for n in new if n.idempotency_key is not None]
-    if keyed:
-        existing = _find_by_keys(engine, keyed)
-    rows, out = [], []
-    for n in new:
+    try:
+        if engine.dialect.driver == "psycopg":  # Postgres through psycopg 3 (the URLs llmos.settings makes)
+            with engine.begin() as conn:  # one connection: the clock, the keys, the rows, the webhooks
+                now = db_now(conn)
+                out, created = _new_jobs(new, _find_by_keys(conn, keyed) if keyed else {}, now)
+                if created:
+                    _copy_jobs(conn, created)
+                    _write_deliveries(conn, created, webhook_url, now)
+        else:
+            now = db_now(engine)
+            out, created = _new_jobs(new, _find_by_keys(engine, keyed) if keyed else {}, now)
+            if created:
+                with engine.begin() as conn:  # SQLite: the write transaction starts with its write
+                    conn.execute(jobs.insert(), [_job_row(job) for job in created])
+                    _write_deliveries(conn, created, webhook_url, now)
+    except sa.exc.IntegrityError:
+        if not keyed or not _retry:
+            raise
+        # A concurrent submit with the same key won the race: retry once, it is now "existing".
+        return create_jobs(engine, new, _retry=False, webhook_url=webhook_url)
+    return out
+
+
+_NEW_JOB_COLUMNS = ("id", "model", "task_type", "priority", "status", "input", "attempts", "max_attempts",
+                    "tenant", "idempotency_key", "batch_id", "conversation_id", "created_at", "queued_at",
+                    "timeout_s", "dispatched_at", "finishes", "deadline")
+"""The columns a new job's row sets (the others are null)."""
+
+_COPY_JOBS = f"COPY jobs ({', '.join(_NEW_JOB_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+# Binary COPY sends each field as the column type's binary form: a uuid's is its 16 bytes, so the
+# id goes as bytea (bytes.fromhex, 7x cheaper than a uuid.UUID); the jsonb is dumped by dump_json,
+# the engine's serializer, as SQLAlchemy's executemany dumps it.
+_COPY_TYPES = ("bytea", "text", "text", "int2", "text", "jsonb", "int4", "int4", "text", "text", "text",
+               "text", "timestamptz", "timestamptz", "float8", "timestamptz", "int4", "timestamptz")
+
+
+def _new_jobs(new: Sequence[NewJob], existing: dict[tuple[str, str], Job],
+              now: datetime) -> tuple[list[tuple[Job, bool]], list[Job]]:
+    """((job, created) per `new` in order, the jobs to write): `existing` by (tenant, key) reused."""
+    out: list[tuple[Job, bool]] = []
+    created: list[Job] = []
+    queued = dict(status=JobStatus.QUEUED, attempts=0, finishes=0, created_at=now, queued_at=now,
+                  dispatched_at=now)
+    for n, job_id in zip(new, new_ids(len(new))):
         key = (n.tenant, n.idempotency_key) if n.idempotency_key is not None else None
         if key is not None and key in existing:
             out.append((_same_job(existing[key], n), False))
             continue
-        row = dict(id=str(uuid.uuid4()), model=n.model, task_type=n.task_type,
-                   priority=n.priority, status=JobStatus.QUEUED.value, input=n.input,
-                   attempts=0, max_attempts=n.max_attempts, tenant=n.tenant,
-                   idempotency_key=n.idempotency_key, batch_id=n.batch_id,
-                   conversation_id=n.conversation_id, created_at=now, queued_at=now,
-                   timeout_s=n.timeout_s, dispatched_at=now, finishes=0,
-                   deadline=(now + timedelta(seconds=n.deadline_in_s)) if n.deadline_in_s is not None
-                   else n.deadline)
-        rows.append(row)
-        job = Job.from_row(row)
+        job = Job.from_fields({
+            **queued, "id": job_id, "model": n.model, "task_type": n.task_type, "priority": n.priority,
+            "input": n.input, "max_attempts": n.max_attempts, "tenant": n.tenant,
+            "idempotency_key": n.idempotency_key, "batch_id": n.batch_id,
+            "conversation_id": n.conversation_id, "timeout_s": n.timeout_s,
+            "deadline": (now + timedelta(seconds=n.deadline_in_s)) if n.deadline_in_s is not None
+            else n.deadline})
+        created.append(job)
         out.append((job, True))
         if key is not None:
             existing[key] = job  # a repeated key inside one call yields one job
-    if rows:
-        deliveries = _deliveries_for(rows, webhook_url, now)
-        try:
-            with engine.begin() as conn:  # one executemany: psycopg 3 pipelines every row
-                conn.execute(jobs.insert(), rows)
-                deliveries = _without_pending_batches(conn, deliveries)
-                if deliveries:  # the same transaction: no accepted job without its webhook
-                    conn.execute(webhook_deliveries.insert(), deliveries)
-        except sa.exc.IntegrityError:
-            if not keyed or not _retry:
-                raise
-            # A concurrent submit with the same key won the race: retry once, it is now "existing".
-            return create_jobs(engine, new, _retry=False, webhook_url=webhook_url)
-    return out
+    return out, created
 
 
-def _deliveries_for(rows: list[dict[str, Any]], url: str | None, now: datetime) -> list[dict[str, Any]]:
-    """Delivery rows for newly written job rows: one per (tenant, batch id), one per unbatched job."""
+def _job_row(job: Job) -> dict[str, Any]:
+    """A new job's row for an INSERT (executemany)."""
+    row = {c: getattr(job, c) for c in _NEW_JOB_COLUMNS}
+    row["status"] = job.status.value
+    return row
+
+
+def _copy_jobs(conn: sa.Connection, created: list[Job]) -> None:
+    """Write new jobs' rows with one binary COPY on `conn` (Postgres, psycopg 3), in its transaction.
+
+    A refusal raises as SQLAlchemy's executemany would (IntegrityError for a taken key, DataError...).
+    """
+    from psycopg.types.json import Jsonb  # (psycopg is loaded only where Postgres is used)
+
+    dbapi = conn.dialect.loaded_dbapi
+    fromhex = bytes.fromhex
+    try:
+        with conn.connection.driver_connection.cursor() as cur, cur.copy(_COPY_JOBS) as copy:
+            copy.set_types(_COPY_TYPES)
+            write = copy.write_row
+            for j in created:
+                write((fromhex(j.id.replace("-", "")), j.model, j.task_type, j.priority, j.status.value,
+                       Jsonb(j.input, dump_json), 0, j.max_attempts, j.tenant, j.idempotency_key,
+                       j.batch_id, j.conversation_id, j.created_at, j.queued_at,
+                       None if j.timeout_s is None else float(j.timeout_s), j.dispatched_at, 0,
+                       as_utc(j.deadline)))
+    except dbapi.Error as exc:
+        raise sa.exc.DBAPIError.instance(_COPY_JOBS, None, exc, dbapi.Error) from exc
+
+
+def _write_deliveries(conn: sa.Connection, created: list[Job], url: str | None, now: datetime) -> None:
+    """The webhook deliveries of newly written jobs, in their transaction: no accepted job without its webhook."""
+    deliveries = _without_pending_batches(conn, _deliveries_for(created, url, now))
+    if deliveries:
+        conn.execute(webhook_deliveries.insert(), deliveries)
+
+
+def _deliveries_for(created: list[Job], url: str | None, now: datetime) -> list[dict[str, Any]]:
+    """Delivery rows for newly written jobs: one per (tenant, batch id), one per unbatched job."""
     if url is None:
         return []
-    out, batches = [], set()
-    for row in rows:
-        if row["batch_id"] is None:
-            target = dict(kind=WEBHOOK_JOB, job_id=row["id"], batch_id=None)
-        elif (row["tenant"], row["batch_id"]) in batches:
-            continue
-        else:
-            batches.add((row["tenant"], row["batch_id"]))
-            target = dict(kind=WEBHOOK_BATCH, job_id=None, batch_id=row["batch_id"])
-        out.append(dict(id=str(uuid.uuid4()), tenant=row["tenant"], url=url, created_at=now,
-                        next_attempt_at=now, attempts=0, **target))
-    return out
+    targets, batches = [], set()
+    for job in created:
+        if job.batch_id is None:
+            targets.append((job.tenant, dict(kind=WEBHOOK_JOB, job_id=job.id, batch_id=None)))
+        elif (job.tenant, job.batch_id) not in batches:
+            batches.add((job.tenant, job.batch_id))
+            targets.append((job.tenant, dict(kind=WEBHOOK_BATCH, job_id=None, batch_id=job.batch_id)))
+    return [dict(id=delivery_id, tenant=tenant, url=url, created_at=now, next_attempt_at=now, attempts=0, **target)
+            for delivery_id, (tenant, target) in zip(new_ids(len(targets)), targets)]
 
 
 def _without_pending_batches(conn: sa.Connection, deliveries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -232,18 +294,20 @@ def _same_job(job: Job, new: NewJob) -> Job:
     return job
 
 
-def _find_by_keys(engine: sa.Engine, keys: list[tuple[str, str]]) -> dict:
+def _find_by_keys(bind: sa.Engine | sa.Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Job]:
     """Existing jobs by (tenant, idempotency key): filtered on both, so the unique index serves it."""
+    if isinstance(bind, sa.Engine):
+        with bind.connect() as conn:
+            return _find_by_keys(conn, keys)
     found: dict[tuple[str, str], Job] = {}
     by_tenant: dict[str, set[str]] = {}
     for tenant, key in keys:
         by_tenant.setdefault(tenant, set()).add(key)
-    with engine.connect() as conn:
-        for tenant, names in by_tenant.items():
-            for chunk in _chunks(sorted(names), 500):
-                q = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key.in_(chunk))
-                for job in _jobs_from(conn.execute(q)):
-                    found[(job.tenant, job.idempotency_key)] = job
+    for tenant, names in by_tenant.items():
+        for chunk in _chunks(sorted(names), 500):
+            q = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key.in_(chunk))
+            for job in _jobs_from(bind.execute(q)):
+                found[(job.tenant, job.idempotency_key)] = job
     return found
 
 
@@ -344,14 +408,13 @@ def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: 
     if not job_ids:
         return [], []
     ids = [str(i) for i in job_ids]
-    queued = [jobs.c.id.in_(ids), jobs.c.status == JobStatus.QUEUED.value]
+    # By primary key only: `status || ''` keeps the planner off the indexes over queued rows
+    # (ix_jobs_queued_order, ix_jobs_status_model), which it picks when its statistics are
+    # stale (a fresh or never-ANALYZEd table) and then walks the whole queue per claim.
+    queued = [jobs.c.id.in_(ids), (jobs.c.status + "") == JobStatus.QUEUED.value]
     with engine.begin() as conn:
-        now = db_now(conn)
-        expire = (jobs.update()
-                  .where(*queued, jobs.c.deadline.is_not(None), jobs.c.deadline <= now)
-                  .values(status=JobStatus.EXPIRED.value, finished_at=now,
-                          error="expired: its deadline passed before it started")
-                  .returning(jobs.c.id))
+        # Postgres: the statement's own now() (the transaction's time), no round trip to read it
+        now: Any = sa.func.now() if conn.dialect.name == "postgresql" else db_now(conn)
         cond = [*queued, sa.or_(jobs.c.deadline.is_(None), jobs.c.deadline > now),
                 sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now)]
         if model is not None:  # a worker only ever claims its own model's jobs
@@ -367,8 +430,18 @@ def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: 
         if reclaim:
             mine = _jobs_from(conn.execute(sa.select(jobs).where(
                 jobs.c.id.in_(ids), jobs.c.status == JobStatus.RUNNING.value, jobs.c.worker_id == worker_id)))
-        expired = [str(r[0]) for r in conn.execute(expire)]
-        return mine + _jobs_from(conn.execute(stmt)), expired
+        claimed = _jobs_from(conn.execute(stmt))
+        expired: list[str] = []
+        rest = set(ids) - {j.id for j in claimed} - {j.id for j in mine}
+        if rest:  # only then can one be past its deadline (a claimable job is not): one more statement
+            expire = (jobs.update()
+                      .where(jobs.c.id.in_(sorted(rest)), (jobs.c.status + "") == JobStatus.QUEUED.value,
+                             jobs.c.deadline.is_not(None), jobs.c.deadline <= now)
+                      .values(status=JobStatus.EXPIRED.value, finished_at=now,
+                              error="expired: its deadline passed before it started")
+                      .returning(jobs.c.id))
+            expired = [str(r[0]) for r in conn.execute(expire)]
+        return mine + claimed, expired
 
 
 def finish(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:

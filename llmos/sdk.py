@@ -2,7 +2,8 @@
 
 The SDK talks to the same database and Redis as the workers. Submitting validates the task
 against the model's registry entry, writes the job row (`queued`), then sends its id to the
-model's queue at its priority. Waiting subscribes to completion notices and reads the table.
+model's queue at its priority. Waiting listens to completion notices (one subscription per
+client, `llmos.notify.DoneListener`) and reads the table.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import collections.abc
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 import urllib.parse
 import uuid
 import warnings
+import weakref
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import redis
 import sqlalchemy as sa
@@ -26,14 +29,14 @@ from llmos import manager
 from llmos.constants import (CANCEL_CHANNEL, DEFAULT_TENANT, MAX_ATTEMPTS, MAX_BATCH_ID_CHARS,
                              MAX_DEADLINE_S, MAX_IDEMPOTENCY_KEY_CHARS, MAX_JOBS_PER_SUBMIT,
                              MAX_TENANT_CHARS, WAIT_MAX_POLL_S, WAIT_POLL_S)
-from llmos.db import MAX_WEBHOOK_URL_CHARS, UNSTORABLE, check_database, first_line, get_engine
+from llmos.db import MAX_WEBHOOK_URL_CHARS, UNSTORABLE, check_database, first_line, get_engine, jobs
 from llmos.dispatch import CeleryDispatcher, Dispatcher
 from llmos.errors import (DatabaseUnavailableError, JobFailedError, JobNotFoundError,
                           JobTimeoutError, LLMOSError, NoWorkerError, NoWorkerWarning,
                           ValidationError)
 from llmos.jobs import Job, JobStatus
 from llmos.logs import event
-from llmos.notify import channel, ping, redis_client, wait_until
+from llmos.notify import READY_WAIT_S, DoneListener, ping, publish_done, redis_client
 from llmos.priority import parse_priority
 from llmos.registry import ModelSpec, Registry
 from llmos.settings import Settings, get_settings, redact
@@ -56,6 +59,8 @@ class Client:
         self.registry = registry or Registry.load(self.settings)
         self._dispatcher = dispatcher
         self._redis = redis_conn
+        self._redis_made = False  # whether self._redis is ours (made from the settings)
+        self._listener: DoneListener | None = None
         self._checked_db = False
         self._lock = threading.Lock()
 
@@ -80,9 +85,51 @@ class Client:
         with self._lock:
             if self._redis is None:
                 self._redis = redis_client(self.settings)
+                self._redis_made = True
             return self._redis
 
+    def _notices(self, wait_s: float = READY_WAIT_S) -> DoneListener:
+        """This client's notice listener, started; subscribed if Redis answered within `wait_s`.
+
+        One per client (per process: a forked child starts its own), on its own connection that
+        does not retry on its own: a broken subscription is seen, and redone, by the listener.
+        """
+        listener = self._listener
+        if listener is None or listener.pid != os.getpid() or listener.closed:
+            with self._lock:
+                listener = self._listener
+                if listener is None or listener.pid != os.getpid() or listener.closed:
+                    given = self._redis is not None and not self._redis_made
+                    conn = self._redis if given else redis_client(self.settings, retries=False)
+                    listener = self._listener = DoneListener(conn)
+        return listener.start(wait_s)
+
+    def _uses_redis(self) -> bool:
+        """Whether submits go through Redis here (Celery), or a Redis client was given."""
+        return (self._dispatcher is None or isinstance(self._dispatcher, CeleryDispatcher)
+                or (self._redis is not None and not self._redis_made))
+
+    def _listen_before_insert(self) -> int | None:
+        """The listener's epoch if it is subscribed now (jobs inserted next need no status read)."""
+        if not self._uses_redis():
+            return None  # waits start the listener
+        listener = self._notices()
+        with listener.cond:
+            return listener.state()
+
+    def _handles(self, created: list[tuple[Job, bool]], tenant: str, epoch: int | None) -> list["JobHandle"]:
+        """Handles of one submit, sharing one group; new jobs remembered by the listener."""
+        group = _Group(tenant, [job.id for job, _ in created])
+        new_ids = [job.id for job, is_new in created if is_new]
+        listener = self._listener
+        if epoch is not None and listener is not None and new_ids:
+            listener.track(new_ids, epoch, tenant)
+            weakref.finalize(group, listener.forget_later, new_ids).atexit = False  # handles gone: forget them
+        return [JobHandle(self, job.id, job.model, job.task_type, tenant, group=group) for job, _ in created]
+
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         if self._dispatcher is not None:
             self._dispatcher.close()
         if self._redis is not None:
@@ -149,7 +196,9 @@ class Client:
             return [], False
         if self._dispatcher is None or isinstance(self._dispatcher, CeleryDispatcher):
             ping(self.redis, self.settings)  # fail before writing anything if Redis is down
+        epoch = self._listen_before_insert()  # subscribed first: no notice of these jobs is missed
         created = self._db(manager.create_jobs, new, webhook_url=webhook_url)
+        handles = self._handles(created, tenant, epoch)
         to_send = [job for job, is_new in created if is_new]
         try:
             # a bulk submit: one message per batch of jobs; a single job: one message of its own
@@ -163,7 +212,7 @@ class Client:
             event(log, "no_worker", model=spec.name, jobs=len(created))
             if warn:
                 warnings.warn(no_worker_message(spec.name), NoWorkerWarning, stacklevel=4)
-        return [JobHandle(self, job.id, job.model, job.task_type, tenant) for job, _ in created], served
+        return handles, served
 
     def has_worker(self, model: str) -> bool:
         """Whether a worker that heartbeated within LLMOS_DEAD_AFTER_S serves `model`."""
@@ -186,37 +235,191 @@ class Client:
         """Wait until every job is final (or `timeout` passes); returns every job as last read.
 
         Reads stay O(N) for N jobs: a job's full row is read once, when a notice announces it
-        (or a status poll finds it) final; the fallback polls read statuses only.
+        (or a status poll finds it) final; statuses are read only for jobs whose notice may have
+        been missed (not submitted by this client while its listener was subscribed, or the
+        subscription broke since), and by the fallback poll. Each read is one transaction.
         """
         tenant = self._tenant(tenant)
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not timeout >= 0):  # `not >=`: NaN too
-            raise ValidationError(f"timeout must be a number of seconds (0 or more) or None, got {timeout!r}")
+        _check_wait_timeout(timeout)
         ids = list(dict.fromkeys(_job_id(j) for j in job_ids))
-        latest: dict[str, Job] = {}
+        return self._wait(ids, timeout, tenant)
+
+    def _wait(self, ids: list[str], timeout: float | None, tenant: str, group: "_Group | None" = None,
+              full: bool = True) -> dict[str, Any]:
+        """`wait` on canonical ids: Jobs, or with `full=False` `_Outcome`s (the columns a result needs).
+
+        With `group` (outcomes only), the announced unread siblings are read along and kept there.
+        """
+        latest: dict[str, Any] = {}
         remaining = set(ids)
+        if not remaining:
+            return latest
+        read = self._read_jobs if full else self._read_outcomes
+        deadline = None if timeout is None else time.monotonic() + timeout
+        listener = self._notices()
+        cond = listener.cond
+        with cond:
+            listener._drain_forgotten()
+            listener.watch(remaining)  # before any read: a notice from now on is kept
+            seen = listener.state()
+            covered = listener.covered(remaining, tenant)
 
-        def read_final(candidates: set[str]) -> None:
-            for job_id, job in self._db(manager.get_jobs, sorted(candidates), tenant=tenant).items():
-                if job.status.is_final:
-                    latest[job_id] = job
+        def keep(rows: dict[str, Any], wanted: Iterable[str]) -> None:
+            """The final ones of `rows` (read for `wanted`): this wait's, or kept on the group."""
+            mine, others, stale = [], [], []
+            for job_id in wanted:
+                row = rows.get(job_id)
+                if row is None or not row.status.is_final:
+                    stale.append(job_id)
+                elif job_id in remaining:
+                    latest[job_id] = row
                     remaining.discard(job_id)
+                    mine.append(job_id)
+                else:
+                    group.rows[job_id] = row  # type: ignore[union-attr]
+                    others.append(job_id)
+            with cond:
+                listener.unwatch(mine)
+                listener.collected(mine)
+                listener.collected(others)
+                listener.announced.difference_update(stale)  # announced, yet not final here: not again
+                if group is not None:
+                    group.unread.difference_update(mine)
+                    group.unread.difference_update(others)
 
-        def pending(announced: set[str] | None) -> set[str]:
-            if announced is None:  # a status poll of every pending job
-                statuses = self._db(manager.job_statuses, sorted(remaining), tenant=tenant)
-                missing = remaining - set(statuses)
-                if missing:
-                    raise JobNotFoundError(f"no job with id {sorted(missing)[0]!r}")
-                read_final({i for i, s in statuses.items() if s.is_final})
-            elif announced & remaining:
-                read_final(announced & remaining)
-            return set(remaining)
+        def poll(first: bool = False) -> None:
+            """Every pending job read once (statuses, then the final ones' full rows; or outcomes).
 
-        wait_until(self.redis, ids, pending, timeout, poll_s=WAIT_POLL_S, max_poll_s=WAIT_MAX_POLL_S)
+            In a group's wait, a job found final by a later poll had its notice lost (a worker's
+            publish failed): the group's other unread jobs may have lost theirs too, so they are
+            read as well and the final ones kept for their handles (else each of them would wait
+            out a poll interval in turn).
+            """
+            pending = sorted(remaining)
+            if full:
+                statuses = self._db(manager.job_statuses, pending, tenant=tenant)
+                found = set(statuses)
+            else:
+                rows = self._read_outcomes(pending, tenant)
+                found = set(rows)
+            missing = remaining - found
+            if missing:
+                raise JobNotFoundError(f"no job with id {sorted(missing)[0]!r}")
+            if full:
+                final = {i for i, s in statuses.items() if s.is_final}
+                if final:
+                    keep(self._read_jobs(sorted(final), tenant), final)
+            else:
+                final = {i for i, o in rows.items() if o.status.is_final}
+                keep(rows, final)
+            if final and group is not None and not first:
+                with cond:
+                    others = group.unread - remaining - listener.announced
+                if others:
+                    more = self._read_outcomes(sorted(others), tenant)
+                    keep(more, [i for i, o in more.items() if o.status.is_final])
+
+        try:
+            if len(covered) < len(remaining):  # a notice of the others may have gone before the watch
+                poll(first=True)
+            interval = WAIT_POLL_S
+            poll_at = time.monotonic() + interval
+            while remaining:
+                ready = siblings = None
+                with cond:
+                    while True:
+                        now = time.monotonic()
+                        if deadline is not None and now >= deadline:
+                            break
+                        ready, siblings = _announced(listener, remaining, group)
+                        state = listener.state()
+                        if ready or state != seen or now >= poll_at:
+                            break
+                        cond.wait((poll_at if deadline is None else min(poll_at, deadline)) - now)
+                if ready:
+                    wanted = ready | siblings
+                    keep(read(sorted(wanted), tenant), wanted)
+                    poll_at = time.monotonic() + interval  # notices flow: no need to poll yet
+                    continue
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if state != seen:  # subscribed again (a notice of the gap may be lost), or down
+                    seen, interval = state, WAIT_POLL_S
+                    if state is not None:
+                        poll()
+                        poll_at = time.monotonic() + interval
+                    continue
+                poll()  # quiet for `interval`: a lost notice is caught here
+                if seen is not None:
+                    interval = min(interval * 2, WAIT_MAX_POLL_S)
+                poll_at = time.monotonic() + interval
+        finally:
+            with cond:
+                listener.unwatch(remaining)
         if remaining:  # timed out: the rest as they are now
-            latest.update(self._db(manager.get_jobs, sorted(remaining), tenant=tenant))
+            latest.update(read(sorted(remaining), tenant))
         return latest
+
+    def _read_jobs(self, ids: list[str], tenant: str) -> dict[str, Job]:
+        return self._db(manager.get_jobs, ids, tenant=tenant)
+
+    def _read_outcomes(self, ids: list[str], tenant: str) -> dict[str, "_Outcome"]:
+        """Status, result and error of `tenant`'s jobs by id: one transaction, 4 columns a row.
+
+        What a result needs, at about a third of the full row's cost (no input, no timestamps).
+        """
+        out: dict[str, _Outcome] = {}
+
+        def read(engine: sa.Engine) -> None:
+            with engine.connect() as conn:
+                for i in range(0, len(ids), 500):
+                    for job_id, status, result, error in conn.execute(
+                            _OUTCOMES, {"ids": ids[i:i + 500], "tenant": tenant}):
+                        job_id = str(job_id)
+                        out[job_id] = _Outcome(job_id, JobStatus(status), result, error)
+        self._db(read)
+        return out
+
+    def _results(self, handles: Sequence["JobHandle"], timeout: float | None) -> list[TaskResult]:
+        """`Model.results` for this client's handles: outcomes only, rows read ahead used first."""
+        _check_wait_timeout(timeout)
+        until = None if timeout is None else time.monotonic() + timeout
+        by_tenant: dict[str, dict[str, None]] = {}
+        got: dict[str, Any] = {}
+        ids = []
+        for h in handles:
+            group = getattr(h, "_group", None)
+            job_id = h.id if group is not None else _job_id(h.id)  # a submit's ids are canonical
+            ids.append(job_id)
+            row = group.rows.pop(job_id, None) if group is not None and group.tenant == h.tenant else None
+            if row is not None:  # read ahead by a sibling's result()
+                got[job_id] = row
+            elif job_id not in got:
+                by_tenant.setdefault(h.tenant, {})[job_id] = None
+        for tenant, wanted in by_tenant.items():  # one wait, unless the handles span tenants
+            left = None if until is None else max(0.0, until - time.monotonic())
+            got.update(self._wait(list(wanted), left, tenant, full=False))
+        out = []
+        for h, job_id in zip(handles, ids):
+            row = got.get(job_id)
+            if row is None:
+                raise JobNotFoundError(f"no job with id {job_id!r}")
+            out.append(_result_of(row, h.task_type, timeout))
+        return out
+
+    def _result(self, handle: "JobHandle", timeout: float | None) -> TaskResult:
+        """`handle.result()` for a handle of one of this client's submits (see `_Group`)."""
+        _check_wait_timeout(timeout)
+        group = handle._group
+        row = group.rows.pop(handle.id, None) if group is not None else None
+        if row is None:
+            same = group if group is not None and group.tenant == handle.tenant else None
+            row = self._wait([handle.id], timeout, handle.tenant, same, full=False).get(handle.id)
+            if group is not None:
+                group.rows.pop(handle.id, None)  # read along by another thread's wait meanwhile
+            if row is None:
+                raise JobNotFoundError(f"no job with id {handle.id!r}")
+        return _result_of(row, handle.task_type, timeout)
 
     def cancel(self, job_id: str, *, tenant: str | None = None) -> bool:
         """Cancel a queued or running job; a running one's worker stops it between steps."""
@@ -228,7 +431,7 @@ class Client:
         if done:
             try:
                 self.redis.publish(CANCEL_CHANNEL, str(job_id))
-                self.redis.publish(channel(str(job_id)), "done")
+                publish_done(self.redis, [str(job_id)])
             except (redis.exceptions.RedisError, LLMOSError):
                 pass  # the table says cancelled; a running job then just finishes unrecorded
         return done
@@ -241,6 +444,59 @@ class Client:
                 f"cannot reach the database at {redact(self.settings.db_url)}: "
                 f"{first_line(exc.orig or exc)}"
             ) from None
+
+
+def _check_wait_timeout(timeout: Any) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout >= 0):  # `not >=`: NaN too
+        raise ValidationError(f"timeout must be a number of seconds (0 or more) or None, got {timeout!r}")
+
+
+class _Outcome(NamedTuple):
+    """The columns of a job's row that its result needs (`JobHandle.result`, `Model.results`)."""
+
+    id: str
+    status: JobStatus
+    result: dict[str, Any] | None
+    error: str | None
+
+
+_OUTCOMES = sa.select(jobs.c.id, jobs.c.status, jobs.c.result, jobs.c.error).where(
+    jobs.c.id.in_(sa.bindparam("ids", expanding=True)), jobs.c.tenant == sa.bindparam("tenant"))
+
+
+class _Group:
+    """What the handles of one submit share: the ids not yet read final, and outcomes read ahead.
+
+    When one handle's `result()` finds its job announced, the outcomes of every announced
+    sibling not yet read come in the same query and wait in `rows` until their own handle asks
+    (popped then; `Model.results` takes them too): waiting on handles in turn costs about one
+    query per recorded batch. `rows` holds at most the submit's jobs read but not yet asked for.
+    """
+
+    __slots__ = ("tenant", "unread", "rows", "__weakref__")
+
+    def __init__(self, tenant: str, ids: Iterable[str]) -> None:
+        self.tenant = tenant
+        self.unread = set(ids)
+        self.rows: dict[str, _Outcome] = {}
+
+
+def _announced(listener: DoneListener, remaining: set[str],
+               group: _Group | None) -> tuple[set[str], set[str]]:
+    """(announced ids among `remaining`, announced unread siblings in `group`); caller holds the lock."""
+    ann = listener.announced
+    if not ann:
+        return set(), set()
+    if len(ann) <= len(remaining):
+        ready = {i for i in ann if i in remaining}
+    else:
+        ready = {i for i in remaining if i in ann}
+    siblings: set[str] = set()
+    if ready and group is not None:
+        unread = group.unread
+        siblings = {i for i in ann if i in unread and i not in remaining}
+    return ready, siblings
 
 
 def no_worker_message(model: str) -> str:
@@ -402,12 +658,13 @@ class JobHandle:
     """A submitted job: its id, and ways to read its status, wait for its result, cancel it."""
 
     def __init__(self, client: Client, job_id: str, model: str, task_type: str,
-                 tenant: str | None = None) -> None:
+                 tenant: str | None = None, *, group: _Group | None = None) -> None:
         self.client = client
         self.id = job_id
         self.model = model
         self.task_type = task_type
         self.tenant = tenant or client.tenant
+        self._group = group  # set by Client's submits: siblings read ahead (see `_Group`)
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r}, model={self.model!r}, task={self.task_type!r})"
@@ -421,6 +678,8 @@ class JobHandle:
 
     def result(self, timeout: float | None = 300.0) -> TaskResult:
         """Wait for the job and return its typed result; raise JobFailedError if it failed."""
+        if self._group is not None:
+            return self.client._result(self, timeout)
         job = self.client.wait([self.id], timeout=timeout, tenant=self.tenant).get(self.id) or self.job()
         return result_of(job, timeout)
 
@@ -430,8 +689,12 @@ class JobHandle:
 
 
 def result_of(job: Job, timeout: float | None = None) -> TaskResult:
+    return _result_of(job, job.task_type, timeout)
+
+
+def _result_of(job: "Job | _Outcome", task_type: str, timeout: float | None) -> TaskResult:
     if job.status == JobStatus.SUCCEEDED:
-        return task_class(job.task_type).result_type.model_validate(job.result)
+        return task_class(task_type).result_type.model_validate(job.result)
     if job.status.is_final:
         raise JobFailedError(f"job {job.id} {job.status.value}: {job.error}", job_id=job.id,
                              status=job.status.value)
@@ -505,6 +768,8 @@ class Model:
 
     def results(self, handles: Sequence[JobHandle], timeout: float | None = None) -> list[TaskResult]:
         """Wait for many jobs; results in the same order (raises on the first failed job)."""
+        if isinstance(self.client, Client):
+            return self.client._results(handles, timeout)
         until = None if timeout is None else time.monotonic() + timeout
         by_tenant: dict[str, list[str]] = {}
         for h in handles:

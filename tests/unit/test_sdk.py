@@ -1,17 +1,13 @@
 """The SDK's submit path against a real SQLite table and the in-memory dispatcher."""
 
-import time
-
 import pytest
 
 import llmos
 from llmos import manager
-from llmos.constants import DONE_CHANNEL_PREFIX
 from llmos.db import get_engine, jobs
 from llmos.dispatch import InMemoryDispatcher
 from llmos.errors import UnknownModelError, UnsupportedTaskError, ValidationError
 from llmos.jobs import JobStatus
-from llmos.notify import channel
 from llmos.registry import ModelSpec, Registry
 from llmos.sdk import Client
 
@@ -161,75 +157,7 @@ def test_idempotent_dialogue_resubmit_returns_the_same_job(client, sqlite_settin
     assert a.job().conversation_id != other.job().conversation_id
 
 
-class WorkerAndNotices:
-    """Pub/sub stand-in: each wait for a notice first finishes the next burst of jobs, as a worker
-    would, then announces them on their channels (except the ids in `drop`: lost notices)."""
-
-    def __init__(self, engine, burst, drop=()):
-        self.engine, self.burst, self.drop = engine, burst, set(drop)
-        self.todo, self.inbox = [], []
-
-    def pubsub(self, ignore_subscribe_messages=True):
-        return self
-
-    def subscribe(self, *channels):
-        self.todo += [c[len(DONE_CHANNEL_PREFIX):] for c in channels]
-
-    def get_message(self, timeout=0.0):
-        if not self.inbox and timeout and self.todo:
-            from llmos import manager
-
-            ids, self.todo = self.todo[:self.burst], self.todo[self.burst:]
-            claimed, _ = manager.claim(self.engine, ids, worker_id="w", device="cpu")
-            manager.finish(self.engine, [manager.Outcome(job_id=j.id, worker_id="w", attempt=j.attempts,
-                                                         result={"label": "POSITIVE", "score": 0.9})
-                                         for j in claimed])
-            self.inbox = [{"type": "message", "channel": channel(j.id).encode(), "data": b"done"}
-                          for j in claimed if j.id not in self.drop]
-        elif not self.inbox and timeout:
-            time.sleep(timeout)
-        return self.inbox.pop(0) if self.inbox else None
-
-    def close(self):
-        pass
-
-
-def count_reads(monkeypatch):
-    """Rows read by the SDK's waits, full rows and status-only rows apart."""
-    from llmos import manager
-
-    reads = {"full": 0, "status": 0}
-    for name, kind in (("get_jobs", "full"), ("job_statuses", "status")):
-        def counted(*args, _real=getattr(manager, name), _kind=kind, **kwargs):
-            out = _real(*args, **kwargs)
-            reads[_kind] += len(out)
-            return out
-        monkeypatch.setattr(manager, name, counted)
-    return reads
-
-
-@pytest.mark.parametrize("n", [100, 800])
-def test_waiting_for_many_reads_each_full_row_once(sqlite_settings, monkeypatch, n):
-    c = Client(sqlite_settings, dispatcher=InMemoryDispatcher(),
-               redis_conn=WorkerAndNotices(get_engine(sqlite_settings.db_url), burst=16))
-    handles = c.load_model("minilm").submit_many([llmos.SentimentTask(text=f"t{i}") for i in range(n)])
-    reads = count_reads(monkeypatch)
-    results = c.load_model("minilm").results(handles, timeout=60)
-    assert [r.label for r in results] == ["POSITIVE"] * n
-    # O(N): every full row once, statuses once at the start; re-reading the remaining rows
-    # after each burst of 16 would be about n * n / 32 rows
-    assert reads == {"full": n, "status": n}
-
-
-def test_a_lost_notice_is_caught_by_the_status_poll(sqlite_settings, monkeypatch):
-    engine = get_engine(sqlite_settings.db_url)
-    c = Client(sqlite_settings, dispatcher=InMemoryDispatcher(), redis_conn=None)
-    handles = c.load_model("minilm").submit_many([llmos.SentimentTask(text=f"t{i}") for i in range(40)])
-    c._redis = WorkerAndNotices(engine, burst=8, drop={handles[3].id, handles[30].id})
-    reads = count_reads(monkeypatch)
-    jobs = c.wait([h.id for h in handles], timeout=60)
-    assert {j.status for j in jobs.values()} == {JobStatus.SUCCEEDED} and len(jobs) == 40
-    assert reads["full"] == 40 and reads["status"] == 40 + 2  # one poll found the two unannounced
+# Reads per wait, lost notices and the listener: tests/unit/test_notify_wait.py
 
 
 def test_wait_timeout_returns_every_job_as_it_is(client):
