@@ -329,6 +329,33 @@ def get_jobs(engine: sa.Engine, job_ids: Sequence[str], *, tenant: Tenant) -> di
     return out
 
 
+class JobOutcome(NamedTuple):
+    """The columns of a job's row that its result needs (`JobHandle.result`, `Model.results`)."""
+
+    id: str
+    status: JobStatus
+    result: dict[str, Any] | None
+    error: str | None
+
+
+_OUTCOMES = sa.select(jobs.c.id, jobs.c.status, jobs.c.result, jobs.c.error).where(
+    jobs.c.id.in_(sa.bindparam("ids", expanding=True)), jobs.c.tenant == sa.bindparam("tenant"))
+
+
+def job_outcomes(engine: sa.Engine, job_ids: Sequence[str], *, tenant: str) -> dict[str, JobOutcome]:
+    """Status, result and error of `tenant`'s jobs by id: one transaction, four columns a row
+    (what a result needs, at about a third of the full row's cost: no input, no timestamps)."""
+    ids = [str(i) for i in job_ids]
+    out: dict[str, JobOutcome] = {}
+    with engine.connect() as conn:
+        for i in range(0, len(ids), 500):
+            for job_id, status, result, error in conn.execute(
+                    _OUTCOMES, {"ids": ids[i:i + 500], "tenant": tenant}):
+                job_id = str(job_id)
+                out[job_id] = JobOutcome(job_id, JobStatus(status), result, error)
+    return out
+
+
 def job_statuses(engine: sa.Engine, job_ids: Sequence[str], *, tenant: Tenant) -> dict[str, JobStatus]:
     """Status of each of `tenant`'s jobs by id (two columns read, not the whole row)."""
     out: dict[str, JobStatus] = {}

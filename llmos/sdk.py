@@ -20,7 +20,7 @@ import uuid
 import warnings
 import weakref
 from datetime import datetime, timezone
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Sequence
 
 import redis
 import sqlalchemy as sa
@@ -29,7 +29,7 @@ from llmos import manager
 from llmos.constants import (CANCEL_CHANNEL, DEFAULT_TENANT, MAX_ATTEMPTS, MAX_BATCH_ID_CHARS,
                              MAX_DEADLINE_S, MAX_IDEMPOTENCY_KEY_CHARS, MAX_JOBS_PER_SUBMIT,
                              MAX_TENANT_CHARS, WAIT_MAX_POLL_S, WAIT_POLL_S)
-from llmos.db import MAX_WEBHOOK_URL_CHARS, UNSTORABLE, check_database, first_line, get_engine, jobs
+from llmos.db import MAX_WEBHOOK_URL_CHARS, UNSTORABLE, check_database, first_line, get_engine
 from llmos.dispatch import CeleryDispatcher, Dispatcher
 from llmos.errors import (DatabaseUnavailableError, JobFailedError, JobNotFoundError,
                           JobTimeoutError, LLMOSError, NoWorkerError, NoWorkerWarning,
@@ -246,7 +246,7 @@ class Client:
 
     def _wait(self, ids: list[str], timeout: float | None, tenant: str, group: "_Group | None" = None,
               full: bool = True) -> dict[str, Any]:
-        """`wait` on canonical ids: Jobs, or with `full=False` `_Outcome`s (the columns a result needs).
+        """`wait` on canonical ids: Jobs, or with `full=False` `manager.JobOutcome`s (the columns a result needs).
 
         With `group` (outcomes only), the announced unread siblings are read along and kept there.
         """
@@ -363,22 +363,9 @@ class Client:
     def _read_jobs(self, ids: list[str], tenant: str) -> dict[str, Job]:
         return self._db(manager.get_jobs, ids, tenant=tenant)
 
-    def _read_outcomes(self, ids: list[str], tenant: str) -> dict[str, "_Outcome"]:
-        """Status, result and error of `tenant`'s jobs by id: one transaction, 4 columns a row.
-
-        What a result needs, at about a third of the full row's cost (no input, no timestamps).
-        """
-        out: dict[str, _Outcome] = {}
-
-        def read(engine: sa.Engine) -> None:
-            with engine.connect() as conn:
-                for i in range(0, len(ids), 500):
-                    for job_id, status, result, error in conn.execute(
-                            _OUTCOMES, {"ids": ids[i:i + 500], "tenant": tenant}):
-                        job_id = str(job_id)
-                        out[job_id] = _Outcome(job_id, JobStatus(status), result, error)
-        self._db(read)
-        return out
+    def _read_outcomes(self, ids: list[str], tenant: str) -> dict[str, "manager.JobOutcome"]:
+        """Status, result and error of `tenant`'s jobs by id (`manager.job_outcomes`)."""
+        return self._db(manager.job_outcomes, ids, tenant=tenant)
 
     def _results(self, handles: Sequence["JobHandle"], timeout: float | None) -> list[TaskResult]:
         """`Model.results` for this client's handles: outcomes only, rows read ahead used first."""
@@ -452,19 +439,6 @@ def _check_wait_timeout(timeout: Any) -> None:
         raise ValidationError(f"timeout must be a number of seconds (0 or more) or None, got {timeout!r}")
 
 
-class _Outcome(NamedTuple):
-    """The columns of a job's row that its result needs (`JobHandle.result`, `Model.results`)."""
-
-    id: str
-    status: JobStatus
-    result: dict[str, Any] | None
-    error: str | None
-
-
-_OUTCOMES = sa.select(jobs.c.id, jobs.c.status, jobs.c.result, jobs.c.error).where(
-    jobs.c.id.in_(sa.bindparam("ids", expanding=True)), jobs.c.tenant == sa.bindparam("tenant"))
-
-
 class _Group:
     """What the handles of one submit share: the ids not yet read final, and outcomes read ahead.
 
@@ -479,7 +453,7 @@ class _Group:
     def __init__(self, tenant: str, ids: Iterable[str]) -> None:
         self.tenant = tenant
         self.unread = set(ids)
-        self.rows: dict[str, _Outcome] = {}
+        self.rows: dict[str, manager.JobOutcome] = {}
 
 
 def _announced(listener: DoneListener, remaining: set[str],
@@ -692,7 +666,7 @@ def result_of(job: Job, timeout: float | None = None) -> TaskResult:
     return _result_of(job, job.task_type, timeout)
 
 
-def _result_of(job: "Job | _Outcome", task_type: str, timeout: float | None) -> TaskResult:
+def _result_of(job: "Job | manager.JobOutcome", task_type: str, timeout: float | None) -> TaskResult:
     if job.status == JobStatus.SUCCEEDED:
         return task_class(task_type).result_type.model_validate(job.result)
     if job.status.is_final:
