@@ -487,7 +487,9 @@ def sdk_suite(env: Env, workdir: Path, n: int, passes: int, shapes: list[str]) -
                 env.reset()
                 # pinned: the worker's model thread on core 1, its other threads on core 0
                 # (LLMOS_MODEL_CPUS, workers/affinity.py), as on a host whose accelerator is the model's
+                # (taskset widens the worker back to both cores: it would inherit this process's pin)
                 w = env.worker("minilm", config,
+                               cpus={PINNED_MODEL_CORE, PINNED_OTHER_CORE} if pinned else None,
                                extra_env={"LLMOS_MODEL_CPUS": str(PINNED_MODEL_CORE)} if pinned else None)
                 r: dict[str, list[float]] = {"bare_before_results": [], "results": [],
                                              "bare_before_each": [], "each": []}
