@@ -16,9 +16,9 @@ writes it (`submit_many` then `Model.results(handles)`; each handle's `result()`
 pass right after a bare pass of the batched model (batch 32, same texts, same process) and
 divided by it: median of `--passes` alternating pairs. Shapes: `shared` (nothing pinned) and
 `pinned` (production shape: the worker's model thread on core 1 with one torch thread and its
-other threads on core 0 (`LLMOS_MODEL_CPUS=1`), this producer on core 0 (`sched_setaffinity`),
-the bare loop on core 1 alone with one torch thread; the shared
-Postgres and Redis servers cannot be pinned by a benchmark and float over both cores). Bulk
+other threads on core 0 (`LLMOS_MODEL_CPUS=1`), this producer and every thread of the local
+Redis server and Postgres cluster on core 0 (`sched_setaffinity`, restored after the shape),
+the bare loop on core 1 alone with one torch thread). Bulk
 submit: `--bulk-n` short jobs through `submit_many` (chunks of 10,000) into Postgres and Redis,
 no worker running, median of three.
 """
@@ -107,6 +107,60 @@ def pin(cpus: "set[int] | None") -> None:
         try:
             os.sched_setaffinity(int(tid), cpus)
         except OSError:  # a thread that just ended
+            pass
+
+
+def _tasks_of(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def pin_servers(env: "Env", cpus: set[int]) -> dict[int, set[int]]:
+    """Every thread of the Redis server and of the Postgres cluster behind `env` onto `cpus` (the
+    postmaster too, so backends forked later inherit it); returns what to restore. Only where
+    their processes are visible and ours to move (a local server run by this user or root)."""
+    import redis as redis_lib
+    import sqlalchemy as sa
+
+    pids: set[int] = set()
+    try:
+        pids.add(int(redis_lib.Redis.from_url(env.redis_url).info("server")["process_id"]))
+    except Exception:
+        pass
+    try:
+        with get_engine(env.db_url).connect() as c:
+            backend = c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        with open(f"/proc/{backend}/stat") as f:
+            postmaster = int(f.read().rsplit(")", 1)[1].split()[1])
+        pids.add(postmaster)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == postmaster:
+                            pids.add(int(entry))
+                except (OSError, ValueError, IndexError):
+                    pass
+    except Exception:
+        pass
+    before: dict[int, set[int]] = {}
+    for pid in pids:
+        for tid in _tasks_of(pid):
+            try:
+                before[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, cpus)
+            except OSError:
+                before.pop(tid, None)
+    return before
+
+
+def unpin_servers(before: dict[int, set[int]]) -> None:
+    for tid, cpus in before.items():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # gone
             pass
 
 
@@ -479,6 +533,9 @@ def sdk_suite(env: Env, workdir: Path, n: int, passes: int, shapes: list[str]) -
     for shape in shapes:
         pinned = shape == "pinned"
         pin({PINNED_OTHER_CORE} if pinned else None)
+        # pinned: the Redis and Postgres servers off the model's core as well (on a GPU host
+        # they are other machines or other cores); restored when the shape ends
+        servers = pin_servers(env, {PINNED_OTHER_CORE}) if pinned else {}
         try:
             out[shape] = {}
             for name, texts in sets.items():
@@ -510,6 +567,7 @@ def sdk_suite(env: Env, workdir: Path, n: int, passes: int, shapes: list[str]) -
                 out[shape][name] = cell
         finally:
             pin(None)
+            unpin_servers(servers)
     return out
 
 
