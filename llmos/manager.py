@@ -471,6 +471,22 @@ def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: 
         return mine + claimed, expired
 
 
+def restart_clock(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str) -> dict[str, datetime]:
+    """`started_at` = now for claimed jobs that waited (a claim made ahead, while the batch before
+    computed) before their group starts: a job's timeout, and its queue wait, count from when it
+    starts to run. Returns id → the new started_at of the jobs still running under `worker_id`."""
+    if not job_ids:
+        return {}
+    ids = [str(i) for i in job_ids]
+    with engine.begin() as conn:
+        now: Any = sa.func.now() if conn.dialect.name == "postgresql" else db_now(conn)
+        stmt = (jobs.update()
+                .where(jobs.c.id.in_(ids), (jobs.c.status + "") == JobStatus.RUNNING.value,
+                       jobs.c.worker_id == worker_id)
+                .values(started_at=now).returning(jobs.c.id, jobs.c.started_at))
+        return {str(i): at for i, at in conn.execute(stmt)}
+
+
 def finish(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:
     """Write results and errors of claimed jobs in one transaction; returns how many applied.
 

@@ -41,6 +41,10 @@ class Finished:
         self.job, self.outcome, self.compute_ms, self.batch_size = job, outcome, compute_ms, batch_size
 
 
+RESTART_AFTER_S = 1.0
+"""A batch claimed ahead that waited longer than this for the model gets its started_at moved to
+when it runs (one more UPDATE, only then): the reconciler times jobs out from started_at."""
+
 Claim = Callable[[list[str], bool], list[Job]]
 """claim(ids, fresh_only) → the jobs this call moved from queued to running."""
 Complete = Callable[[Sequence[Finished]], None]
@@ -51,7 +55,8 @@ class Batcher:
 
     def __init__(self, runners: dict[str, Runner], *, max_batch_size: int, max_wait_ms: float,
                  claim: Claim, complete: Complete, control: RunControl | None = None,
-                 on_start: Callable[[], None] | None = None) -> None:
+                 on_start: Callable[[], None] | None = None,
+                 restart: Callable[[list[Job]], list[Job]] | None = None) -> None:
         self.runners = runners
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
@@ -59,6 +64,9 @@ class Batcher:
         self.complete = complete
         self.control = control or RunControl()
         self._on_start = on_start  # run first on the model's thread (its CPU placement)
+        # restart(jobs) → jobs with started_at now: for a claimed batch that waited RESTART_AFTER_S
+        # behind the one before, so a job's timeout counts from when it runs
+        self._restart = restart
         self._queue: queue.Queue[tuple[str, Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="llmos-batcher", daemon=True)
         # The claimer claims the next batch while the model computes this one (claim ahead).
@@ -143,7 +151,7 @@ class Batcher:
             if claimed is None:
                 self._slot.release()
             else:
-                self._claimed.put(claimed)
+                self._claimed.put((*claimed, time.monotonic()))
 
     def _claim_fresh(self, batch: list[tuple[str, Future]]) -> tuple[dict[str, list[Future]], list[Job]] | None:
         """Claim a gathered batch's jobs that never ran: (futures by id, claimed jobs), or None
@@ -161,18 +169,31 @@ class Batcher:
     def _loop(self) -> None:
         """The model's thread: runs each claimed batch, group by group."""
         if self._on_start is not None:
-            self._on_start()
+            try:
+                self._on_start()
+            except Exception as exc:  # e.g. the cores went away: run unpinned rather than not at all
+                event(log, "model_thread_start_failed", logging.ERROR, error=repr(exc))
         while True:
             item = self._claimed.get()
             self._slot.release()  # the claimer may gather and claim the next batch meanwhile
             if item is None:
                 return
-            futures, fresh = item
+            futures, fresh, claimed_at = item
             try:
+                if fresh and self._restart is not None and time.monotonic() - claimed_at > RESTART_AFTER_S:
+                    fresh = self._restarted(fresh)
                 self._run(futures, fresh)
             except BaseException as exc:  # never let the model's thread die: callers would hang
                 event(log, "batch_crashed", logging.ERROR, error=repr(exc))
                 _resolve([f for fs in futures.values() for f in fs], exc)
+
+    def _restarted(self, jobs: list[Job]) -> list[Job]:
+        """The jobs with their started_at moved to now (the table's too); on a database error, as they were."""
+        try:
+            return self._restart(jobs)  # type: ignore[misc]
+        except Exception as exc:
+            event(log, "restart_clock_failed", logging.WARNING, error=repr(exc), jobs=len(jobs))
+            return jobs
 
     def _run(self, futures: dict[str, list[Future]], fresh: list[Job]) -> None:
         # Jobs that never ran were claimed together and run as batches. A job that ran before may

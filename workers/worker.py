@@ -116,7 +116,8 @@ class Worker:
         self.batcher = Batcher(runners, max_batch_size=self.spec.max_batch_size,
                                max_wait_ms=self.spec.max_wait_ms, claim=self.claim,
                                complete=self.complete, control=self.control,
-                               on_start=placement.pin_model if placement else None).start()
+                               on_start=placement.pin_model if placement else None,
+                               restart=self.restart_clock).start()
         manager.register_worker(self.engine, worker_id=self.worker_id, host=self.host,
                                 pid=os.getpid(), model=self.spec.name, device=self.device)
         for target, name in ((self._heartbeat, "llmos-heartbeat"), (self._listen_cancels, "llmos-cancels")):
@@ -211,6 +212,11 @@ class Worker:
         if not fresh_only:
             self._release([i for i in job_ids if i not in {j.id for j in claimed}])
         return claimed
+
+    def restart_clock(self, jobs: list[Job]) -> list[Job]:
+        """A claimed-ahead batch that waited: started_at = now in the table and on the jobs."""
+        started = self.db(manager.restart_clock, [j.id for j in jobs], worker_id=self.worker_id)
+        return [dataclasses.replace(j, started_at=started[j.id]) if j.id in started else j for j in jobs]
 
     def _release(self, job_ids: list[str]) -> None:
         try:

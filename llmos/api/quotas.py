@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llmos import manager
 from llmos.api.errors import QuotaExceededError, error_response
 from llmos.api.settings import ApiSettings, Quota
-from llmos.dispatch import queue_keys
+from llmos.dispatch import pending_set
 from llmos.errors import ValidationError
 from llmos.logs import event
 from llmos.priority import parse_priority
@@ -113,11 +113,9 @@ def shed_at(max_queue: int, priority: int) -> int | None:
 
 
 def queue_length(client: redis.Redis, model: str) -> int:
-    """Messages waiting in `model`'s ten priority lists: ten LLENs (O(1) each) in one round trip."""
-    pipe = client.pipeline(transaction=False)
-    for key in queue_keys(model):
-        pipe.llen(key)
-    return sum(int(n) for n in pipe.execute())
+    """Jobs waiting in Redis for `model`: its pending set (ids sent, not yet taken by a worker),
+    one SCARD, O(1). Not the lists' lengths: a bulk submit's message carries many jobs."""
+    return int(client.scard(pending_set(model)))
 
 
 def check_shedding(client: "Client", model: str, priority: int, adding: int, api: ApiSettings) -> None:

@@ -12,7 +12,7 @@ from llmos.api import create_app
 from llmos.api.quotas import SHED_FACTORS, shed_at
 from llmos.api.settings import ApiSettings, TenantQuota, get_api_settings
 from llmos.db import get_engine
-from llmos.dispatch import InMemoryDispatcher, queue_keys
+from llmos.dispatch import InMemoryDispatcher, pending_set
 from llmos.errors import ConfigError
 from llmos.sdk import Client
 from llmos.settings import Settings
@@ -96,10 +96,13 @@ def test_shedding_thresholds_by_priority():
 
 
 class FakeRedis:
-    """Just enough of redis-py for the shedding check: LLEN per list, in a pipeline."""
+    """Just enough of redis-py for the shedding check: SCARD of the pending set (jobs waiting)."""
 
     def __init__(self) -> None:
         self.lengths: dict[str, int] = {}
+
+    def scard(self, key: str) -> int:
+        return self.lengths.get(key, 0)
 
     def pipeline(self, transaction: bool = True) -> "FakeRedis":
         self._calls: list[str] = []
@@ -167,9 +170,9 @@ def test_shedding_refuses_low_priority_first(sqlite_settings):
     fake = FakeRedis()
     http, engine = make(sqlite_settings, redis_conn=fake, max_model_queue=10, queue_retry_after_s=7)
     a = bearer(engine, "acme")
-    main = queue_keys("minilm")
+    pending = pending_set("minilm")
     with http:
-        fake.lengths = {main[0]: 6, main[4]: 4}  # 10 waiting, over two priority lists
+        fake.lengths = {pending: 10}  # 10 jobs waiting (in any number of messages)
         for priority in ("batch", "low", 0):
             resp = http.post("/v1/jobs", json={**SENTIMENT, "priority": priority}, headers=a)
             assert resp.status_code == 429 and resp.headers["Retry-After"] == "7", resp.text
@@ -182,9 +185,9 @@ def test_shedding_refuses_low_priority_first(sqlite_settings):
             assert http.post("/v1/jobs", json={**SENTIMENT, "priority": priority}, headers=a).status_code == 201
         batch = {"model": "minilm", "priority": "normal", "jobs": [{"task": "embed", "input": {"texts": ["a"]}}] * 11}
         assert http.post("/v1/jobs:batch", json=batch, headers=a).status_code == 201  # below 20: taken whole
-        fake.lengths = {main[0]: 20}
+        fake.lengths = {pending: 20}
         assert http.post("/v1/jobs:batch", json=batch, headers=a).status_code == 429  # at 2 × 10: normal is shed
-        fake.lengths = {main[0]: 100}
+        fake.lengths = {pending: 100}
         assert http.post("/v1/jobs", json={**SENTIMENT, "priority": "high"}, headers=a).status_code == 429
         assert http.post("/v1/jobs", json={**SENTIMENT, "priority": 9}, headers=a).status_code == 201
         assert http.post("/v1/jobs", json={**SENTIMENT, "model": "gpt2", "task": "writing",

@@ -288,3 +288,60 @@ def test_the_next_batch_is_claimed_while_the_model_computes_and_only_one_ahead()
     finally:
         gate.set()
         batcher.stop()
+
+
+def test_a_batch_claimed_ahead_that_waited_has_its_clock_restarted(monkeypatch):
+    """The reconciler times a job out from started_at: a claimed batch that waited behind a long
+    one gets started_at = when it runs (restart), a batch that did not wait does not."""
+    from dataclasses import replace
+
+    import workers.batcher as batcher_mod
+
+    monkeypatch.setattr(batcher_mod, "RESTART_AFTER_S", 0.2)
+    gate, first_running = threading.Event(), threading.Event()
+
+    class Gated(EchoRunner):
+        def forward(self, texts):
+            if not first_running.is_set():
+                first_running.set()
+                assert gate.wait(10)
+            return super().forward(texts)
+
+    jobs = [job(i, f"t{i}", attempts=0) for i in range(4)]
+    table = FakeTable(jobs)
+    restarted: list[list[str]] = []
+    seen: dict[str, object] = {}
+    later = datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+    def restart(js):
+        restarted.append([j.id for j in js])
+        return [replace(j, started_at=later) for j in js]
+
+    def complete(finished):
+        for f in finished:
+            seen[f.job.id] = f.job.started_at
+
+    batcher = Batcher({"sentiment": Gated()}, max_batch_size=2, max_wait_ms=50, claim=table.claim,
+                      complete=complete, restart=restart).start()
+    try:
+        futures = [batcher.submit(j.id) for j in jobs]
+        assert first_running.wait(10)
+        time.sleep(0.5)  # the second batch is claimed and waits behind the first
+        gate.set()
+        for f in futures:
+            f.result(10)
+    finally:
+        gate.set()
+        batcher.stop()
+    assert restarted == [["id-2", "id-3"]]
+    assert seen["id-2"] == seen["id-3"] == later and seen["id-0"] != later
+
+
+def test_a_failing_start_hook_leaves_the_model_thread_running():
+    table = FakeTable([job(1, "a", attempts=0)])
+    b = Batcher({"sentiment": EchoRunner()}, max_batch_size=2, max_wait_ms=5, claim=table.claim,
+                complete=lambda f: None, on_start=lambda: 1 / 0).start()
+    try:
+        b.submit("id-1").result(5)
+    finally:
+        b.stop()
