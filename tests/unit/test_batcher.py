@@ -251,9 +251,8 @@ def test_jobs_that_ran_before_are_claimed_and_run_alone_after_the_others():
     assert [c for c in calls if not c[1]] == [(["id-1"], False), (["id-3"], False)]
 
 
-def test_the_next_batch_is_claimed_while_the_model_computes_and_only_one_ahead():
-    """Claim ahead: batch 2 is claimed while batch 1 runs; batch 3 waits until batch 2 is taken."""
-    gate, first_running = threading.Event(), threading.Event()
+def gated(gate: threading.Event, first_running: threading.Event) -> type:
+    """An EchoRunner whose first batch sets `first_running`, then waits for `gate`."""
 
     class Gated(EchoRunner):
         def forward(self, texts):
@@ -261,6 +260,14 @@ def test_the_next_batch_is_claimed_while_the_model_computes_and_only_one_ahead()
                 first_running.set()
                 assert gate.wait(10)
             return super().forward(texts)
+
+    return Gated
+
+
+def test_the_next_batch_is_claimed_while_the_model_computes_and_only_one_ahead():
+    """Claim ahead: batch 2 is claimed while batch 1 runs; batch 3 waits until batch 2 is taken."""
+    gate, first_running = threading.Event(), threading.Event()
+    Gated = gated(gate, first_running)
 
     jobs = [job(i, f"t{i}", attempts=0) for i in range(6)]
     table = FakeTable(jobs)
@@ -299,13 +306,7 @@ def test_a_batch_claimed_ahead_that_waited_has_its_clock_restarted(monkeypatch):
 
     monkeypatch.setattr(batcher_mod, "RESTART_AFTER_S", 0.2)
     gate, first_running = threading.Event(), threading.Event()
-
-    class Gated(EchoRunner):
-        def forward(self, texts):
-            if not first_running.is_set():
-                first_running.set()
-                assert gate.wait(10)
-            return super().forward(texts)
+    Gated = gated(gate, first_running)
 
     jobs = [job(i, f"t{i}", attempts=0) for i in range(4)]
     table = FakeTable(jobs)
