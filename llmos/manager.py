@@ -43,6 +43,12 @@ def db_now(bind: sa.Engine | sa.Connection) -> datetime:
     return bind.execute(sa.select(sa.func.now())).scalar_one().astimezone(timezone.utc)
 
 
+def sql_now(conn: sa.Connection) -> Any:
+    """The database's clock as a statement uses it: Postgres's `now()` in the SQL itself (no round
+    trip to read it first), else `db_now`'s value."""
+    return sa.func.now() if conn.dialect.name == "postgresql" else db_now(conn)
+
+
 class _AnyTenant:
     """The tenant argument of system callers (workers, the reconciler) that act for every tenant."""
 
@@ -440,8 +446,7 @@ def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: 
     # stale (a fresh or never-ANALYZEd table) and then walks the whole queue per claim.
     queued = [jobs.c.id.in_(ids), (jobs.c.status + "") == JobStatus.QUEUED.value]
     with engine.begin() as conn:
-        # Postgres: the statement's own now() (the transaction's time), no round trip to read it
-        now: Any = sa.func.now() if conn.dialect.name == "postgresql" else db_now(conn)
+        now = sql_now(conn)
         cond = [*queued, sa.or_(jobs.c.deadline.is_(None), jobs.c.deadline > now),
                 sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now)]
         if model is not None:  # a worker only ever claims its own model's jobs
@@ -479,7 +484,7 @@ def restart_clock(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str) 
         return {}
     ids = [str(i) for i in job_ids]
     with engine.begin() as conn:
-        now: Any = sa.func.now() if conn.dialect.name == "postgresql" else db_now(conn)
+        now = sql_now(conn)
         stmt = (jobs.update()
                 .where(jobs.c.id.in_(ids), (jobs.c.status + "") == JobStatus.RUNNING.value,
                        jobs.c.worker_id == worker_id)
@@ -537,8 +542,6 @@ joined on the primary key), instead of one UPDATE per job; `now()` is the transa
 
 
 def _finish_pg(engine: sa.Engine, outcomes: Sequence[Outcome]) -> int:
-    from llmos.db import dump_json
-
     params = dict(
         ids=[o.job_id for o in outcomes], workers=[o.worker_id for o in outcomes],
         attempts=[o.attempt for o in outcomes], statuses=[o.status.value for o in outcomes],

@@ -140,3 +140,22 @@ def wait_all_final(engine: sa.Engine, ids: list[str], timeout: float = 180.0) ->
             pending = {j.status for j in jobs.values() if not j.status.is_final}
             raise AssertionError(f"jobs not final after {timeout} s: {pending}")
         time.sleep(0.2)
+
+
+def count_reads(monkeypatch):
+    """Rows read and queries made by the SDK's waits: full rows, statuses, outcomes (what a result needs)."""
+    reads = {f"{kind}{what}": 0 for kind in ("full", "status", "outcome") for what in ("", "_queries")}
+
+    def counting(real, kind):
+        def counted(*args, **kwargs):
+            out = real(*args, **kwargs)
+            reads[kind] += len(out)
+            reads[kind + "_queries"] += 1
+            return out
+        return counted
+    monkeypatch.setattr(manager, "get_jobs", counting(manager.get_jobs, "full"))
+    monkeypatch.setattr(manager, "job_statuses", counting(manager.job_statuses, "status"))
+    from llmos.sdk import Client
+
+    monkeypatch.setattr(Client, "_read_outcomes", counting(Client._read_outcomes, "outcome"))
+    return reads

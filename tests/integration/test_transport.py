@@ -32,9 +32,9 @@ def setup(redis_url, tmp_path):
     r.close()
 
 
-def send(settings: Settings, jobs: list[Job]) -> None:
+def send(settings: Settings, jobs: list[Job], chunk: int = 1) -> None:
     d = CeleryDispatcher(settings)
-    d.send(jobs)
+    d.send(jobs, chunk=chunk)
     d.close()
 
 
@@ -359,9 +359,7 @@ def test_a_burst_of_chunks_is_bounded_by_job_ids_not_messages(setup):
     settings, r, app = setup
     chunk_setup(app, max_ids=10)
     jobs = [job(100 + i) for i in range(40)]
-    d = CeleryDispatcher(settings)
-    d.send(jobs, chunk=4)
-    d.close()
+    send(settings, jobs, chunk=4)
     assert all_queued(r, "tr") == 10
     conn, channel, got = consume_once(app, prefetch=20)
     try:
@@ -387,9 +385,7 @@ def test_a_restored_chunk_puts_every_job_back_in_pending(setup):
     settings, r, app = setup
     chunk_setup(app, max_ids=64)
     jobs = [job(200 + i) for i in range(5)]
-    d = CeleryDispatcher(settings)
-    d.send(jobs, chunk=5)
-    d.close()
+    send(settings, jobs, chunk=5)
     with app.connection_for_read() as conn:
         q = conn.SimpleQueue(queue_name("tr"))
         q.get(timeout=5)

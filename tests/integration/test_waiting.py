@@ -22,6 +22,7 @@ from llmos.errors import JobNotFoundError
 from llmos.notify import notice_ids, publish_done
 from llmos.registry import ModelSpec, Registry
 from llmos.sdk import Client
+from tests.helpers import count_reads
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::llmos.NoWorkerWarning")]
 
@@ -59,23 +60,6 @@ def run_jobs(engine, ids, r=None, label="POSITIVE"):
                                             result={"label": label, "score": 0.9}) for j in claimed])
     if r is not None:
         publish_done(r, [j.id for j in claimed])
-
-
-def count_reads(monkeypatch):
-    """Rows read and queries made by the SDK's waits: full rows, statuses, outcomes (what a result needs)."""
-    reads = {f"{kind}{what}": 0 for kind in ("full", "status", "outcome") for what in ("", "_queries")}
-
-    def counting(real, kind):
-        def counted(*args, **kwargs):
-            out = real(*args, **kwargs)
-            reads[kind] += len(out)
-            reads[kind + "_queries"] += 1
-            return out
-        return counted
-    monkeypatch.setattr(manager, "get_jobs", counting(manager.get_jobs, "full"))
-    monkeypatch.setattr(manager, "job_statuses", counting(manager.job_statuses, "status"))
-    monkeypatch.setattr(Client, "_read_outcomes", counting(Client._read_outcomes, "outcome"))
-    return reads
 
 
 def count_connections(monkeypatch):

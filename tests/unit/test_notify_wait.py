@@ -20,6 +20,7 @@ from llmos.errors import JobNotFoundError, JobTimeoutError
 from llmos.jobs import JobStatus
 from llmos.notify import publish_done
 from llmos.sdk import Client
+from tests.helpers import count_reads
 
 pytestmark = pytest.mark.filterwarnings("ignore::llmos.NoWorkerWarning")
 
@@ -129,23 +130,6 @@ class Worker(threading.Thread):
             announced = [i for i in todo if i not in self.drop]
             if announced:
                 publish_done(self.fake, announced)
-
-
-def count_reads(monkeypatch):
-    """Rows read and queries made by the SDK's waits: full rows, statuses, outcomes (what a result needs)."""
-    reads = {f"{kind}{what}": 0 for kind in ("full", "status", "outcome") for what in ("", "_queries")}
-
-    def counting(real, kind):
-        def counted(*args, **kwargs):
-            out = real(*args, **kwargs)
-            reads[kind] += len(out)
-            reads[kind + "_queries"] += 1
-            return out
-        return counted
-    monkeypatch.setattr(manager, "get_jobs", counting(manager.get_jobs, "full"))
-    monkeypatch.setattr(manager, "job_statuses", counting(manager.job_statuses, "status"))
-    monkeypatch.setattr(Client, "_read_outcomes", counting(Client._read_outcomes, "outcome"))
-    return reads
 
 
 @pytest.fixture(autouse=True)
