@@ -20,6 +20,9 @@ DONE_CHANNEL = "llmos:done"
 """Redis pub/sub channel announcing jobs that reached a final state (payload: their ids joined by
 ","; one message per recorded batch, see `llmos.notify.publish_done`)."""
 
+STREAM_CHANNEL_PREFIX = "llmos:stream:"
+"""Prefix of the pub/sub channel of one job's token stream (`llmos.streaming.stream_channel`)."""
+
 PRIORITY_NAMES = {"critical": 9, "high": 7, "normal": 5, "low": 3, "batch": 1}
 """User-facing priority names; 9 is the most urgent."""
 
