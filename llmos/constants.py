@@ -68,6 +68,9 @@ MAX_EMBED_TEXTS = 2048
 MAX_STOP_STRINGS = 8
 """Most stop strings one writing job takes (they count against the model's max_input_chars)."""
 
+MAX_CHAT_MESSAGES = 1000
+"""Most messages in one chat task."""
+
 MAX_DEADLINE_S = 366 * 24 * 3600
 """Furthest a deadline may lie ahead, in seconds (a year); further is surely a mistake."""
 

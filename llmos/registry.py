@@ -35,14 +35,14 @@ Kind = Literal["encoder", "causal-lm", "seq2seq", "classifier", "qa"]
 
 KIND_TASKS: dict[str, frozenset[str]] = {
     "encoder": frozenset({"embed", "sentiment", "summarize"}),  # sentiment zero-shot, summarize extractive
-    "causal-lm": frozenset({"writing", "dialogue"}),
+    "causal-lm": frozenset({"writing", "chat", "dialogue"}),
     "seq2seq": frozenset({"summarize", "translate", "writing"}),
     "classifier": frozenset({"sentiment"}),
     "qa": frozenset({"qa"}),
 }
 """Task types each kind of transformers model can serve (which Auto class loads it)."""
 
-OPENAI_TASKS = frozenset({"writing", "dialogue", "summarize", "translate", "embed"})
+OPENAI_TASKS = frozenset({"writing", "chat", "dialogue", "summarize", "translate", "embed"})
 """Task types the `openai` engine serves over an OpenAI-compatible HTTP API."""
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

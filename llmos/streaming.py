@@ -1,7 +1,9 @@
 """Token streams: the text a worker generates for a job, published piece by piece as it is made.
 
-A job whose task asks for it (`stream=True` on a writing or chat task) gets its text published on
-the Redis pub/sub channel `stream_channel(job_id)` while the model generates: one message per
+A job somebody listens to gets its text published on the Redis pub/sub channel
+`stream_channel(job_id)` while the model generates: the worker asks Redis once per batch which of
+its jobs' channels have a subscriber (`listened`: one PUBSUB NUMSUB), so a job nobody streams
+costs nothing, and a client that wants the stream subscribes before it submits. One message per
 piece, JSON `{"i": n, "delta": "text"}` with n = 0, 1, 2..., then `{"i": n, "end": true}` once
 the worker has nothing more to add. The publisher is the worker's runner (the transformers
 generation loop, or the `openai` engine relaying a remote server's stream).
@@ -29,6 +31,20 @@ log = logging.getLogger("llmos.streaming")
 def stream_channel(job_id: str) -> str:
     """The pub/sub channel of one job's token stream."""
     return f"{STREAM_CHANNEL_PREFIX}{job_id}"
+
+
+def listened(client: redis.Redis, job_ids: list[str]) -> set[str]:
+    """The ids among `job_ids` whose stream channel has a subscriber now (one round trip); none
+    when Redis does not answer (the jobs then run unstreamed, their results recorded as ever)."""
+    if not job_ids:
+        return set()
+    try:
+        counts = client.pubsub_numsub(*(stream_channel(j) for j in job_ids))
+    except (redis.RedisError, OSError) as exc:
+        event(log, "stream_check_failed", logging.WARNING, error=repr(exc)[:200])
+        return set()
+    prefix = len(STREAM_CHANNEL_PREFIX)
+    return {(ch.decode() if isinstance(ch, bytes) else ch)[prefix:] for ch, n in counts if n}
 
 
 class TokenPublisher:

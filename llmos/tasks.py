@@ -7,12 +7,13 @@ worker's runner for that task type turns a batch of requests into results of `re
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from llmos.constants import MAX_CONVERSATION_ID_CHARS, MAX_EMBED_TEXTS, MAX_SEED, MAX_STOP_STRINGS
+from llmos.constants import (MAX_CHAT_MESSAGES, MAX_CONVERSATION_ID_CHARS, MAX_EMBED_TEXTS, MAX_SEED,
+                             MAX_STOP_STRINGS)
 from llmos.db import UNSTORABLE
 from llmos.errors import ValidationError
 
@@ -161,6 +162,46 @@ class DialogueTask(Task):
         return [self.user_utterance] + ([self.system] if self.system else [])
 
 
+ChatRole = Literal["system", "user", "assistant"]
+AnyText = Annotated[str, StringConstraints(strict=True), Storable]  # may be empty (an assistant turn)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: ChatRole
+    content: AnyText
+
+
+class ChatTask(Task):
+    """The next assistant turn of a whole conversation given as messages (OpenAI's chat shape).
+
+    Unlike `dialogue`, nothing is kept between jobs: every job carries the conversation so far.
+    The worker renders the messages with the model's chat template, or, for a model without
+    one, as plain lines (docs/openai.md)."""
+
+    task_type: ClassVar[str] = "chat"
+    result_type: ClassVar[type[TaskResult]] = WritingResult
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
+    max_new_tokens: Count | None = None
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    stop: Annotated[list[NonBlank], Field(max_length=MAX_STOP_STRINGS)] = Field(default_factory=list)
+    seed: Seed | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _something_to_answer(self) -> "ChatTask":
+        if not any(m.content.strip() for m in self.messages):
+            raise ValueError("every message is empty: give at least one with content")
+        return self
+
+    def new_tokens(self, default: int) -> int:
+        return self.max_new_tokens or default
+
+    def texts_for_limit(self) -> list[str]:
+        return [m.content for m in self.messages] + list(self.stop)
+
+
 class SummarizationResult(TaskResult):
     summary: str
     truncated: bool = False  # the model read only part of the input (cut to its window)
@@ -250,7 +291,7 @@ class QuestionAnsweringTask(Task):
 
 TASK_TYPES: dict[str, type[Task]] = {
     cls.task_type: cls
-    for cls in (WritingTask, DialogueTask, SummarizationTask, TranslationTask, QuestionAnsweringTask,
+    for cls in (WritingTask, ChatTask, DialogueTask, SummarizationTask, TranslationTask, QuestionAnsweringTask,
                 SentimentTask, EmbeddingTask)
 }
 """Every task type by its name, as stored in the task table's `task_type` column."""
