@@ -728,3 +728,29 @@ def results_of(client: Any, batch_id: str, *, tenant: str) -> Iterator[bytes]:
                               f"(completed, failed, expired or cancelled)", status=row.status)
     for _, record in result_records(client, row):
         yield json.dumps(record, ensure_ascii=False).encode() + b"\n"
+
+
+# --- files, as the API and the CLI use them -------------------------------------------------------
+
+def upload(client: Any, source: Any, *, tenant: str, filename: str, purpose: str = "batch",
+           settings: BatchSettings | None = None) -> store.FileInfo:
+    """Store an uploaded batch input file (only purpose `batch` is uploaded), within the limits."""
+    bs = settings or get_batch_settings()
+    if purpose != "batch":
+        raise ValidationError(f"purpose: only 'batch' is supported, got {purpose!r}")
+    return store.put_file(client.engine, source, tenant=tenant, filename=filename, purpose=purpose,
+                          max_bytes=bs.files_max_bytes, max_lines=bs.batch_max_lines)
+
+
+def delete_file(client: Any, file_id: str, *, tenant: str) -> None:
+    """Delete one of `tenant`'s files, unless an open batch reads it (FileInUseError)."""
+    from llmos.batches.errors import FileInUseError
+
+    engine = client.engine
+    store.get_file(engine, file_id, tenant=tenant)
+    with engine.connect() as conn:
+        user = conn.execute(sa.select(batches.c.id).where(
+            batches.c.tenant == tenant, batches.c.input_file_id == file_id, batches.c.status.in_(OPEN))).scalar()
+    if user is not None:
+        raise FileInUseError(f"file {file_id} is the input of batch {user}, still open; delete it once the batch is final")
+    store.delete_file(engine, file_id, tenant=tenant)
