@@ -147,3 +147,39 @@ def test_files_list_retrieve_and_delete(api):
     assert [f.id for f in client.files.list().data] == [b.id]
     with pytest.raises(openai.UnprocessableEntityError):
         client.files.create(file=("c.jsonl", b"{}\n"), purpose="fine-tune")
+
+
+def test_llmos_batch_over_http(api, services, tmp_path):
+    """`llmos batch` with LLMOS_URL: the file goes up through /v1/files, the batch through /v1/batches."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, service_env
+
+    proc, engine = api
+    _, key = manager.create_api_key(engine, tenant="http-cli")
+    env = service_env(LLMOS_URL=proc.url, LLMOS_API_KEY=key, LLMOS_HOME=str(tmp_path / "home"))
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                            for i, t in enumerate(["I love it", "I hate it", "Wonderful", "Dreadful"])) + "oops\n")
+    llmos = [sys.executable, "-m", "llmos.cli", "batch"]
+    run = subprocess.run(llmos + ["submit", str(path), "--task", "sentiment", "--name", "http-run", "--wait", "--json"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads(run.stdout)
+    assert (summary["status"], summary["total"], summary["completed"], summary["failed"]) == ("completed", 5, 4, 1)
+    again = subprocess.run(llmos + ["submit", str(path), "--task", "sentiment", "--name", "http-run", "--json"],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and json.loads(again.stdout)["id"] == summary["id"], again.stderr
+    out = tmp_path / "out.jsonl"
+    res = subprocess.run(llmos + ["results", "http-run", "-o", str(out)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["0", "1", "2", "3", None]
+    assert [r["result"]["label"] for r in rows[:4]] == ["POSITIVE", "NEGATIVE", "POSITIVE", "NEGATIVE"]
+    assert rows[4]["error"]["code"] == "invalid_json" and rows[4]["error"]["line"] == 5
+    files = openai.OpenAI(base_url=proc.url + "/v1", api_key=key).files.list().data
+    assert [f.purpose for f in files].count("batch") == 1  # the second upload was not kept
+    listed = subprocess.run(llmos + ["list", "--json"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert [b["name"] for b in json.loads(listed.stdout)] == ["http-run"]
