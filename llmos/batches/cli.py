@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from llmos.errors import LLMOSError, NoWorkerWarning, ValidationError
+from llmos.errors import NoWorkerWarning, ValidationError
 
 batch_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Batch files: submit, status, results, cancel, list.")
@@ -235,5 +235,3 @@ def list_(limit: Annotated[int, typer.Option(min=1, max=100, help="How many, new
                       b.created_at.isoformat(timespec="seconds"))
     out.print(table)
 
-
-__all__ = ["batch_app", "LLMOSError"]

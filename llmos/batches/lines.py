@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from llmos import openai_protocol
@@ -95,8 +95,6 @@ def _extensions(data: dict[str, Any], default_priority: int, now: datetime) -> t
             raise ValidationError(f"deadline: an ISO 8601 time with offset, or seconds from now, got {deadline!r}") from None
     at, in_s = _deadline(deadline)
     if in_s is not None:
-        from datetime import timedelta
-
         at = now + timedelta(seconds=in_s)
     return priority, at
 
@@ -141,8 +139,8 @@ def _openai(data: dict[str, Any], line: int, custom_id: str, shape: BatchShape, 
         raise ValidationError("body.stream: a batch line is not streamed; drop stream")
     if len(request.tasks) != 1:
         raise ValidationError("body.prompt: a batch line takes one prompt; put each prompt on a line of its own")
-    spec = registry.get(request.model)
-    task = validate_for(spec, request.tasks[0])
+    task = request.tasks[0]
+    validate_for(registry.get(request.model), task)  # checked here; the submit's own check keys a dialogue's id
     priority, deadline = _extensions(data, shape.priority, now)
     return GoodLine(line, custom_id, request.model, task, priority, deadline, request.encoding_format)
 
@@ -161,8 +159,8 @@ def _plain(data: dict[str, Any], line: int, custom_id: str, shape: BatchShape, r
     if field is None:
         raise ValidationError(f"task {task_type!r} takes no plain lines; one of {', '.join(PRIMARY_FIELD)}")
     fields = {**(shape.options or {}), field: [text] if task_type == "embed" else text}
-    spec = registry.get(model)
-    task = validate_for(spec, parse_task(task_type, fields))
+    task = parse_task(task_type, fields)
+    validate_for(registry.get(model), task)
     priority, deadline = _extensions(data, shape.priority, now)
     return GoodLine(line, custom_id, model, task, priority, deadline)
 

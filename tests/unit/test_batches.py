@@ -181,7 +181,9 @@ def test_past_its_window_a_batch_expires_and_keeps_what_finished(client):
     f = upload(client, "\n".join(emb(c) for c in "abc"))
     batch = core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings")
     engine = client.engine
-    first = manager.batch_job_ids(engine, batch.id, tenant="default")[0]
+    with engine.connect() as conn:
+        first = str(conn.execute(sa.select(batch_lines.c.job_id).where(
+            batch_lines.c.batch_id == batch.id, batch_lines.c.custom_id == "a")).scalar())
     claimed, _ = manager.claim(engine, [first], worker_id="w", device="cpu")
     manager.finish(engine, [manager.Outcome(job_id=first, worker_id="w", attempt=1,
                                             result={"vectors": [[1.0]], "dim": 1, "tokens": 1})])
@@ -372,3 +374,18 @@ def test_cli_errors_are_llmos_errors(client, tmp_path):
     empty.write_text("not json\n")
     with pytest.raises(ValidationError, match="JSON object"):
         B.submit_file(client, empty, name="x", task="sentiment", model="minilm")
+
+
+def test_a_resubmitted_dialogue_line_finds_its_job_again(client, tmp_path):
+    """A chunk whose jobs were written but not its lines (the process died between): the resubmit
+    finds each job by its key (a dialogue's conversation id comes from the key, not chance)."""
+    path = tmp_path / "talk.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": f"hello {i}"}) + "\n" for i in range(3)))
+    first = B.submit_file(client, path, name="talk", task="dialogue", model="dialogpt")
+    before = sorted(manager.batch_job_ids(client.engine, first.id, tenant="default"))
+    with client.engine.begin() as conn:
+        conn.execute(batch_lines.delete())
+        conn.execute(batches.update().values(status="validating", lease_until=None))
+    again = B.submit_file(client, path, name="talk", task="dialogue", model="dialogpt")
+    assert again.status == "in_progress" and again.request_counts.total == 3
+    assert sorted(manager.batch_job_ids(client.engine, first.id, tenant="default")) == before
