@@ -36,6 +36,29 @@ DETECT_LINES = 20
 """How many of a file's first non-blank lines tell plain lines from OpenAI lines."""
 
 
+def _llmos_errors(fn: Any) -> Any:
+    """Only LLMOSErrors leave: a database or Redis that does not answer says so in one line."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(client: Any, *args: Any, **kwargs: Any) -> Any:
+        import redis
+        import sqlalchemy as sa
+
+        from llmos.db import first_line
+        from llmos.errors import BrokerUnavailableError, DatabaseUnavailableError
+        from llmos.settings import redact
+
+        try:
+            return fn(client, *args, **kwargs)
+        except sa.exc.OperationalError as exc:
+            raise DatabaseUnavailableError(f"cannot reach the database at {redact(client.settings.db_url)}: "
+                                           f"{first_line(exc.orig or exc)}") from None
+        except redis.exceptions.ConnectionError as exc:
+            raise BrokerUnavailableError(f"cannot reach Redis: {first_line(exc)}") from None
+    return wrapped
+
+
 def _is_http(client: Any) -> bool:
     from llmos.remote import HTTPClient
 
@@ -61,6 +84,7 @@ def _endpoint_of(path: Path) -> str:
     return endpoint
 
 
+@_llmos_errors
 def submit_file(client: Any, path: Path, *, name: str, task: str | None = None, model: str | None = None,
                 priority: int | str | None = None, options: dict | None = None, tenant: str | None = None,
                 retry_failed: bool = False) -> BatchInfo:
@@ -135,6 +159,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@_llmos_errors
 def find_batch(client: Any, name: str, *, tenant: str | None = None) -> BatchInfo | None:
     """The batch called `name`, as it is now (advanced first), or None."""
     if _is_http(client):
@@ -148,6 +173,7 @@ def find_batch(client: Any, name: str, *, tenant: str | None = None) -> BatchInf
     return None if found is None else batch_info(client, found.id, tenant=tenant)
 
 
+@_llmos_errors
 def batch_info(client: Any, batch_id: str, *, tenant: str | None = None) -> BatchInfo:
     """One batch as it is now, its lifecycle advanced first (BatchNotFoundError for none)."""
     if _is_http(client):
@@ -162,6 +188,7 @@ def batch_info(client: Any, batch_id: str, *, tenant: str | None = None) -> Batc
     return core.get_batch(client, batch_id, tenant=tenant)
 
 
+@_llmos_errors
 def write_results(client: Any, batch_id: str, out: Path, *, tenant: str | None = None) -> int:
     """Write every line's result or error to `out` in input order; how many lines.
 
@@ -196,6 +223,7 @@ def write_results(client: Any, batch_id: str, out: Path, *, tenant: str | None =
     return lines
 
 
+@_llmos_errors
 def cancel(client: Any, batch_id: str, *, tenant: str | None = None) -> BatchInfo:
     """Cancel an open batch: cancelling (queued jobs cancelled), then cancelled once nothing runs."""
     if _is_http(client):
@@ -208,6 +236,7 @@ def cancel(client: Any, batch_id: str, *, tenant: str | None = None) -> BatchInf
     return core.cancel_batch(client, batch_id, tenant=client._tenant(tenant))
 
 
+@_llmos_errors
 def list_batches(client: Any, *, limit: int = 20, tenant: str | None = None) -> list[BatchInfo]:
     """The newest `limit` batches, newest first."""
     if _is_http(client):
