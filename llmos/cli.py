@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmos.api.cli import api_command, keys_app
+from llmos.batches.cli import batch_app
 from llmos.errors import LLMOSError, NoWorkerWarning
 from llmos.settings import get_settings
 
@@ -32,6 +33,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.command("api")(api_command)
 app.add_typer(keys_app, name="keys")
+app.add_typer(batch_app, name="batch")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 

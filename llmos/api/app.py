@@ -12,9 +12,10 @@ from fastapi import FastAPI
 from llmos import __version__
 from llmos.api import errors
 from llmos.api.quotas import BodyLimit, RateLimiter, storage_uri
-from llmos.api.routes import health, jobs, keys, models, webhooks
+from llmos.api.routes import batches, files, health, jobs, keys, models, webhooks
 from llmos.api.settings import ApiSettings, get_api_settings
 from llmos.api.webhooks import Deliverer
+from llmos.batches import Advancer
 from llmos.errors import NoWorkerWarning
 from llmos.sdk import Client
 from llmos.settings import Settings, get_settings
@@ -40,9 +41,11 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         deliverer = Deliverer(lambda: client.engine, api_settings) if api_settings.webhook_deliver else None
         if deliverer is not None:
             deliverer.start()
+        advancer = Advancer(client).start()  # every API process advances open batches
         try:
             yield
         finally:
+            await asyncio.to_thread(advancer.stop)
             if deliverer is not None:
                 await asyncio.to_thread(deliverer.stop)
             client.close()
@@ -54,7 +57,10 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     app.state.api_settings = api_settings
     app.state.rate_limiter = RateLimiter(api_settings.rate_limit, storage_uri(settings, api_settings))
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=api_settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=api_settings.max_body_bytes,
+                       routes={("POST", files.UPLOAD_PATH): files.upload_limit()})
     for module in (health, jobs, models, keys, webhooks):
         app.include_router(module.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     return app

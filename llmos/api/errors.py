@@ -20,6 +20,8 @@ from starlette.routing import Match
 from llmos.errors import (BrokerUnavailableError, ConfigError, DatabaseUnavailableError,
                           IdempotencyConflictError, JobNotFoundError, LLMOSError, UnknownModelError,
                           UnsupportedTaskError, ValidationError)
+from llmos.batches.errors import (BatchNotFoundError, BatchStateError, FileInUseError,
+                                  FileNotFoundInStoreError, FileTooLargeError)
 from llmos.logs import event
 
 log = logging.getLogger("llmos.api")
@@ -56,6 +58,11 @@ class QuotaExceededError(LLMOSError):
 
 STATUS: list[tuple[type[LLMOSError], int, str]] = [  # first match wins: subclasses before bases
     (IdempotencyConflictError, 409, "idempotency_conflict"),
+    (FileTooLargeError, 413, "body_too_large"),
+    (FileNotFoundInStoreError, 404, "not_found"),
+    (BatchNotFoundError, 404, "not_found"),
+    (BatchStateError, 409, "batch_state"),
+    (FileInUseError, 409, "file_in_use"),
     (ValidationError, 422, "invalid_request"),
     (UnknownModelError, 422, "unknown_model"),
     (UnsupportedTaskError, 422, "unsupported_task"),

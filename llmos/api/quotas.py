@@ -169,6 +169,9 @@ def check_queued(client: "Client", tenant: str, adding: int, api: ApiSettings, *
             limit="max_queued_jobs", retry_after_s=api.queue_retry_after_s)
 
 
+ROUTE_LIMIT = "llmos.route_body_limit"
+"""Scope key `BodyLimit` sets on a request of a route with its own body limit (`routes`)."""
+
 BODY_BYTES = "llmos.body_bytes"
 """Scope key where `BodyLimit` counts the bytes of a body read so far (for the tenant's limit)."""
 
@@ -179,8 +182,8 @@ def check_body(request: "Request", quota: Quota, api: ApiSettings) -> None:
     The routes' bodies are read before their dependencies run, so the count is complete here;
     a declared Content-Length over the limit is refused too.
     """
-    if quota.max_body_bytes >= api.max_body_bytes:
-        return
+    if quota.max_body_bytes >= api.max_body_bytes or request.scope.get(ROUTE_LIMIT):
+        return  # (a route with its own limit, e.g. uploads: that limit is the one)
     length = request.headers.get("content-length", "")
     size = max(int(length) if length.isdigit() else 0, request.scope.get(BODY_BYTES, 0))
     if size > quota.max_body_bytes:
@@ -195,26 +198,35 @@ class BodyLimit:
     is read; a tenant's [tenants.NAME] max_body_bytes can only lower it (`check_body`, after auth).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, routes: dict[tuple[str, str], int] | None = None) -> None:
+        """`routes`: (method, path) → a body limit of its own (file uploads), instead of `max_bytes`."""
         self.app = app
         self.max_bytes = max_bytes
+        self.routes = routes or {}
 
-    def _message(self) -> str:
+    def _message(self, limit: int | None = None) -> str:
+        if limit is not None and limit != self.max_bytes:
+            return f"request body over this route's limit of {limit} bytes"
         return f"request body over the limit of {self.max_bytes} bytes (LLMOS_API_MAX_BODY_BYTES)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.routes.get((scope.get("method", ""), scope.get("path", "")))
+        if limit is not None:
+            scope[ROUTE_LIMIT] = limit
+        else:
+            limit = self.max_bytes
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            response = error_response(413, "body_too_large", self._message(),
-                                      {"limit": "max_body_bytes", "max_bytes": self.max_bytes})
+        if length is not None and length.isdigit() and int(length) > limit:
+            response = error_response(413, "body_too_large", self._message(limit),
+                                      {"limit": "max_body_bytes", "max_bytes": limit})
             await response(scope, receive, send)
             return
-        await self.app(scope, self._counting(scope, receive), send)
+        await self.app(scope, self._counting(scope, receive, limit), send)
 
-    def _counting(self, scope: Scope, receive: Receive) -> Callable:
+    def _counting(self, scope: Scope, receive: Receive, limit: int) -> Callable:
         seen = 0
 
         async def counted() -> Any:
@@ -223,8 +235,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 scope[BODY_BYTES] = seen
-                if seen > self.max_bytes:  # a chunked body without Content-Length
-                    raise HTTPException(413, self._message())
+                if seen > limit:  # a chunked body without Content-Length
+                    raise HTTPException(413, self._message(limit))
             return message
 
         return counted
