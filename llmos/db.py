@@ -166,6 +166,90 @@ webhook_secrets = sa.Table(
 )
 """One row per tenant: the secret its webhooks are signed with (made on first need, rotatable)."""
 
+MAX_FILE_ID_CHARS = 64
+"""Longest file or batch id ("file-<hex>", "batch_<hex>")."""
+
+files = sa.Table(
+    "files", metadata,
+    sa.Column("id", sa.String(MAX_FILE_ID_CHARS), primary_key=True),  # "file-<32 hex>"
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("filename", sa.String(512), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),  # batch (uploaded), batch_output (written)
+    sa.Column("bytes", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("lines", sa.Integer, nullable=False, server_default="0"),  # non-blank lines
+    sa.Column("sha256", sa.String(64)),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # uploading, processed
+    sa.Index(None, "tenant", "created_at", "id"),  # a tenant's files newest first (API listing)
+)
+"""One row per stored file (batch input, output, error files); its body is in `file_parts`."""
+
+file_parts = sa.Table(
+    "file_parts", metadata,
+    sa.Column("file_id", sa.String(MAX_FILE_ID_CHARS), primary_key=True),
+    sa.Column("part", sa.Integer, primary_key=True),  # 0, 1, ...: the body in order
+    sa.Column("data", sa.LargeBinary, nullable=False),  # about 1 MiB each (the last one less)
+)
+"""A file's body in chunks of about 1 MiB, so it streams in and out in flat memory."""
+
+BATCH_STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired",
+                  "cancelling", "cancelled")
+"""OpenAI's batch states, exactly."""
+
+batches = sa.Table(
+    "batches", metadata,
+    sa.Column("id", sa.String(MAX_FILE_ID_CHARS), primary_key=True),  # "batch_<32 hex>"
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(256)),  # unique per tenant: the CLI finds a batch again by it
+    sa.Column("endpoint", sa.String(64), nullable=False),  # an OpenAI endpoint, or /v1/jobs (plain lines)
+    sa.Column("input_file_id", sa.String(MAX_FILE_ID_CHARS), nullable=False),
+    sa.Column("completion_window", sa.String(8), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("priority", sa.SmallInteger, nullable=False),
+    sa.Column("task_type", sa.String(32)),  # plain lines: the task, model and task options of every line
+    sa.Column("model", sa.String(128)),
+    sa.Column("options", JSONType),
+    sa.Column("batch_metadata", JSONType),  # OpenAI's `metadata`
+    sa.Column("errors", JSONType),  # OpenAI's `errors` (a file without one good line)
+    sa.Column("output_file_id", sa.String(MAX_FILE_ID_CHARS)),
+    sa.Column("error_file_id", sa.String(MAX_FILE_ID_CHARS)),
+    sa.Column("total", sa.Integer, nullable=False, server_default="0"),  # lines recorded in batch_lines
+    sa.Column("bad", sa.Integer, nullable=False, server_default="0"),  # of them, lines refused
+    sa.Column("superseded", sa.Integer, nullable=False, server_default="0"),  # jobs replaced by a retry
+    sa.Column("completed_count", sa.Integer, nullable=False, server_default="0"),  # request_counts once final
+    sa.Column("failed_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lease_until", Timestamp),  # a process submitting lines or writing the files holds it
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("in_progress_at", Timestamp),
+    sa.Column("expires_at", Timestamp, nullable=False),
+    sa.Column("finalizing_at", Timestamp),
+    sa.Column("completed_at", Timestamp),
+    sa.Column("failed_at", Timestamp),
+    sa.Column("expired_at", Timestamp),
+    sa.Column("cancelling_at", Timestamp),
+    sa.Column("cancelled_at", Timestamp),
+    sa.CheckConstraint("status IN (" + ",".join(f"'{s}'" for s in BATCH_STATUSES) + ")", name="status_valid"),
+    sa.UniqueConstraint("tenant", "name"),
+    sa.Index(None, "tenant", "created_at", "id"),  # a tenant's batches newest first (API listing)
+    # the batches someone must advance: the few that are not final
+    sa.Index("ix_batches_open", "status", postgresql_where=sa.text(
+        "status IN ('validating','in_progress','finalizing','cancelling')"),
+        sqlite_where=sa.text("status IN ('validating','in_progress','finalizing','cancelling')")),
+)
+"""One row per batch: OpenAI's Batch object, plus its tenant, name, priority and counters."""
+
+batch_lines = sa.Table(
+    "batch_lines", metadata,
+    sa.Column("batch_id", sa.String(MAX_FILE_ID_CHARS), primary_key=True),
+    sa.Column("line", sa.Integer, primary_key=True),  # 1-based line number in the input file
+    sa.Column("custom_id", sa.String(512)),
+    sa.Column("job_id", sa.Uuid(as_uuid=False)),  # the line's job (its latest attempt's)
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),  # retries of the line
+    sa.Column("error", JSONType),  # a refused line: {"code", "message"}
+)
+"""One row per non-blank input line of a batch: its job, or why it was refused (output in input order)."""
+
+
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 """Characters Postgres cannot store in text or JSONB (NUL, lone UTF-16 surrogates)."""
 

@@ -1136,3 +1136,16 @@ def rotate_webhook_secret(engine: sa.Engine, tenant: str) -> tuple[str, datetime
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+def end_queued_batch_jobs(engine: sa.Engine, batch_id: str, *, tenant: Tenant, status: JobStatus,
+                          error: str) -> int:
+    """queued → `status` (cancelled or expired) for every queued job of one of `tenant`'s batches
+    (the Batch API's cancel and completion window); running jobs finish. How many it ended."""
+    if status not in (JobStatus.CANCELLED, JobStatus.EXPIRED):
+        raise ValueError(f"a batch's queued jobs end cancelled or expired, not {status}")
+    with engine.begin() as conn:
+        stmt = (jobs.update()
+                .where(*_scoped([jobs.c.batch_id == batch_id, _status_in(jobs.c.status, JobStatus.QUEUED)], tenant))
+                .values(status=status.value, finished_at=db_now(conn), error=error))
+        return conn.execute(stmt).rowcount
