@@ -9,8 +9,8 @@ and hidden files never match):
    date). A file modified less than `settle_s` ago waits for a later tick (it may still be
    being copied in; writing it under another name and renaming it in is the sure way);
 3. a batch that is final (completed, failed, expired, cancelled) gets its results written to
-   `<output_dir>/<stem>.results.jsonl`: to a hidden temporary file in that folder first, then
-   renamed, so a results file is always whole;
+   `<output_dir>/<stem>.results.jsonl` (`write_results` writes a hidden temporary file in that
+   folder, then renames it: a results file is always whole, and its presence means done);
 4. one summary line is logged: files found, submitted, waiting to settle, running, finished,
    results written, failed lines, errors.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -130,18 +129,11 @@ class Ticker:
                 summary.resumed += 1
             event(log, "nightly_submitted", schedule=schedule.name, file=str(path), batch=info.id,
                   lines=_count(info.request_counts, "total"), resumed=not new)
-        if info.status not in FINAL_STATUSES:
-            info = b.batch_info(self.client, info.id, tenant=tenant)  # advances its lifecycle
-        if info.status not in FINAL_STATUSES:
+        if info.status not in FINAL_STATUSES:  # find_batch advanced its lifecycle already
             summary.running += 1
             return
         summary.finished += 1
-        tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
-        try:
-            lines = b.write_results(self.client, info.id, tmp, tenant=tenant)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        lines = b.write_results(self.client, info.id, out, tenant=tenant)  # a temp file, then renamed
         summary.written += 1
         summary.lines += lines
         summary.failed_lines += _count(info.request_counts, "failed")
