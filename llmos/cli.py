@@ -22,6 +22,7 @@ from rich.table import Table
 from llmos.api.cli import api_command, keys_app
 from llmos.batches.cli import batch_app
 from llmos.errors import LLMOSError, NoWorkerWarning
+from llmos.nightly.cli import beat_command
 from llmos.settings import get_settings
 
 # plain help: typer's rich help labels every flag, --help too, `<bool>`
@@ -32,6 +33,7 @@ models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The 
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.command("api")(api_command)
+app.command("beat")(beat_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(batch_app, name="batch")
 out = Console(soft_wrap=True)

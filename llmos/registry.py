@@ -206,7 +206,7 @@ def builtin_models(settings: Settings) -> dict[str, ModelSpec]:
         ModelSpec(name="squad", source="distilbert/distilbert-base-cased-distilled-squad", kind="qa",
                   tasks=("qa",), max_input_tokens=384, params=65_192_450, **hub),
         ModelSpec(name="gpt3", engine="openai", source=settings.openai_base_url or "",
-                  tasks=("writing", "dialogue", "summarize", "translate"), max_batch_size=16,
+                  tasks=("writing", "chat", "dialogue", "summarize", "translate"), max_batch_size=16,
                   max_wait_ms=5.0, options={
                       "model": settings.openai_model,
                       "api_key_env": "OPENAI_API_KEY",

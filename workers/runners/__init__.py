@@ -7,7 +7,7 @@ from workers.runners.base import History, ItemError, ItemOutcome, Runner
 from workers.runners.embed import EmbedRunner
 from workers.runners.extractive import ExtractiveSummaryRunner
 from workers.runners.generate import DialogueRunner, Seq2SeqWritingRunner, WritingRunner
-from workers.runners.openai import (OpenAIDialogueRunner, OpenAIEmbedRunner, OpenAISummaryRunner,
+from workers.runners.openai import (OpenAIChatRunner, OpenAIDialogueRunner, OpenAIEmbedRunner, OpenAISummaryRunner,
                                     OpenAITranslationRunner, OpenAIWritingRunner)
 from workers.runners.qa import QuestionAnsweringRunner
 from workers.runners.sentiment import ClassifierSentimentRunner, EncoderSentimentRunner
@@ -25,6 +25,7 @@ RUNNERS: dict[tuple[str, str], type[Runner]] = {
     ("classifier", "sentiment"): ClassifierSentimentRunner,
     ("qa", "qa"): QuestionAnsweringRunner,
     ("openai", "writing"): OpenAIWritingRunner,
+    ("openai", "chat"): OpenAIChatRunner,
     ("openai", "dialogue"): OpenAIDialogueRunner,
     ("openai", "summarize"): OpenAISummaryRunner,
     ("openai", "translate"): OpenAITranslationRunner,
