@@ -94,6 +94,7 @@ class SentimentTask(Task):
 class EmbeddingResult(TaskResult):
     vectors: list[list[float]]
     dim: int
+    tokens: int = 0  # input tokens the model read, over every text (OpenAI's usage)
 
 
 class EmbeddingTask(Task):

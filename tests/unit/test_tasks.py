@@ -31,7 +31,7 @@ def test_bad_embed_input(texts):
 
 
 def test_unknown_task_type_names_known_ones():
-    with pytest.raises(ValidationError, match="known: dialogue, embed, qa, sentiment, summarize, translate, writing"):
+    with pytest.raises(ValidationError, match="known: chat, dialogue, embed, qa, sentiment, summarize, translate, writing"):
         parse_task("poetry", {"text": "x"})
 
 
