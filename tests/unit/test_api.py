@@ -33,7 +33,7 @@ def api(sqlite_settings):
 def assert_error(resp, status, code):
     assert resp.status_code == status, resp.text
     body = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details", "type", "param"}
     assert body["error"]["code"] == code and body["error"]["message"]
     return body["error"]
 
@@ -202,7 +202,7 @@ def test_admin_keys_routes(api, sqlite_settings):
 
 def test_models_and_openapi(api):
     http, _, a, _ = api
-    models = {m["name"]: m for m in http.get("/v1/models", headers=a).json()["models"]}
+    models = {m["name"]: m for m in http.get("/v1/models", headers=a).json()["data"]}
     assert models["minilm"]["tasks"] == ["embed", "sentiment", "summarize"] and models["minilm"]["served"] is False
     spec = http.get("/openapi.json").json()
     for path, ops in spec["paths"].items():
