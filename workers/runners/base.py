@@ -149,11 +149,13 @@ class Runner:
         to; without a Redis client, or without jobs, nothing is streamed."""
         if self.redis is None or not self._jobs:
             return [None] * n
-        if self._streams is None:
+        streams = self._streams
+        if streams is None:
             ids = [j.id for j in (self._batch_jobs or self._jobs)]
-            self._streams = {i: streaming.TokenPublisher(self.redis, i)
-                             for i in streaming.listened(self.redis, ids)}
-        return [self._streams.get(j.id) for j in self._jobs]
+            streams = {i: streaming.TokenPublisher(self.redis, i) for i in streaming.listened(self.redis, ids)}
+            if self._batch_jobs is not None:  # kept for this batch's reruns only (see `run`)
+                self._streams = streams
+        return [streams.get(j.id) for j in self._jobs]
 
     def _stopper(self, index: int) -> Callable[[], bool] | None:
         """A check for the generation loop, or None when nothing can stop this batch early."""
