@@ -140,3 +140,25 @@ def test_stream_chunks():
     piece = oa.chunk(comp, j, text="hi", index=1)
     assert piece["object"] == "text_completion" and piece["choices"][0]["text"] == "hi"
     assert piece["choices"][0]["index"] == 1
+
+
+@pytest.mark.parametrize("status, error, code", [
+    (JobStatus.FAILED, "prompt of 300 tokens does not fit model 'm''s context window of 128 tokens", "input_refused"),
+    (JobStatus.FAILED, "model 'm''s chat template refused these messages: TemplateError: roles must alternate",
+     "input_refused"),
+    (JobStatus.FAILED, "RuntimeError: CUDA error: device-side assert triggered", "job_failed"),
+    (JobStatus.FAILED, "worker lost during attempt 3 of 3 (it died or stopped heartbeating)", "worker_unavailable"),
+    (JobStatus.FAILED, "out of memory even alone: CUDA out of memory", "worker_unavailable"),
+    (JobStatus.FAILED, "timeout: ran over its 300 s limit", "timeout"),
+    (JobStatus.EXPIRED, "expired: its deadline passed before it started", "timeout"),
+    (JobStatus.CANCELLED, "cancelled by user", "job_cancelled"),
+    (JobStatus.RUNNING, None, "timeout"),  # still not final when the wait ran out
+])
+def test_a_failed_job_answers_by_why(status, error, code):
+    from llmos.api.errors import error_status
+    from llmos.api.routes.openai import job_error
+
+    j = Job(id=str(uuid.UUID(int=1)), model="m", task_type="chat", priority=7, status=status, input={}, error=error)
+    err = job_error(j, j.id)
+    assert error_status(err)[1] == code and err.details["job_id"] == j.id
+    assert error_status(err)[0] < 500 if code in ("input_refused", "job_cancelled") else error_status(err)[0] >= 500
