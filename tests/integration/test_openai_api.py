@@ -189,11 +189,18 @@ def test_errors(oai):
         client.completions.create(model="tiny-chat", prompt=" ".join(["the cat likes a red ball"] * 60))
     assert refused.value.code == "input_refused" and "context window" in refused.value.message
     assert refused.value.body["details"]["status"] == "failed"
+    with pytest.raises(openai.APIError) as streamed:  # streamed: the error comes as the stream's last event
+        with client.completions.create(model="tiny-chat", prompt=" ".join(["the cat likes"] * 80),
+                                       stream=True) as stream:
+            for _ in stream:
+                pass
+    assert "context window" in streamed.value.message and streamed.value.body["code"] == "input_refused"
     with pytest.raises(openai.InternalServerError) as no_worker:  # 503: nothing serves the built-in gpt2
         client.completions.create(model="gpt2", prompt="Hello")
     assert no_worker.value.status_code == 503 and no_worker.value.code == "no_worker"
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=url + "/v1", api_key="llmos_nope", max_retries=0).models.list()
+    with openai.OpenAI(base_url=url + "/v1", api_key="llmos_nope", max_retries=0) as stranger:
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
 
 
 def test_another_tenant_cannot_see_the_answer(oai):
@@ -215,7 +222,7 @@ def test_a_stream_closed_early_cancels_its_job(oai):
     first = next(iter(stream))  # the role chunk; the job waits queued (tiny-idle's worker is a row only)
     assert first.choices[0].delta.role == "assistant"
     job_id = str(uuid.UUID(first.id.removeprefix("chatcmpl-")))
-    stream.close()
+    stream.close()  # the connection closes: the API sees the client leave
     deadline = time.monotonic() + 30
     while (status := manager.job_statuses(engine, [job_id], tenant="acme")[job_id].value) != "cancelled":
         assert time.monotonic() < deadline, f"job still {status} after the client left"
