@@ -114,7 +114,7 @@ class HTTPClient:
         return bool(self._models().get(model, {}).get("served"))
 
     def _models(self) -> dict[str, dict[str, Any]]:
-        return {m["name"]: m for m in self._request("GET", "/v1/models")["models"]}
+        return {m["name"]: m for m in self._request("GET", "/v1/models")["data"]}
 
     # -- jobs --------------------------------------------------------------------------------
     def submit(self, model: str, tasks: Iterable[Task], *, priority: int | str | None = None,

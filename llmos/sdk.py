@@ -20,7 +20,7 @@ import uuid
 import warnings
 import weakref
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import redis
 import sqlalchemy as sa
@@ -150,7 +150,8 @@ class Client:
                idempotency_key: str | Sequence[str | None] | None = None,
                tenant: str | None = None, batch_id: str | None = None,
                timeout_s: float | None = None, deadline: datetime | float | None = None,
-               max_attempts: int = 3, webhook_url: str | None = None) -> list["JobHandle"]:
+               max_attempts: int = 3, webhook_url: str | None = None,
+               before_send: Callable[[list[Job]], None] | None = None) -> list["JobHandle"]:
         """Validate, write and send `tasks` for `model`; one handle per task, in order.
 
         `timeout_s`: longest a job may run (then it fails with reason timeout); `deadline`: a
@@ -160,16 +161,19 @@ class Client:
         the final batch (several tasks get a new batch id if none is given). Every argument is
         checked first: a ValidationError means nothing was written or sent. If no live worker
         serves `model`, a NoWorkerWarning says how to start one (the jobs wait queued).
+        `before_send`: called with the jobs once they are written, before any is sent to a
+        worker (the API subscribes to their token streams there).
         """
         return self._submit(model, tasks, priority=priority, idempotency_key=idempotency_key,
                             tenant=tenant, batch_id=batch_id, timeout_s=timeout_s,
                             deadline=deadline, max_attempts=max_attempts, warn=True,
-                            webhook_url=webhook_url)[0]
+                            webhook_url=webhook_url, before_send=before_send)[0]
 
     def _submit(self, model: str, tasks: Iterable[Task], *, priority: int | str | None,
                 idempotency_key: str | Sequence[str | None] | None, tenant: str | None,
                 batch_id: str | None, timeout_s: float | None, deadline: datetime | float | None,
-                max_attempts: int, warn: bool, webhook_url: str | None = None) -> tuple[list["JobHandle"], bool]:
+                max_attempts: int, warn: bool, webhook_url: str | None = None,
+                before_send: Callable[[list[Job]], None] | None = None) -> tuple[list["JobHandle"], bool]:
         """`submit` (`warn`: a NoWorkerWarning if no worker serves the model), and whether one does."""
         spec = self.registry.get(model)
         tasks = _task_list(tasks)
@@ -200,6 +204,8 @@ class Client:
         created = self._db(manager.create_jobs, new, webhook_url=webhook_url)
         handles = self._handles(created, tenant, epoch)
         to_send = [job for job, is_new in created if is_new]
+        if before_send is not None:
+            before_send([job for job, _ in created])
         try:
             # a bulk submit: one message per batch of jobs; a single job: one message of its own
             self.dispatcher.send(to_send, chunk=spec.max_batch_size if len(new) > 1 else 1)

@@ -56,6 +56,8 @@ class TokenPublisher:
     def __init__(self, client: redis.Redis, job_id: str) -> None:
         self.client, self.job_id, self.seq, self.broken = client, str(job_id), 0, False
         self.channel = stream_channel(self.job_id)
+        self.text = ""  # every piece given so far, joined (a rerun of the batch continues from it)
+        self.ended = False
 
     def _publish(self, message: dict[str, Any]) -> None:
         if self.broken:
@@ -70,12 +72,15 @@ class TokenPublisher:
 
     def delta(self, text: str) -> None:
         """Publish the next piece of text (an empty piece is not sent)."""
-        if text:
+        if text and not self.ended:
+            self.text += text
             self._publish({"i": self.seq, "delta": text})
 
     def end(self) -> None:
-        """Say that the worker will publish nothing more for this job."""
-        self._publish({"i": self.seq, "end": True})
+        """Say that the worker will publish nothing more for this job (once)."""
+        if not self.ended:
+            self.ended = True
+            self._publish({"i": self.seq, "end": True})
 
 
 def parse_message(data: bytes | str) -> dict[str, Any] | None:

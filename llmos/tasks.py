@@ -39,6 +39,8 @@ def _not_blank(value: str) -> str:
 
 
 NonBlank = Annotated[Text, pydantic.AfterValidator(_not_blank)]
+StopString = Text
+"""A stop string: any non-empty text, whitespace included ("\\n" is the commonest one)."""
 
 
 class TaskResult(BaseModel):
@@ -94,6 +96,7 @@ class SentimentTask(Task):
 class EmbeddingResult(TaskResult):
     vectors: list[list[float]]
     dim: int
+    tokens: int = 0  # input tokens the model read, over every text (OpenAI's usage)
 
 
 class EmbeddingTask(Task):
@@ -125,7 +128,7 @@ class WritingTask(Task):
     max_new_tokens: Count | None = None
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
-    stop: Annotated[list[NonBlank], Field(max_length=MAX_STOP_STRINGS)] = Field(default_factory=list)
+    stop: Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] = Field(default_factory=list)
     seed: Seed | None = None
 
     def new_tokens(self, default: int) -> int:
@@ -186,7 +189,7 @@ class ChatTask(Task):
     max_new_tokens: Count | None = None
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
-    stop: Annotated[list[NonBlank], Field(max_length=MAX_STOP_STRINGS)] = Field(default_factory=list)
+    stop: Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] = Field(default_factory=list)
     seed: Seed | None = None
 
     @pydantic.model_validator(mode="after")

@@ -112,7 +112,7 @@ class Worker:
         if placement is not None:  # before any thread starts: they inherit the main thread's cores
             placement.pin_bookkeeping()
         loaded = model_cache.get(self.spec, self.torch_device)
-        runners = runners_for(loaded, history=self.history)
+        runners = runners_for(loaded, history=self.history, redis=self.redis)  # redis: token streams
         self.batcher = Batcher(runners, max_batch_size=self.spec.max_batch_size,
                                max_wait_ms=self.spec.max_wait_ms, claim=self.claim,
                                complete=self.complete, control=self.control,

@@ -1,4 +1,8 @@
-"""The one error shape of the API, `{"error": {"code", "message", "details"}}`, and its handlers.
+"""The one error shape of the API, `{"error": {"code", "message", "details", "type", "param"}}`, and its handlers.
+
+`type` is OpenAI's error category (invalid_request_error, authentication_error, permission_error,
+rate_limit_error, server_error) and `param` the request field at fault when known, so OpenAI's
+client libraries read our errors as they read OpenAI's (they show `message`).
 
 Routes raise LLMOSError subclasses; `install` maps each to its status code here, in one place.
 A client's mistake is always a 4xx; a 5xx means LLMOS itself (or a service it needs) failed.
@@ -17,11 +21,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from llmos.errors import (BrokerUnavailableError, ConfigError, DatabaseUnavailableError,
-                          IdempotencyConflictError, JobNotFoundError, LLMOSError, UnknownModelError,
-                          UnsupportedTaskError, ValidationError)
 from llmos.batches.errors import (BatchNotFoundError, BatchStateError, FileInUseError,
                                   FileNotFoundInStoreError, FileTooLargeError)
+from llmos.errors import (BrokerUnavailableError, ConfigError, DatabaseUnavailableError,
+                          IdempotencyConflictError, JobNotFoundError, LLMOSError, NoWorkerError,
+                          UnknownModelError, UnsupportedTaskError, ValidationError)
 from llmos.logs import event
 
 log = logging.getLogger("llmos.api")
@@ -56,7 +60,46 @@ class QuotaExceededError(LLMOSError):
         self.retry_after_s = retry_after_s
 
 
+class ModelNotFoundError(UnknownModelError):
+    """No registry model has that name (the OpenAI-compatible routes answer 404, as OpenAI does)."""
+
+
+class JobOutcomeError(LLMOSError):
+    """An OpenAI-compatible request's job ended without a result; `details` names the job."""
+
+    def __init__(self, message: str | None = None, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or {}
+
+
+class InputRefusedError(JobOutcomeError):
+    """The model could not run this input (its job failed with the runner's reason): the client's to change."""
+
+
+class JobCancelledError(JobOutcomeError):
+    """The request's job was cancelled (DELETE /v1/jobs/{id}) before it had an answer."""
+
+
+class JobCrashedError(JobOutcomeError):
+    """The runner raised on this input: an LLMOS fault."""
+
+
+class WorkerUnavailableError(JobOutcomeError):
+    """The work could not be done now (no worker serves the model, a worker died, out of memory): retry later."""
+
+
+class WaitTimeoutError(JobOutcomeError):
+    """The job had no answer within the wait limit (LLMOS_API_OPENAI_TIMEOUT_S); it was cancelled."""
+
+
 STATUS: list[tuple[type[LLMOSError], int, str]] = [  # first match wins: subclasses before bases
+    (ModelNotFoundError, 404, "model_not_found"),
+    (InputRefusedError, 422, "input_refused"),
+    (JobCancelledError, 409, "job_cancelled"),
+    (JobCrashedError, 500, "job_failed"),
+    (WorkerUnavailableError, 503, "worker_unavailable"),
+    (NoWorkerError, 503, "no_worker"),
+    (WaitTimeoutError, 504, "timeout"),
     (IdempotencyConflictError, 409, "idempotency_conflict"),
     (FileTooLargeError, 413, "body_too_large"),
     (FileNotFoundInStoreError, 404, "not_found"),
@@ -86,16 +129,36 @@ RETRY_AFTER_UNAVAILABLE_S = 5
 """Retry-After of a 503 (a service LLMOS needs does not answer)."""
 
 
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+                429: "rate_limit_error"}
+"""OpenAI's error `type` by status (other 4xx: invalid_request_error; 5xx: server_error)."""
+
+
+def error_type(status: int) -> str:
+    return OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(status: int, code: str, message: str, details: dict[str, Any] | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    """The one error shape, as a dict (an event stream sends it as one event's data)."""
+    return {"error": {"code": code, "message": message, "details": details or {},
+                      "type": error_type(status), "param": param}}
+
+
 def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
     """The one error shape."""
-    return JSONResponse({"error": {"code": code, "message": message, "details": details or {}}},
-                        status_code=status, headers=headers)
+    return JSONResponse(error_body(status, code, message, details, param), status_code=status, headers=headers)
+
+
+def error_status(exc: LLMOSError) -> tuple[int, str]:
+    """(HTTP status, error code) of an LLMOSError."""
+    return next(((s, c) for cls, s, c in STATUS if isinstance(exc, cls)), (400, "bad_request"))
 
 
 def llmos_error_response(exc: LLMOSError) -> JSONResponse:
-    status, code = next(((s, c) for cls, s, c in STATUS if isinstance(exc, cls)), (400, "bad_request"))
-    details: dict[str, Any] = {}
+    status, code = error_status(exc)
+    details: dict[str, Any] = dict(exc.details) if isinstance(exc, JobOutcomeError) else {}
     headers: dict[str, str] = {}
     if isinstance(exc, QuotaExceededError):
         details = {"limit": exc.limit, "retry_after_s": exc.retry_after_s, **getattr(exc, "details", {})}
@@ -136,8 +199,9 @@ def install(app: FastAPI) -> None:
                   for e in exc.errors()]  # not the input: it may be the whole (large) body
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"])
+        loc = first["loc"][1:] if first["loc"][:2] and first["loc"][0] in ("body", "query", "path") else first["loc"]
         return error_response(422, "invalid_request", f"{where}: {first['msg']}" if where else first["msg"],
-                              {"errors": errors})
+                              {"errors": errors}, param=".".join(str(p) for p in loc) or None)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

@@ -7,7 +7,7 @@ a 422 here; ranges and limits are the SDK's to check, with the same messages as 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -129,8 +129,13 @@ class ModelLimits(_Out):
 
 
 class ModelOut(_Out):
-    """A registry entry, and whether a live worker serves it now."""
+    """A registry entry (OpenAI's model object: id, object, created, owned_by), and whether a live
+    worker serves it now."""
 
+    id: str = Field(description="The model's name, as OpenAI's `id` (the `model` of a request).")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds: when this API process loaded the registry.")
+    owned_by: str = "llmos"
     name: str
     engine: str
     kind: str
@@ -141,8 +146,8 @@ class ModelOut(_Out):
     workers: int
 
     @classmethod
-    def of(cls, spec: ModelSpec, workers: int) -> "ModelOut":
-        return cls(name=spec.name, engine=spec.engine, kind=spec.kind, tasks=list(spec.tasks),
+    def of(cls, spec: ModelSpec, workers: int, created: int = 0) -> "ModelOut":
+        return cls(id=spec.name, created=created, name=spec.name, engine=spec.engine, kind=spec.kind, tasks=list(spec.tasks),
                    language_pairs=[tuple(p) for p in spec.language_pairs],
                    limits=ModelLimits(max_input_chars=spec.max_input_chars, max_input_tokens=spec.max_input_tokens,
                                       max_new_tokens=spec.max_new_tokens, max_batch_size=spec.max_batch_size),
@@ -150,7 +155,10 @@ class ModelOut(_Out):
 
 
 class ModelList(_Out):
-    models: list[ModelOut]
+    """OpenAI's list shape: `data` holds the models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
 
 
 class KeyIn(_In):
@@ -234,6 +242,9 @@ class ErrorBody(_Out):
     code: str = Field(description="A stable, machine-readable code, e.g. not_found, quota_exceeded.")
     message: str
     details: dict[str, Any]
+    type: str = Field(description="OpenAI's error category: invalid_request_error, authentication_error, "
+                                  "permission_error, rate_limit_error or server_error.")
+    param: str | None = Field(default=None, description="The request field at fault, when known.")
 
 
 class ErrorOut(_Out):

@@ -87,6 +87,12 @@ class ApiSettings(BaseSettings):
         default_factory=dict, description="Per-model queue maximum ([shedding.max_queue] in llmos.toml).")
     events_poll_s: float = Field(default=0.5, gt=0, description="How often an event stream reads its job's status.")
     events_keepalive_s: float = Field(default=15.0, gt=0, description="A comment line this often keeps idle streams open.")
+    openai_timeout_s: float = Field(
+        default=300.0, gt=0, description="Longest POST /v1/chat/completions, /v1/completions and /v1/embeddings "
+        "wait for their jobs (also each job's deadline to start and its run timeout); then the jobs are "
+        "cancelled and the answer is 504.")
+    openai_waiters: int = Field(default=256, gt=0, description="Threads of one API process that wait for the "
+                                "jobs of OpenAI-compatible requests (requests waiting at once, beyond: queued).")
     webhook_allow_private: bool = Field(
         default=False, description="Accept webhook URLs on loopback, private, link-local and reserved addresses.")
     webhook_deliver: bool = Field(default=True, description="Run the webhook deliverer in this API process.")

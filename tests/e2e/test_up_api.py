@@ -50,7 +50,7 @@ def test_up_serves_the_api_and_shows_the_first_key_once(tmp_path):
         assert f"REST API at {url}" in first.seen and url in first.seen
         key = KEY.search(first.seen).group(1)
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
-            models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+            models = {m["name"]: m for m in http.get("/v1/models").json()["data"]}
             assert models["minilm"]["served"]
             job = http.post("/v1/jobs", json={"model": "minilm", "task": "sentiment",
                                               "input": {"text": "I love it, wonderful!"}}).json()

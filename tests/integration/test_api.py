@@ -167,7 +167,7 @@ def test_batch_runs_through_the_worker_and_pages(api):
             break
     assert sorted(j["id"] for j in seen) == sorted(ids)
     assert {j["status"] for j in seen} == {"succeeded"} and {j["result"]["dim"] for j in seen} == {384}
-    models = {m["name"]: m for m in http.get("/v1/models", headers=a).json()["models"]}
+    models = {m["name"]: m for m in http.get("/v1/models", headers=a).json()["data"]}
     assert models["minilm"]["served"] and models["minilm"]["workers"] >= 1 and not models["gpt2"]["served"]
 
 

@@ -33,7 +33,7 @@ def api(sqlite_settings):
 def assert_error(resp, status, code):
     assert resp.status_code == status, resp.text
     body = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details", "type", "param"}
     assert body["error"]["code"] == code and body["error"]["message"]
     return body["error"]
 
@@ -202,8 +202,14 @@ def test_admin_keys_routes(api, sqlite_settings):
 
 def test_models_and_openapi(api):
     http, _, a, _ = api
-    models = {m["name"]: m for m in http.get("/v1/models", headers=a).json()["models"]}
+    listed = http.get("/v1/models", headers=a).json()
+    assert listed["object"] == "list"  # OpenAI's shape, LLMOS's fields inside each item
+    models = {m["name"]: m for m in listed["data"]}
     assert models["minilm"]["tasks"] == ["embed", "sentiment", "summarize"] and models["minilm"]["served"] is False
+    assert {m["id"] for m in listed["data"]} == set(models) and {m["object"] for m in listed["data"]} == {"model"}
+    assert models["gpt2"]["owned_by"] == "llmos" and "chat" in models["gpt2"]["tasks"]
+    assert http.get("/v1/models/minilm", headers=a).json() == models["minilm"]
+    assert_error(http.get("/v1/models/nope", headers=a), 404, "model_not_found")
     spec = http.get("/openapi.json").json()
     for path, ops in spec["paths"].items():
         for method, op in ops.items():

@@ -3,6 +3,11 @@
 The base owns `torch.inference_mode` and error isolation: if a batch raises, each request is run
 alone so one bad input fails only its own job. Runners get the claimed jobs beside the requests
 (the dialogue runner reads a conversation's earlier turns through them).
+
+Token streams (llmos.streaming): `runners_for` gives every runner the worker's Redis client
+(`redis`); a runner that can stream asks `publishers()` for the jobs of its batch whose stream
+channel has a subscriber: one PUBSUB NUMSUB per batch the worker hands over, the same publishers
+for the reruns of its isolation (so a rerun continues a stream rather than starting it again).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import signal
 import threading
 from typing import Any, Callable, ClassVar, Sequence
 
+from llmos import streaming
 from llmos.jobs import Job
 from llmos.tasks import Task
 from workers.model_cache import LoadedModel
@@ -70,6 +76,7 @@ class Runner:
     """Runs one task type on a loaded model, many requests at a time."""
 
     task_type: ClassVar[str]
+    redis: Any = None  # the worker's Redis client (runners_for sets it): token streams go there
 
     def __init__(self, loaded: LoadedModel, history: History | None = None) -> None:
         self.loaded = loaded
@@ -77,6 +84,8 @@ class Runner:
         self.history = history
         self._jobs: list[Job] | None = None
         self._control: Any = None
+        self._batch_jobs: list[Job] | None = None  # the jobs of the batch handed to run()
+        self._streams: dict[str, streaming.TokenPublisher] | None = None  # by job id, once asked
 
     def preprocess(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> Any:
         raise NotImplementedError
@@ -95,6 +104,17 @@ class Runner:
         that still does not fit fails as transient, to be retried later). Any other failure
         of the batch: each request runs alone, so one bad input fails only its own job.
         """
+        top = self._batch_jobs is None
+        if top:  # the batch the batcher handed over (not one of its isolation reruns)
+            self._batch_jobs, self._streams = list(jobs) if jobs else [], None
+        try:
+            return self._run_isolated(requests, jobs, control)
+        finally:
+            if top:
+                self._batch_jobs = self._streams = None
+
+    def _run_isolated(self, requests: Sequence[Task], jobs: Sequence[Job] | None,
+                      control: Any) -> list[ItemOutcome]:
         self._jobs, self._control = list(jobs) if jobs else None, control
         try:
             return self._run(requests, jobs)
@@ -122,6 +142,20 @@ class Runner:
         if self._control is None or not self._jobs:
             return False
         return self._control.reason(self._jobs[index]) is not None
+
+    def publishers(self, n: int) -> list["streaming.TokenPublisher | None"]:
+        """One publisher per request (`n` of them) of the running (sub-)batch, None for a job
+        nobody streams. The first call of a batch asks Redis once which of its jobs are listened
+        to; without a Redis client, or without jobs, nothing is streamed."""
+        if self.redis is None or not self._jobs:
+            return [None] * n
+        streams = self._streams
+        if streams is None:
+            ids = [j.id for j in (self._batch_jobs or self._jobs)]
+            streams = {i: streaming.TokenPublisher(self.redis, i) for i in streaming.listened(self.redis, ids)}
+            if self._batch_jobs is not None:  # kept for this batch's reruns only (see `run`)
+                self._streams = streams
+        return [streams.get(j.id) for j in self._jobs]
 
     def _stopper(self, index: int) -> Callable[[], bool] | None:
         """A check for the generation loop, or None when nothing can stop this batch early."""

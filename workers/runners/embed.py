@@ -34,7 +34,8 @@ class EmbedRunner(Runner):
         out, i = [], 0
         for r in requests:
             n = len(r.texts)  # type: ignore[attr-defined]
-            out.append(ItemOutcome(result={"vectors": rows[i:i + n], "dim": vectors.shape[1]},
-                                   tokens_in=sum(counts[i:i + n]), tokens_out=0))
+            tokens = sum(counts[i:i + n])
+            out.append(ItemOutcome(result={"vectors": rows[i:i + n], "dim": vectors.shape[1], "tokens": tokens},
+                                   tokens_in=tokens, tokens_out=0))
             i += n
         return out

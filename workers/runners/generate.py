@@ -1,11 +1,20 @@
-"""`writing` and `dialogue` on decoder-only models, `writing` on encoder-decoder models."""
+"""`writing`, `chat` and `dialogue` on decoder-only models, `writing` on encoder-decoder models.
+
+`chat` renders its messages with the tokenizer's chat template when it has one
+(`apply_chat_template(..., add_generation_prompt=True)`); without one, as plain lines
+(`chat_lines`: "System: ...", "User: ...", "Assistant: ..." and a last "Assistant:" for the
+model to continue, the reply cut at the next line that starts a turn). From there it generates
+exactly as `writing` does: the same batching, stop strings, seed, truncation keeping the end.
+Writing and chat jobs somebody streams get their text published while it is generated
+(workers/runners/generation.py).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 from llmos.jobs import Job
-from llmos.tasks import DialogueTask, Task, WritingTask
+from llmos.tasks import ChatTask, DialogueTask, Task, WritingTask
 from workers.runners.base import ItemError, ItemOutcome, Runner
 from workers.runners.generation import GenRequest, fit_prompt, generate_causal, generate_seq2seq
 
@@ -17,18 +26,23 @@ class WritingRunner(Runner):
 
     def preprocess(self, requests: Sequence[Task], jobs: Sequence[Job] | None) -> Any:
         reqs, meta = [], []
-        for r in requests:
-            assert isinstance(r, WritingTask)
-            ids = self.loaded.tokenizer.encode(r.prompt, add_special_tokens=False)
+        streams = self.publishers(len(requests))
+        for r, stream in zip(requests, streams):
+            ids, stop, lstrip = self.prompt(r)
             if not ids:
                 raise ItemError("the prompt encodes to no tokens")
             fitted, max_new, truncated = fit_prompt(self.loaded, ids, r.new_tokens(self.spec.max_new_tokens))
             reqs.append(GenRequest(ids=fitted, max_new_tokens=max_new, temperature=r.temperature,
-                                   top_p=r.top_p, seed=r.seed, stop=r.stop,
+                                   top_p=r.top_p, seed=r.seed, stop=stop, lstrip=lstrip,
                                    min_new_tokens=int(self.spec.options.get("min_new_tokens", 0)),
-                                   should_stop=self._stopper(len(reqs))))
+                                   should_stop=self._stopper(len(reqs)), stream=stream))
             meta.append((len(fitted), truncated))
         return reqs, meta
+
+    def prompt(self, task: Any) -> tuple[list[int], list[str], bool]:
+        """(prompt token ids, stop strings, whether the reply's leading spaces are dropped)."""
+        assert isinstance(task, WritingTask)
+        return self.loaded.tokenizer.encode(task.prompt, add_special_tokens=False), list(task.stop), False
 
     def forward(self, inputs: Any) -> Any:
         reqs, meta = inputs
@@ -40,6 +54,41 @@ class WritingRunner(Runner):
                                     "truncated": t, "finish_reason": g.finish_reason},
                             tokens_in=n, tokens_out=g.tokens)
                 for g, (n, t) in zip(gens, meta)]
+
+
+CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+"""The line prefix of each role in the plain-lines rendering of a chat (no chat template)."""
+
+CHAT_TURN_STOPS = ("\nUser:", "\nSystem:")
+"""Where a plain-lines reply ends: the model starts writing the next turn (added to the task's stops)."""
+
+
+def chat_lines(messages: Sequence[Any]) -> str:
+    """The prompt of a chat for a model without a chat template: one "Role: content" line per
+    message, then "Assistant:" for the model to continue (the reply's leading space is dropped)."""
+    lines = [f"{CHAT_ROLES[m.role]}: {m.content}" for m in messages]
+    return "\n".join(lines + ["Assistant:"])
+
+
+class ChatRunner(WritingRunner):
+    """`chat`: the messages rendered as a prompt (module doc), then generated as `writing` is."""
+
+    task_type = "chat"
+
+    def prompt(self, task: Any) -> tuple[list[int], list[str], bool]:
+        assert isinstance(task, ChatTask)
+        tok = self.loaded.tokenizer
+        if getattr(tok, "chat_template", None):
+            messages = [{"role": m.role, "content": m.content} for m in task.messages]
+            try:
+                ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except Exception as exc:  # jinja's TemplateError: e.g. "roles must alternate user/assistant"
+                raise ItemError(f"model {self.spec.name!r}'s chat template refused these messages: "
+                                f"{type(exc).__name__}: {exc}") from None
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in newer transformers
+            return list(ids), list(task.stop), False
+        ids = tok.encode(chat_lines(task.messages), add_special_tokens=False)
+        return ids, list(task.stop) + [s for s in CHAT_TURN_STOPS if s not in task.stop], True
 
 
 class Seq2SeqWritingRunner(Runner):

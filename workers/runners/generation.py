@@ -5,6 +5,16 @@ edge; each sequence stops on its own (EOS, its own `max_new_tokens`, its own sto
 Requests are grouped by sampling settings (greedy, or temperature/top-p/seed), because one
 `generate` call samples with one setting; a seeded request is reproducible whatever else is in
 the batch, because a seed forms a group of its own.
+
+Streaming: a request with a `stream` publisher (its job's stream channel has a subscriber) gets
+its text published while `generate` runs, from a stopping criterion that never stops anything
+(`_Streams`, called once per decoding step): each step decodes the row's new tokens the way the
+final text is decoded (`_visible`) and publishes what was not published yet, holding back what
+may still change: a trailing replacement character (a multi-byte character cut between tokens),
+trailing whitespace (a tokenizer's clean-up may still remove it) and an ending that could be the
+start of a stop string. Text past a stop string, past EOS or past the row's own max_new_tokens
+is never published. Once the batch is done, the rest of each row's final text is published and
+the stream ended. Rows nobody listens to cost nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ class GenRequest:
     stop: Sequence[str] = ()
     min_new_tokens: int = 0
     should_stop: Callable[[], bool] | None = None  # cancelled or over its timeout: stop decoding
+    stream: Any = None  # a llmos.streaming.TokenPublisher: publish the text while it is generated
+    lstrip: bool = False  # the text starts at its first non-space character (a chat reply)
 
     def sampling_key(self) -> tuple:
         if self.temperature <= 0:
@@ -108,11 +120,20 @@ def _generate_group(loaded: LoadedModel, reqs: list[GenRequest]) -> list[GenOut]
             torch.manual_seed(first.seed)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    criteria: list[Any] = []
     if any(r.should_stop for r in reqs):
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopRows([r.should_stop for r in reqs])])
+        criteria.append(_StopRows([r.should_stop for r in reqs]))
+    streams = _Streams(tok, reqs, enc["input_ids"].shape[1]) if any(r.stream for r in reqs) else None
+    if streams is not None:
+        criteria.append(streams)
+    if criteria:
+        kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
     generated = loaded.model.generate(**enc, **kwargs)
     new = generated[:, enc["input_ids"].shape[1]:].tolist()
-    return [_finish(tok, row[:r.max_new_tokens], r) for row, r in zip(new, reqs)]
+    outs = [_finish(tok, row[:r.max_new_tokens], r) for row, r in zip(new, reqs)]
+    if streams is not None:
+        streams.finish(outs)
+    return outs
 
 
 try:
@@ -133,19 +154,76 @@ class _StopRows(StoppingCriteria):  # type: ignore[misc,valid-type]
         return torch.tensor([bool(c and c()) for c in self.checks], device=input_ids.device)
 
 
-def _finish(tok: Any, ids: list[int], req: GenRequest) -> GenOut:
-    reason = "length"
+class _Streams(StoppingCriteria):  # type: ignore[misc,valid-type]
+    """Publishes the new text of the rows that have a `stream`, once per decoding step; stops nothing."""
+
+    def __init__(self, tok: Any, reqs: list[GenRequest], prompt_len: int) -> None:
+        self.tok, self.prompt_len = tok, prompt_len
+        self.rows = [(k, r) for k, r in enumerate(reqs) if r.stream is not None]
+        self.done: set[int] = set()
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        for k, r in self.rows:
+            if k in self.done or r.stream.ended or r.stream.broken:
+                continue
+            ids = input_ids[k, self.prompt_len:self.prompt_len + r.max_new_tokens].tolist()
+            text, _, _, over = _visible(self.tok, ids, r, final=False)
+            if over:
+                self.done.add(k)  # EOS or a stop string: the rest comes from the final text
+            else:
+                text = _settled(text, r.stop)
+            sent = r.stream.text
+            if len(text) > len(sent) and text.startswith(sent):
+                r.stream.delta(text[len(sent):])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def finish(self, outs: list[GenOut]) -> None:
+        """Publish the rest of each streamed row's final text, then end its stream."""
+        for k, r in self.rows:
+            sent = r.stream.text
+            if outs[k].text.startswith(sent):
+                r.stream.delta(outs[k].text[len(sent):])
+            r.stream.end()
+
+
+def _settled(text: str, stop: Sequence[str]) -> str:
+    """The part of a row's text so far that later tokens cannot change (see the module's doc)."""
+    text = text.rstrip("\ufffd")
+    text = text.rstrip()
+    hold = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:n]):
+                hold = n
+                break
+    return text[:len(text) - hold]
+
+
+def _visible(tok: Any, ids: list[int], req: GenRequest, *, final: bool) -> tuple[str, str, list[int], bool]:
+    """(text, finish_reason, its token ids, whether EOS or a stop string ended it) of a row's new
+    ids (already cut to its max_new_tokens): cut at EOS, decoded, cut at the first stop string."""
+    reason, over = "length", False
     eos = tok.eos_token_id
     if eos is not None and eos in ids:
         ids = ids[:ids.index(eos)]
-        reason = "stop"
+        reason, over = "stop", True
     while ids and ids[-1] == tok.pad_token_id and tok.pad_token_id != eos:
         ids = ids[:-1]
     text = tok.decode(ids, skip_special_tokens=True)
+    if req.lstrip:
+        text = text.lstrip()
     cut = min((text.find(s) for s in req.stop if s in text), default=-1)
     if cut >= 0:
-        text, reason = text[:cut], "stop"
-        ids = tok.encode(text, add_special_tokens=False) if text else []
+        text, reason, over = text[:cut], "stop", True
+        if final:
+            ids = tok.encode(text, add_special_tokens=False) if text else []
+    return text, reason, ids, over
+
+
+def _finish(tok: Any, ids: list[int], req: GenRequest) -> GenOut:
+    text, reason, ids, _ = _visible(tok, ids, req, final=True)
     return GenOut(text=text, tokens=len(ids), finish_reason=reason)
 
 

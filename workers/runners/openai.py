@@ -268,8 +268,11 @@ class OpenAIRunner(Runner):
     def client(self) -> OpenAIClient:
         return self.loaded.model
 
-    def redis(self) -> Any:
-        """The worker's Redis (for token streams), made on first use from its settings."""
+    def stream_redis(self) -> Any:
+        """The Redis client token streams go to: the worker's (`runners_for` sets `redis`), else
+        one made on first use from the settings (a runner built outside a worker)."""
+        if self.redis is not None:
+            return self.redis
         with self._redis_lock:
             if self._redis is None:
                 from llmos.notify import redis_client
@@ -283,7 +286,7 @@ class OpenAIRunner(Runner):
         items = [_Item(i, task, self.history(j) if (self.uses_history and self.history and j) else [])
                  for i, (task, j) in enumerate(zip(requests, js))]
         if self.streams and jobs:
-            redis_client = self.redis()
+            redis_client = self.stream_redis()
             wanted = listened(redis_client, [j.id for j in jobs])
             for item, job in zip(items, jobs):
                 if job.id in wanted:

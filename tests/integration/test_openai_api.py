@@ -1,0 +1,229 @@
+"""The OpenAI-compatible endpoints through the official `openai` package: a real uvicorn API, real
+worker processes (a tiny GPT-2 serving writing and chat, minilm serving embed), Postgres and Redis."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import struct
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from llmos import manager
+from llmos.db import get_engine
+from tests import helpers
+from tests.integration.test_api import ApiProcess
+
+pytestmark = pytest.mark.integration
+
+CONFIG = '''
+[models.tiny-chat]
+source = "{gpt2}"
+kind = "causal-lm"
+tasks = ["writing", "chat"]
+max_new_tokens = 8
+max_batch_size = 8
+on_overflow = "reject"
+options = {{ min_new_tokens = 2 }}
+
+[models.tiny-idle]
+source = "{gpt2}"
+kind = "causal-lm"
+tasks = ["writing", "chat"]
+'''
+"""tiny-chat has a worker; tiny-idle only a worker row (its jobs stay queued: the disconnect test)."""
+
+
+@pytest.fixture(scope="module")
+def stack(services, tiny_folders, tmp_path_factory):
+    settings, env = services
+    config = tmp_path_factory.mktemp("oai-cfg") / "llmos.toml"
+    config.write_text(CONFIG.format(gpt2=tiny_folders["gpt2"]))
+    env = {**env, "LLMOS_CONFIG": str(config)}
+    api = ApiProcess(env)
+    workers = [helpers.WorkerProcess(env, model="tiny-chat"), helpers.WorkerProcess(env, model="minilm")]
+    try:
+        for w in workers:
+            w.wait_ready(settings.db_url)
+        api.wait_ready()
+        engine = get_engine(settings.db_url)
+        manager.register_worker(engine, worker_id=f"tiny-idle@{socket.gethostname()}:0:fake", host="test",
+                                pid=0, model="tiny-idle", device="cpu")
+        yield api.url, engine
+    finally:
+        api.stop()
+        for w in workers:
+            assert w.stop() == 0, w.log()
+
+
+def key(engine, tenant: str) -> str:
+    return manager.create_api_key(engine, tenant=tenant)[1]
+
+
+@pytest.fixture(scope="module")
+def oai(stack):
+    url, engine = stack
+    secret = key(engine, "acme")
+    with openai.OpenAI(base_url=url + "/v1", api_key=secret, max_retries=0, timeout=120) as client:
+        yield client, url, engine, secret
+
+
+def job_of(url: str, secret: str, response_id: str) -> dict:
+    """The LLMOS job behind an OpenAI response id (chatcmpl-/cmpl-/embd- and the job id's hex)."""
+    job_id = str(uuid.UUID(response_id.split("-", 1)[1]))
+    resp = httpx.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+MESSAGES = [{"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": "The cat likes"}]
+
+
+def test_chat_completion(oai):
+    client, url, _, secret = oai
+    out = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=6)
+    job = job_of(url, secret, out.id)
+    assert job["task"] == "chat" and job["status"] == "succeeded" and job["priority"] == 7
+    assert out.object == "chat.completion" and out.model == "tiny-chat" and len(out.choices) == 1
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == job["result"]["text"]
+    assert choice.finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens == job["result"]["tokens"] <= 6
+    assert out.usage.prompt_tokens == job["result"]["prompt_tokens"] > 0
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert [m["role"] for m in job["input"]["messages"]] == ["system", "user"]
+    again = client.chat.completions.retrieve(out.id)  # GET /v1/chat/completions/{id}
+    assert again.choices[0].message.content == choice.message.content and again.id == out.id
+
+
+def test_chat_completion_streamed(oai):
+    client, url, _, secret = oai
+    stream = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)  # the package stops at data: [DONE]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and {c.object for c in chunks} == {"chat.completion.chunk"}
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    job = job_of(url, secret, chunks[0].id)
+    assert "".join(deltas) == job["result"]["text"] and job["result"]["text"]
+    assert len(deltas) >= 2  # pieces from the generation loop, not only the end's remainder
+    assert finishes == [job["result"]["finish_reason"]]
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == job["result"]["tokens"]
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+
+
+def test_completions_plain_and_streamed(oai):
+    client, url, _, secret = oai
+    out = client.completions.create(model="tiny-chat", prompt=["The cat likes", "A robot paints"], max_tokens=5)
+    assert out.object == "text_completion" and [c.index for c in out.choices] == [0, 1]
+    first = job_of(url, secret, out.id)
+    assert first["task"] == "writing" and out.choices[0].text == first["result"]["text"]
+    assert out.usage.completion_tokens >= first["result"]["tokens"]
+    texts: dict[int, str] = {0: "", 1: ""}
+    finished: dict[int, str] = {}
+    for c in client.completions.create(model="tiny-chat", prompt=["The cat likes", "A robot paints"],
+                                       max_tokens=5, stream=True):
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    # greedy decoding: the streamed texts are the plain answer's
+    assert texts == {0: out.choices[0].text, 1: out.choices[1].text}
+    assert finished == {0: out.choices[0].finish_reason, 1: out.choices[1].finish_reason}
+
+
+def test_embeddings_float_and_base64(oai):
+    client, url, _, secret = oai
+    texts = ["a red ball", "the blue door"]
+    floats = client.embeddings.create(model="minilm", input=texts)
+    assert [d.index for d in floats.data] == [0, 1] and len(floats.data[0].embedding) == 384
+    job = httpx.get(f"{url}/v1/jobs", params={"task": "embed", "limit": 1},  # OpenAI's shape has no id
+                    headers={"Authorization": f"Bearer {secret}"}).json()["jobs"][0]
+    assert job["input"]["texts"] == texts and job["priority"] == 7
+    assert floats.usage.prompt_tokens == job["result"]["tokens"] == job["tokens_in"] > len(texts)
+    raw = httpx.post(f"{url}/v1/embeddings", headers={"Authorization": f"Bearer {secret}"}, timeout=60,
+                     json={"model": "minilm", "input": texts, "encoding_format": "base64"}).json()
+    decoded = [list(struct.unpack(f"<{384}f", base64.b64decode(d["embedding"]))) for d in raw["data"]]
+    for got, want in zip(decoded, floats.data):
+        assert max(abs(a - b) for a, b in zip(got, want.embedding)) < 1e-6
+    # the package asks for base64 itself when no format is given, and decodes it
+    assert len(client.embeddings.create(model="minilm", input="one text").data[0].embedding) == 384
+
+
+def test_models_list(oai):
+    client, _, _, _ = oai
+    models = {m.id: m for m in client.models.list()}
+    assert {"tiny-chat", "minilm", "gpt2"} <= set(models)
+    chat = models["tiny-chat"]
+    assert chat.object == "model" and chat.owned_by == "llmos" and chat.created > 0
+    extra = chat.model_extra  # LLMOS's own fields ride along
+    assert extra["tasks"] == ["writing", "chat"] and extra["served"] is True and extra["workers"] >= 1
+    assert client.models.retrieve("minilm").id == "minilm"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_errors(oai):
+    client, url, engine, secret = oai
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    assert unknown.value.code == "model_not_found" and "no-such-model" in unknown.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as two:
+        client.chat.completions.create(model="tiny-chat", messages=MESSAGES, n=2)
+    assert "n: only 1" in two.value.message and two.value.type == "invalid_request_error"
+    with pytest.raises(openai.UnprocessableEntityError) as role:
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "tool", "content": "x",
+                                                                       "tool_call_id": "1"}])
+    assert "messages[0]" in role.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as unsupported:
+        client.embeddings.create(model="tiny-chat", input="x")  # tiny-chat does not embed
+    assert unsupported.value.code == "unsupported_task"
+    with pytest.raises(openai.UnprocessableEntityError) as refused:  # over the window, on_overflow = "reject"
+        client.completions.create(model="tiny-chat", prompt=" ".join(["the cat likes a red ball"] * 60))
+    assert refused.value.code == "input_refused" and "context window" in refused.value.message
+    assert refused.value.body["details"]["status"] == "failed"
+    with pytest.raises(openai.APIError) as streamed:  # streamed: the error comes as the stream's last event
+        with client.completions.create(model="tiny-chat", prompt=" ".join(["the cat likes"] * 80),
+                                       stream=True) as stream:
+            for _ in stream:
+                pass
+    assert "context window" in streamed.value.message and streamed.value.body["code"] == "input_refused"
+    with pytest.raises(openai.InternalServerError) as no_worker:  # 503: nothing serves the built-in gpt2
+        client.completions.create(model="gpt2", prompt="Hello")
+    assert no_worker.value.status_code == 503 and no_worker.value.code == "no_worker"
+    with openai.OpenAI(base_url=url + "/v1", api_key="llmos_nope", max_retries=0) as stranger:
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
+
+
+def test_another_tenant_cannot_see_the_answer(oai):
+    client, url, engine, secret = oai
+    out = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=3)
+    other = key(engine, "globex")
+    with openai.OpenAI(base_url=url + "/v1", api_key=other, max_retries=0) as theirs:
+        with pytest.raises(openai.NotFoundError):
+            theirs.chat.completions.retrieve(out.id)
+    job_id = str(uuid.UUID(out.id.removeprefix("chatcmpl-")))
+    resp = httpx.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {other}"})
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+    assert client.chat.completions.retrieve(out.id).id == out.id  # its own tenant still can
+
+
+def test_a_stream_closed_early_cancels_its_job(oai):
+    client, url, engine, secret = oai
+    stream = client.chat.completions.create(model="tiny-idle", messages=MESSAGES, stream=True)
+    first = next(iter(stream))  # the role chunk; the job waits queued (tiny-idle's worker is a row only)
+    assert first.choices[0].delta.role == "assistant"
+    job_id = str(uuid.UUID(first.id.removeprefix("chatcmpl-")))
+    stream.close()  # the connection closes: the API sees the client leave
+    deadline = time.monotonic() + 30
+    while (status := manager.job_statuses(engine, [job_id], tenant="acme")[job_id].value) != "cancelled":
+        assert time.monotonic() < deadline, f"job still {status} after the client left"
+        time.sleep(0.2)
