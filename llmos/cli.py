@@ -24,6 +24,7 @@ from llmos.batches.cli import batch_app
 from llmos.errors import LLMOSError, NoWorkerWarning
 from llmos.nightly.cli import beat_command
 from llmos.settings import get_settings
+from llmos.tasks import PRIMARY_FIELD
 
 # plain help: typer's rich help labels every flag, --help too, `<bool>`
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -168,11 +169,6 @@ def worker(model: Annotated[str, typer.Option("--model", "-m", help="Registered 
     from workers.worker import main as worker_main
 
     raise typer.Exit(worker_main(model, device, concurrency))
-
-
-PRIMARY_FIELD = {"writing": "prompt", "dialogue": "user_utterance", "summarize": "text",
-                 "translate": "text", "qa": "question", "sentiment": "text", "embed": "texts"}
-"""Which field of each task the positional TEXT argument fills."""
 
 
 @app.command()

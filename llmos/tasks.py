@@ -300,6 +300,12 @@ TASK_TYPES: dict[str, type[Task]] = {
 """Every task type by its name, as stored in the task table's `task_type` column."""
 
 
+PRIMARY_FIELD = {"writing": "prompt", "dialogue": "user_utterance", "summarize": "text",
+                 "translate": "text", "qa": "question", "sentiment": "text", "embed": "texts"}
+"""Which field of each task one plain text fills: `llmos submit`'s TEXT, a plain batch line's
+`text` (a list of one for `embed`). `chat` has none: its input is a list of messages."""
+
+
 def task_class(task_type: str) -> type[Task]:
     try:
         return TASK_TYPES[task_type]

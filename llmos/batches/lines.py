@@ -4,7 +4,7 @@ Two formats (docs/batch.md):
 
 - OpenAI batch lines, `{"custom_id", "method": "POST", "url", "body"}`: the body means exactly
   what the same request means at the /v1 endpoint (`llmos.openai_protocol.parse_request`);
-- plain lines, `{"id", "text"}`: the text fills the batch task's primary field (PRIMARY_FIELD),
+- plain lines, `{"id", "text"}`: the text fills the batch task's primary field (`llmos.tasks.PRIMARY_FIELD`),
   the batch's task options the rest.
 
 Either may carry the LLMOS extension fields `priority` (0–9 or a name) and `deadline` (seconds
@@ -23,17 +23,12 @@ from llmos.errors import LLMOSError, ValidationError
 from llmos.priority import parse_priority
 from llmos.registry import Registry
 from llmos.sdk import _deadline, validate_for
-from llmos.tasks import Task, parse_task
+from llmos.tasks import PRIMARY_FIELD, Task, parse_task
 
 PLAIN = "/v1/jobs"
 """The `endpoint` of a batch of plain lines: each line is one job of the batch's task and model."""
 
 ENDPOINTS = (*openai_protocol.ENDPOINTS, PLAIN)
-
-PRIMARY_FIELD = {"writing": "prompt", "dialogue": "user_utterance", "summarize": "text",
-                 "translate": "text", "qa": "question", "sentiment": "text", "embed": "texts"}
-"""Which field of each task a plain line's `text` fills (the same as `llmos submit`'s TEXT:
-llmos.cli.PRIMARY_FIELD, checked equal by tests/unit/test_batch_lines.py)."""
 
 MAX_CUSTOM_ID_CHARS = 512
 EXTENSIONS = ("priority", "deadline")

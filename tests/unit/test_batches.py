@@ -106,12 +106,6 @@ def test_good_lines_carry_their_task_priority_and_deadline(tmp_path):
     assert isinstance(unsupported, BadLine) and unsupported.code == "unsupported_task"
 
 
-def test_primary_fields_match_the_cli():
-    from llmos.batches.lines import PRIMARY_FIELD
-    from llmos.cli import PRIMARY_FIELD as CLI
-
-    assert PRIMARY_FIELD == CLI
-
 
 # --- lifecycle ------------------------------------------------------------------------------------
 
