@@ -361,6 +361,28 @@ def test_an_upload_over_the_files_limit_is_413_and_other_routes_keep_the_api_cap
     assert stored(client) == (0, 0)
 
 
+def test_an_upload_is_read_only_after_its_key_is_checked(api, monkeypatch):
+    """A client without a valid key gets its 401 before the server parses (and spools) a byte."""
+    from starlette.requests import Request
+
+    http, a, _ = api
+    parsed = []
+    real_form = Request.form
+
+    def form(self, **kw):
+        parsed.append(self.url.path)
+        return real_form(self, **kw)
+
+    monkeypatch.setattr(Request, "form", form)
+    body = {"files": {"file": ("in.jsonl", b"{}\n" * 100)}, "data": {"purpose": "batch"}}
+    for headers in ({}, {"Authorization": "Bearer llmos_nope_nope"}):
+        assert http.post("/v1/files", headers=headers, **body).status_code == 401
+    assert parsed == []
+    missing = http.post("/v1/files", data={"purpose": "batch"}, files={"other": ("x", b"1")}, headers=a)
+    assert missing.status_code == 422 and "file: required" in missing.json()["error"]["message"]
+    assert parsed == ["/v1/files"]
+
+
 def test_cli_errors_are_llmos_errors(client, tmp_path):
     with pytest.raises(LLMOSError):
         B.submit_file(client, tmp_path / "missing.jsonl", name="x", task="sentiment", model="minilm")

@@ -1,6 +1,7 @@
 """Files (OpenAI's Files API for batch input): upload, list, read, download, delete.
 
-An upload is spooled to disk by the framework's multipart parser (never whole in memory), then
+An upload is read only after its key is checked, spooled to disk by Starlette's multipart parser
+(never whole in memory), then
 copied into the database part by part (llmos.batches.store). Its body limit is its own:
 LLMOS_FILES_MAX_BYTES plus room for the multipart framing, not LLMOS_API_MAX_BODY_BYTES
 (`upload_limit`, given to the BodyLimit middleware in llmos/api/app.py).
@@ -10,15 +11,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from llmos.api.deps import ClientDep, TenantDep
 from llmos.api.routes import AUTHENTICATED, errors
 from llmos.batches import core, store
 from llmos.batches.settings import get_batch_settings
+from llmos.errors import ValidationError
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -64,16 +67,30 @@ def _out(info: store.FileInfo) -> FileOut:
     return FileOut(**info.openai())
 
 
-@router.post("", responses=errors(*AUTHENTICATED))
-async def upload_file(tenant: TenantDep, client: ClientDep,
-                      file: Annotated[UploadFile, File(description="A JSONL file of batch lines.")],
-                      purpose: Annotated[str, Form(description="Only `batch`.")]) -> FileOut:
-    """Upload a batch input file (at most LLMOS_FILES_MAX_BYTES and LLMOS_BATCH_MAX_LINES lines)."""
+_UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary", "description": "A JSONL file of batch lines."},
+                   "purpose": {"type": "string", "description": "Only `batch`."}}}}}}
+
+
+@router.post("", responses=errors(*AUTHENTICATED), openapi_extra={"requestBody": _UPLOAD_BODY})
+async def upload_file(request: Request, tenant: TenantDep, client: ClientDep) -> FileOut:
+    """Upload a batch input file (at most LLMOS_FILES_MAX_BYTES and LLMOS_BATCH_MAX_LINES lines).
+
+    The body is read only once the key is checked (the route declares no body parameter, so the
+    framework resolves the key first): a client without a valid key cannot make the server spool
+    anything."""
+    form = await request.form(max_files=1, max_fields=4)
     try:
+        file, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(file, StarletteUploadFile):
+            raise ValidationError("file: required, the JSONL file as a multipart file part")
+        if not isinstance(purpose, str):
+            raise ValidationError("purpose: required (`batch`)")
         info = await run_in_threadpool(core.upload, client, file.file, tenant=tenant,
                                        filename=file.filename or "file.jsonl", purpose=purpose)
     finally:
-        await file.close()
+        await form.close()
     return _out(info)
 
 
