@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 MODELS = {  # one model per task type; nothing runs them (no worker here), so sources are dummies
     "enc": ModelSpec(name="enc", source="x", kind="encoder", tasks=("embed", "sentiment", "summarize"),
                      max_input_chars=300),
-    "gen": ModelSpec(name="gen", source="x", kind="causal-lm", tasks=("writing", "dialogue"), max_input_chars=200),
+    "gen": ModelSpec(name="gen", source="x", kind="causal-lm", tasks=("writing", "chat", "dialogue"),
+                     max_input_chars=200),
     "s2s": ModelSpec(name="s2s", source="x", kind="seq2seq", tasks=("translate",), max_input_chars=200,
                      language_pairs=(("en", "de"),)),
     "qa": ModelSpec(name="qa", source="x", kind="qa", tasks=("qa",), max_input_chars=200),
@@ -50,6 +51,10 @@ FIELDS = {
     "text": text, "prompt": text, "user_utterance": text, "system": text, "question": text, "context": text,
     "texts": mostly(st.lists(text, min_size=1, max_size=4), [[], ["a"] * 2049]),
     "stop": mostly(st.lists(text, max_size=3), [["s"] * 9]),
+    "messages": mostly(st.lists(st.fixed_dictionaries({
+        "role": mostly(st.sampled_from(["system", "user", "assistant"]), ["tool", "developer", ""]),
+        "content": mostly(st.text(max_size=40), ["a\x00b", "\ud800", "y" * 190])}), min_size=1, max_size=3),
+        [[], [{"role": "user"}], [{"role": "user", "content": "x", "name": "n"}], [{"role": "user", "content": ""}]]),
     "max_length": count, "max_new_tokens": count, "min_length": mostly(st.integers(0, 1), [-1, 5000]),
     "seed": mostly(st.integers(0, 2**32 - 1), [-1, 2**32, True]),
     "temperature": mostly(st.floats(0, 2), [-0.1, 2.5, float("nan"), True]),
