@@ -330,8 +330,22 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def _sqlite_begin(conn: sa.Connection) -> None:
     # A deferred BEGIN: readers run beside the writer (WAL). Every write transaction of
     # llmos.manager starts with its write statement, so it takes the write lock first thing
-    # (waiting busy_timeout) and never has to upgrade a read snapshot.
-    conn.exec_driver_sql("BEGIN")
+    # (waiting busy_timeout) and never has to upgrade a read snapshot. A transaction that must
+    # read before it writes asks for the lock at BEGIN (`begin_write`).
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_IMMEDIATE) else "BEGIN")
+
+
+_IMMEDIATE = "llmos_begin_immediate"
+
+
+def begin_write(engine: sa.Engine):
+    """`engine.begin()` for a transaction that reads, then writes. On SQLite it takes the write
+    lock at BEGIN (BEGIN IMMEDIATE, waiting busy_timeout for it): a deferred transaction that
+    has read cannot upgrade to a write once another connection has committed since, and SQLite
+    then answers "database is locked" at once, without waiting. Postgres: the same as begin()."""
+    if engine.dialect.name != "sqlite":
+        return engine.begin()
+    return engine.execution_options(**{_IMMEDIATE: True}).begin()
 
 
 def check_database(url: str) -> None:
