@@ -10,8 +10,10 @@ States (OpenAI's): validating (lines being submitted) → in_progress → finali
 output and error files) → completed; a file with no good line → failed; cancel → cancelling
 (queued jobs cancelled) → cancelled once nothing runs; past the completion window → expired
 (queued jobs expired; what finished is kept). Every transition is a conditional UPDATE on the
-current state; whoever submits lines or writes files holds the batch's lease (`lease_until`), so
-when that process dies, another one's `advance` takes over once the lease has passed.
+current state; whoever submits lines or writes files holds the batch's lease (`lease_until`, and
+`lease_owner`: the token of its take, checked by every renewal and release), so when that
+process dies, another one's `advance` takes over once the lease has passed, and a process that
+lost its lease stops at its next renewal.
 """
 
 from __future__ import annotations
@@ -916,7 +918,7 @@ def delete_file(client: Any, file_id: str, *, tenant: str) -> None:
     store.get_file(engine, file_id, tenant=tenant)
     with engine.connect() as conn:
         user = conn.execute(sa.select(batches.c.id).where(
-            batches.c.tenant == tenant, batches.c.input_file_id == file_id, batches.c.status.in_(OPEN))).scalar()
+            batches.c.tenant == tenant, batches.c.input_file_id == file_id, _open_statuses())).scalar()
     if user is not None:
         raise FileInUseError(f"file {file_id} is the input of batch {user}, still open; delete it once the batch is final")
     store.delete_file(engine, file_id, tenant=tenant)
