@@ -181,6 +181,9 @@ files = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),  # uploading, processed
     sa.Index(None, "tenant", "created_at", "id"),  # a tenant's files newest first (API listing)
+    # uploads (and output files) not finished yet: delete_stale_uploads finds the old ones
+    sa.Index("ix_files_uploading", "created_at", postgresql_where=sa.text("status = 'uploading'"),
+             sqlite_where=sa.text("status = 'uploading'")),
 )
 """One row per stored file (batch input, output, error files); its body is in `file_parts`."""
 
@@ -203,6 +206,7 @@ batches = sa.Table(
     sa.Column("name", sa.String(256)),  # unique per tenant: the CLI finds a batch again by it
     sa.Column("endpoint", sa.String(64), nullable=False),  # an OpenAI endpoint, or /v1/jobs (plain lines)
     sa.Column("input_file_id", sa.String(MAX_FILE_ID_CHARS), nullable=False),
+    sa.Column("input_sha256", sa.String(64)),  # the input's, kept: a resume compares it, even once the file is gone
     sa.Column("completion_window", sa.String(8), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("priority", sa.SmallInteger, nullable=False),
@@ -219,6 +223,7 @@ batches = sa.Table(
     sa.Column("completed_count", sa.Integer, nullable=False, server_default="0"),  # request_counts once final
     sa.Column("failed_count", sa.Integer, nullable=False, server_default="0"),
     sa.Column("lease_until", Timestamp),  # a process submitting lines or writing the files holds it
+    sa.Column("lease_owner", sa.String(32)),  # which process holds it (a token of its take)
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("in_progress_at", Timestamp),
     sa.Column("expires_at", Timestamp, nullable=False),

@@ -65,3 +65,32 @@ class NoWorkerWarning(UserWarning):
 
 class ConfigError(LLMOSError):
     """The LLMOS configuration is invalid."""
+
+
+# The API's answers that its client raises too (llmos.remote): defined here, not in llmos.api,
+# so an HTTP client never imports the server (llmos.api.errors re-exports them).
+
+
+class AuthError(LLMOSError):
+    """A valid API key is required: send `Authorization: Bearer <key>`."""
+
+
+class ForbiddenError(LLMOSError):
+    """This route needs an admin key."""
+
+
+class JobFinalError(LLMOSError):
+    """The job has already ended; only queued or running jobs can be cancelled."""
+
+    def __init__(self, message: str | None = None, *, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class QuotaExceededError(LLMOSError):
+    """The tenant is over a quota; retry after the time given."""
+
+    def __init__(self, message: str | None = None, *, limit: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after_s = retry_after_s

@@ -188,7 +188,7 @@ class HTTPClient:
 
     def cancel(self, job_id: str, *, tenant: str | None = None) -> bool:
         """Cancel a queued or running job; True if this call cancelled it (False: it had ended)."""
-        from llmos.api.errors import JobFinalError
+        from llmos.errors import JobFinalError
 
         self._no_tenant(tenant)
         try:
@@ -227,8 +227,7 @@ class HTTPClient:
 
 def _error(resp: httpx.Response, url: str) -> LLMOSError:
     """The LLMOSError of an error answer in the API's shape (APIError for anything else)."""
-    # Imported here: these classes live with the API (and import FastAPI); only errors need them.
-    from llmos.api.errors import AuthError, ForbiddenError, JobFinalError, QuotaExceededError
+    from llmos.errors import AuthError, ForbiddenError, JobFinalError, QuotaExceededError
 
     try:
         err = resp.json()["error"]

@@ -23,41 +23,17 @@ from starlette.routing import Match
 
 from llmos.batches.errors import (BatchNotFoundError, BatchStateError, FileInUseError,
                                   FileNotFoundInStoreError, FileTooLargeError)
-from llmos.errors import (BrokerUnavailableError, ConfigError, DatabaseUnavailableError,
-                          IdempotencyConflictError, JobNotFoundError, LLMOSError, NoWorkerError,
-                          UnknownModelError, UnsupportedTaskError, ValidationError)
+from llmos.errors import (AuthError, BrokerUnavailableError, ConfigError, DatabaseUnavailableError,  # noqa: F401
+                          ForbiddenError, IdempotencyConflictError, JobFinalError, JobNotFoundError, LLMOSError,
+                          NoWorkerError, QuotaExceededError, UnknownModelError, UnsupportedTaskError,
+                          ValidationError)
 from llmos.logs import event
 
 log = logging.getLogger("llmos.api")
 
 
-class AuthError(LLMOSError):
-    """A valid API key is required: send `Authorization: Bearer <key>`."""
-
-
-class ForbiddenError(LLMOSError):
-    """This route needs an admin key."""
-
-
 class KeyNotFoundError(LLMOSError, LookupError):
     """No live API key has that prefix."""
-
-
-class JobFinalError(LLMOSError):
-    """The job has already ended; only queued or running jobs can be cancelled."""
-
-    def __init__(self, message: str | None = None, *, status: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class QuotaExceededError(LLMOSError):
-    """The tenant is over a quota; retry after the time given."""
-
-    def __init__(self, message: str | None = None, *, limit: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.limit = limit
-        self.retry_after_s = retry_after_s
 
 
 class ModelNotFoundError(UnknownModelError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -67,8 +68,8 @@ def _options(items: list[str]) -> dict[str, Any]:
 
 
 def default_name(path: Path) -> str:
-    """The name of a batch submitted without --name: the file's name and the start of its sha256,
-    so the same file again is the same batch, and an edited file a new one."""
+    """The name of a batch submitted without --name: the file's name (as text, cut to fit) and the
+    start of its sha256, so the same file again is the same batch, and an edited file a new one."""
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -76,7 +77,16 @@ def default_name(path: Path) -> str:
                 h.update(chunk)
     except OSError as exc:
         raise ValidationError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return f"{path.name}-{h.hexdigest()[:12]}"
+    from llmos.batches.core import MAX_NAME_CHARS
+
+    return f"{text_name(path)[:MAX_NAME_CHARS - 13]}-{h.hexdigest()[:12]}"
+
+
+def text_name(path: Path) -> str:
+    """The file's name as text a database stores: bytes that are not UTF-8 read as U+FFFD."""
+    from llmos.db import storable
+
+    return storable(os.fsencode(path.name).decode("utf-8", "replace"))
 
 
 def _summary(info: Any) -> dict[str, Any]:

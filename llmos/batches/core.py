@@ -10,8 +10,10 @@ States (OpenAI's): validating (lines being submitted) → in_progress → finali
 output and error files) → completed; a file with no good line → failed; cancel → cancelling
 (queued jobs cancelled) → cancelled once nothing runs; past the completion window → expired
 (queued jobs expired; what finished is kept). Every transition is a conditional UPDATE on the
-current state; whoever submits lines or writes files holds the batch's lease (`lease_until`), so
-when that process dies, another one's `advance` takes over once the lease has passed.
+current state; whoever submits lines or writes files holds the batch's lease (`lease_until`, and
+`lease_owner`: the token of its take, checked by every renewal and release), so when that
+process dies, another one's `advance` takes over once the lease has passed, and a process that
+lost its lease stops at its next renewal.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from llmos import manager
 from llmos.batches import store
 from llmos.batches.errors import BatchNotFoundError, BatchStateError
-from llmos.batches.lines import PLAIN, BadLine, BatchShape, GoodLine, ENDPOINTS, parse_line
+from llmos.batches.lines import (ENDPOINTS, MAX_BATCH_PRIORITY, PLAIN, BadLine, BatchShape, GoodLine, error_code,
+                                 parse_line)
 from llmos.batches.settings import BatchSettings, get_batch_settings
 from llmos.constants import MAX_IDEMPOTENCY_KEY_CHARS, PRIORITY_NAMES
-from llmos.db import batch_lines, batches
-from llmos.errors import ValidationError
+from llmos.db import UNSTORABLE, batch_lines, batches
+from llmos.errors import (IdempotencyConflictError, UnknownModelError, UnsupportedTaskError,
+                          ValidationError)
 from llmos.jobs import JobStatus
 from llmos.logs import event
 from llmos.manager import as_utc, db_now
@@ -55,6 +59,28 @@ MAX_ERRORS_LISTED = 100
 """At most this many line errors in a failed batch's `errors` (all of them are in its error file)."""
 
 _NOT_DONE = (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED)
+_REFUSED = (ValidationError, IdempotencyConflictError, UnknownModelError, UnsupportedTaskError)
+"""What a submit raises for its input (not for a service): the line is refused, the others go on."""
+RENEW_EVERY = 500
+"""Records written between two renewals of the lease while the output and error files are written."""
+
+
+def _open_statuses() -> Any:
+    """`batches.status` among the open states, as SQL literals (so the plan matches ix_batches_open)."""
+    return batches.c.status.in_([sa.literal_column(f"'{s}'") for s in OPEN])
+
+
+def _token() -> str:
+    """A lease holder's token (`batches.lease_owner`): renewing and letting go check it."""
+    return uuid.uuid4().hex
+
+
+class _LeaseLost(Exception):
+    """Another process took the batch's lease (or its state changed): this one stops."""
+
+
+class _WindowPassed(Exception):
+    """The batch's completion window passed while its lines were submitted: the rest are not."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,11 +170,12 @@ def _live_counts(engine: sa.Engine, m: Any) -> RequestCounts:
 
 
 def _open_jobs(engine: sa.Engine, m: Any) -> int:
-    jobs = manager.batch_status_counts(engine, m["id"], tenant=m["tenant"])
-    return jobs.get(JobStatus.QUEUED, 0) + jobs.get(JobStatus.RUNNING, 0)
+    return manager.batch_open_jobs(engine, m["id"], tenant=m["tenant"])
 
 
 def _row(engine: sa.Engine, batch_id: str, tenant: str | manager._AnyTenant) -> Any:
+    if not isinstance(batch_id, str) or UNSTORABLE.search(batch_id):  # no row can have that id
+        raise BatchNotFoundError(f"no batch with id {batch_id!r}")
     cond = [batches.c.id == batch_id]
     if tenant is not manager.ANY_TENANT:
         cond.append(batches.c.tenant == tenant)
@@ -160,6 +187,8 @@ def _row(engine: sa.Engine, batch_id: str, tenant: str | manager._AnyTenant) -> 
 
 
 def _row_by_name(engine: sa.Engine, name: str, tenant: str) -> Any:
+    if not isinstance(name, str) or UNSTORABLE.search(name):  # no row can have that name
+        return None
     with engine.connect() as conn:
         return conn.execute(sa.select(batches).where(batches.c.tenant == tenant, batches.c.name == name)).first()
 
@@ -180,9 +209,13 @@ def list_batches(client: Any, *, tenant: str, after: str | None = None, limit: i
     engine = client.engine
     cond = [batches.c.tenant == tenant]
     if name is not None:
+        if not isinstance(name, str) or UNSTORABLE.search(name):
+            return [], False
         cond.append(batches.c.name == name)
     key = (batches.c.created_at, batches.c.id)
     if after is not None:
+        if UNSTORABLE.search(after):
+            raise ValidationError(f"after: no batch with id {after!r}")
         with engine.connect() as conn:
             at = conn.execute(sa.select(batches.c.created_at).where(batches.c.id == after,
                                                                     batches.c.tenant == tenant)).scalar()
@@ -239,6 +272,8 @@ def create_batch(client: Any, *, tenant: str, input_file_id: str, endpoint: str,
     if priority is None and metadata and "priority" in metadata:
         priority = metadata["priority"]
     prio = DEFAULT_PRIORITY if priority is None else parse_priority(priority)
+    if prio > MAX_BATCH_PRIORITY:  # batch jobs skip the queue cap and shedding: they may not run high
+        raise ValidationError(f"priority: a batch runs at normal ({MAX_BATCH_PRIORITY}) or lower, got {prio}")
     if endpoint == PLAIN:
         if not task or not model:
             raise ValidationError("plain lines ({\"id\", \"text\"}) need a task and a model (--task, --model)")
@@ -252,8 +287,10 @@ def create_batch(client: Any, *, tenant: str, input_file_id: str, endpoint: str,
         raise ValidationError(f"task, model and options are for plain lines (endpoint {PLAIN}); "
                               f"OpenAI lines name their model in their body")
     if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_CHARS
-                             or "\x00" in name):
-        raise ValidationError(f"name: 1–{MAX_NAME_CHARS} characters")
+                             or UNSTORABLE.search(name)):
+        raise ValidationError(f"name: 1–{MAX_NAME_CHARS} characters, no NUL or lone surrogate")
+    if not isinstance(input_file_id, str) or UNSTORABLE.search(input_file_id):
+        raise ValidationError(f"input_file_id: no file has the id {input_file_id!r}")
     source = store.get_file(engine, input_file_id, tenant=tenant)
     if source.purpose != "batch":
         raise ValidationError(f"input_file_id: file {input_file_id} has purpose {source.purpose!r}, not 'batch'")
@@ -261,22 +298,23 @@ def create_batch(client: Any, *, tenant: str, input_file_id: str, endpoint: str,
         found = _row_by_name(engine, name, tenant)
         if found is not None:
             return _resume(client, found, source, endpoint, task, model, retry_failed, bs)
-    batch_id = "batch_" + uuid.uuid4().hex
+    batch_id, token = "batch_" + uuid.uuid4().hex, _token()
     try:
         with engine.begin() as conn:
             now = db_now(conn)
             conn.execute(batches.insert().values(
                 id=batch_id, tenant=tenant, name=name, endpoint=endpoint, input_file_id=source.id,
-                completion_window=completion_window, status="validating", priority=prio, task_type=task,
-                model=model, options=options, batch_metadata=metadata, created_at=now,
-                expires_at=now + WINDOW, lease_until=now + timedelta(seconds=bs.batch_lease_s)))
+                input_sha256=source.sha256, completion_window=completion_window, status="validating",
+                priority=prio, task_type=task, model=model, options=options, batch_metadata=metadata,
+                created_at=now, expires_at=now + WINDOW, lease_until=now + timedelta(seconds=bs.batch_lease_s),
+                lease_owner=token))
     except sa.exc.IntegrityError:  # a concurrent create of the same name: that one is the batch
         found = _row_by_name(engine, name, tenant) if name is not None else None
         if found is None:
             raise
         return _resume(client, found, source, endpoint, task, model, retry_failed, bs)
     event(log, "batch_created", batch_id=batch_id, tenant=tenant, endpoint=endpoint, lines=source.lines)
-    _submit_lines(client, batch_id, tenant, retry_failed=False, bs=bs)
+    _submit_lines(client, batch_id, tenant, token, retry_failed=False, bs=bs)
     return get_batch(client, batch_id, tenant=tenant)
 
 
@@ -287,42 +325,49 @@ def _resume(client: Any, row: Any, source: store.FileInfo, endpoint: str, task: 
         raise ValidationError(f"batch {row.name!r} ({row.id}) runs {row.endpoint}"
                               f"{f' {row.task_type} on {row.model}' if row.task_type else ''}; "
                               "resume it with the same task and model, or use another name")
-    try:
-        original = store.get_file(engine, row.input_file_id, tenant=row.tenant)
-    except LookupError:
-        original = None
-    if original is not None and original.sha256 != source.sha256:
+    if row.input_sha256 != source.sha256:  # kept on the row: compared even once the input is deleted
         raise ValidationError(f"this file differs from the one batch {row.name!r} ({row.id}) was made from; "
                               "resume it with the same file, or use another name for a new batch")
-    if original is None:
+    try:
+        store.get_file(engine, row.input_file_id, tenant=row.tenant)
+    except LookupError:  # the input was deleted: the same bytes, uploaded again, take its place
         with engine.begin() as conn:
             conn.execute(batches.update().where(batches.c.id == row.id).values(input_file_id=source.id))
-    status = row.status
+    status, token = row.status, _token()
     if status in FINAL:
         if not retry_failed or status == "failed" and row.total == row.bad:
             return _info(engine, row)
-        _reopen(client, row, bs)
+        _reopen(client, row, bs, token)
     elif status != "validating" and not retry_failed:
         return _info(engine, row)  # every line is submitted already
     elif status not in ("validating", "in_progress"):
         return _info(engine, row)  # finalizing or cancelling: nothing to resume
-    elif status == "in_progress":
-        with engine.begin() as conn:  # retry_failed: submit again (validating until every line is seen)
-            conn.execute(batches.update().where(batches.c.id == row.id, batches.c.status == "in_progress")
-                         .values(status="validating"))
+    else:
+        # in_progress with retry_failed: validating again until every line is seen; validating (a
+        # submit that died, or is slow): this call takes over. Either way the lease is taken in the
+        # same UPDATE, so no writer of the files and no other submitter runs beside this one (a
+        # submitter it took over from stops at its next renewal).
+        with engine.begin() as conn:
+            now = db_now(conn)
+            took = conn.execute(batches.update().where(batches.c.id == row.id, batches.c.status == status)
+                                .values(status="validating", lease_owner=token,
+                                        lease_until=now + timedelta(seconds=bs.batch_lease_s))).rowcount
+        if not took:
+            raise BatchStateError(f"batch {row.id} changed meanwhile; try again", status=status)
     event(log, "batch_resumed", batch_id=row.id, tenant=row.tenant, retry_failed=retry_failed)
-    _submit_lines(client, row.id, row.tenant, retry_failed=retry_failed, bs=bs)
+    _submit_lines(client, row.id, row.tenant, token, retry_failed=retry_failed, bs=bs)
     return get_batch(client, row.id, tenant=row.tenant)
 
 
-def _reopen(client: Any, row: Any, bs: BatchSettings) -> None:
+def _reopen(client: Any, row: Any, bs: BatchSettings, token: str) -> None:
     """A final batch back to validating (its lines to retry), its old output and error files deleted."""
     engine = client.engine
     with engine.begin() as conn:
         now = db_now(conn)
         done = conn.execute(batches.update().where(batches.c.id == row.id, batches.c.status == row.status).values(
             status="validating", expires_at=now + WINDOW, output_file_id=None, error_file_id=None, errors=None,
-            lease_until=now + timedelta(seconds=bs.batch_lease_s), **{t: None for t in _TIMES})).rowcount
+            lease_until=now + timedelta(seconds=bs.batch_lease_s), lease_owner=token,
+            **{t: None for t in _TIMES})).rowcount
     if not done:
         raise BatchStateError(f"batch {row.id} changed meanwhile; try again", status=row.status)
     for file_id in (row.output_file_id, row.error_file_id):
@@ -352,13 +397,20 @@ def _chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _renew(engine: sa.Engine, batch_id: str, bs: BatchSettings) -> str | None:
-    """Hold the batch's lease a while longer; its status (the caller stops unless it is validating)."""
+def _renew(engine: sa.Engine, batch_id: str, token: str, bs: BatchSettings, status: str = "validating") -> bool:
+    """Hold the batch's lease a while longer, if it is still ours and the batch still `status`."""
     with engine.begin() as conn:
         now = db_now(conn)
-        conn.execute(batches.update().where(batches.c.id == batch_id, batches.c.status == "validating")
-                     .values(lease_until=now + timedelta(seconds=bs.batch_lease_s)))
-        return conn.execute(sa.select(batches.c.status).where(batches.c.id == batch_id)).scalar()
+        return bool(conn.execute(batches.update().where(
+            batches.c.id == batch_id, batches.c.status == status, batches.c.lease_owner == token)
+            .values(lease_until=now + timedelta(seconds=bs.batch_lease_s))).rowcount)
+
+
+def _let_go(engine: sa.Engine, batch_id: str, token: str) -> None:
+    """Give the lease up, if it is still ours (another process may have taken it meanwhile)."""
+    with engine.begin() as conn:
+        conn.execute(batches.update().where(batches.c.id == batch_id, batches.c.lease_owner == token)
+                     .values(lease_until=None, lease_owner=None))
 
 
 def _insert_ignoring(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
@@ -369,61 +421,93 @@ def _insert_ignoring(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
     conn.execute(dialect.insert(batch_lines).on_conflict_do_nothing(), rows)
 
 
-def _submit_lines(client: Any, batch_id: str, tenant: str, *, retry_failed: bool, bs: BatchSettings) -> None:
+def _submit_lines(client: Any, batch_id: str, tenant: str, token: str, *, retry_failed: bool,
+                  bs: BatchSettings) -> None:
     """Submit the batch's lines not yet submitted (and with `retry_failed` re-run its failed ones)
     in chunks, then move it on: in_progress, or failed if no line was good. Flat in memory: one
-    chunk of lines at a time, and a set of 8-byte hashes of the custom_ids (duplicates are refused)."""
+    chunk of lines at a time, and a set of 8-byte hashes of the custom_ids (duplicates are refused).
+
+    The caller holds the lease (`token`); it is renewed before each chunk and each submit call,
+    and whoever lost it (a cancel, a takeover) stops there. Past the batch's window the submit
+    stops too: the batch moves on with the lines recorded so far, and expires.
+
+    A custom_id is taken by the first line that names it, whether that line runs or is refused,
+    on the first pass and on a resume alike (a resume rebuilds the same set from the recorded
+    lines), so no line's job is ever left without its line."""
     engine = client.engine
     row = _row(engine, batch_id, tenant)
     shape, expires = _shape(row), as_utc(row.expires_at)
     seen: set[bytes] = set()
-    for chunk in _chunked(store.iter_lines(engine, row.input_file_id), bs.batch_chunk_lines):
-        if _renew(engine, batch_id, bs) != "validating":
-            with engine.begin() as conn:  # cancelled meanwhile: let go at once
-                conn.execute(batches.update().where(batches.c.id == batch_id).values(lease_until=None))
-            event(log, "batch_submit_stopped", batch_id=batch_id)
-            return
-        first, last = chunk[0][0], chunk[-1][0]
-        with engine.connect() as conn:
-            existing = {r.line: r for r in conn.execute(sa.select(batch_lines).where(
-                batch_lines.c.batch_id == batch_id, batch_lines.c.line.between(first, last)))}
-        statuses = {}
-        if retry_failed:
-            statuses = manager.job_statuses(engine, [r.job_id for r in existing.values() if r.job_id], tenant=tenant)
-        now = db_now(engine)
-        new_rows: list[dict[str, Any]] = []
-        todo: list[tuple[GoodLine, int, bool]] = []  # (line, attempt, a retry)
-        for number, raw in chunk:
-            old = existing.get(number)
-            if old is not None:
-                if old.custom_id is not None:
-                    seen.add(_digest(old.custom_id))
-                if retry_failed and old.job_id and statuses.get(str(old.job_id)) in _NOT_DONE:
-                    parsed = parse_line(raw, number, shape, client.registry, now)
-                    if isinstance(parsed, GoodLine):
-                        todo.append((parsed, old.attempt + 1, True))
-                continue
-            parsed = parse_line(raw, number, shape, client.registry, now)
-            if isinstance(parsed, GoodLine):
-                digest = _digest(parsed.custom_id)
-                if digest in seen:
-                    parsed = BadLine(number, parsed.custom_id, "duplicate_custom_id",
-                                     f"custom_id {parsed.custom_id!r} is taken by an earlier line; each must be unique")
-                else:
-                    seen.add(digest)
-            if isinstance(parsed, BadLine):
-                new_rows.append(dict(batch_id=batch_id, line=number, custom_id=parsed.custom_id, job_id=None,
-                                     attempt=0, error=parsed.error()))
+
+    def renew() -> None:
+        if not _renew(engine, batch_id, token, bs):
+            raise _LeaseLost
+
+    try:
+        if db_now(engine) >= expires:  # stuck in validating past its window: on, to expire
+            raise _WindowPassed
+        for chunk in _chunked(store.iter_lines(engine, row.input_file_id, bs.batch_max_line_bytes),
+                              bs.batch_chunk_lines):
+            renew()
+            now = db_now(engine)
+            if now >= expires:
+                raise _WindowPassed
+            _submit_one_chunk(client, row, tenant, chunk, shape, expires, now, seen, retry_failed, renew)
+    except _WindowPassed:
+        event(log, "batch_submit_expired", logging.WARNING, batch_id=batch_id)
+    except _LeaseLost:
+        _let_go(engine, batch_id, token)  # cancelled meanwhile, or taken over: let go at once
+        event(log, "batch_submit_stopped", batch_id=batch_id)
+        return
+    _submitted(client, batch_id, tenant, token)
+
+
+def _submit_one_chunk(client: Any, row: Any, tenant: str, chunk: list[tuple[int, bytes | None]], shape: BatchShape,
+                      expires: datetime, now: datetime, seen: set[bytes], retry_failed: bool, renew: Any) -> None:
+    engine, batch_id = client.engine, row.id
+    first, last = chunk[0][0], chunk[-1][0]
+    with engine.connect() as conn:
+        existing = {r.line: r for r in conn.execute(sa.select(batch_lines).where(
+            batch_lines.c.batch_id == batch_id, batch_lines.c.line.between(first, last)))}
+    statuses = {}
+    if retry_failed:
+        statuses = manager.job_statuses(engine, [r.job_id for r in existing.values() if r.job_id], tenant=tenant)
+    new_rows: list[dict[str, Any]] = []
+    todo: list[tuple[GoodLine, int, bool]] = []  # (line, attempt, a retry)
+    for number, raw in chunk:
+        old = existing.get(number)
+        if old is not None:
+            if old.custom_id is not None:  # taken, as it was on the pass that recorded it
+                seen.add(_digest(old.custom_id))
+            if retry_failed and old.job_id and statuses.get(str(old.job_id)) in _NOT_DONE:
+                parsed = parse_line(raw, number, shape, client.registry, now)
+                if isinstance(parsed, GoodLine):
+                    todo.append((parsed, old.attempt + 1, True))
+            continue
+        parsed = parse_line(raw, number, shape, client.registry, now)
+        if parsed.custom_id is not None:
+            digest = _digest(parsed.custom_id)
+            if digest in seen:
+                parsed = BadLine(number, parsed.custom_id, "duplicate_custom_id",
+                                 f"custom_id {parsed.custom_id!r} is taken by an earlier line; each must be unique")
             else:
-                todo.append((parsed, 0, False))
-        retried = _submit_chunk(client, row, tenant, todo, expires, new_rows)
-        with engine.begin() as conn:
-            _insert_ignoring(conn, new_rows)
-            for line, attempt, job_id in retried:
-                conn.execute(batch_lines.update().where(
-                    batch_lines.c.batch_id == batch_id, batch_lines.c.line == line,
-                    batch_lines.c.attempt == attempt - 1).values(job_id=job_id, attempt=attempt))
-    _submitted(client, batch_id, tenant)
+                seen.add(digest)
+        if isinstance(parsed, BadLine):
+            new_rows.append(_bad_row(batch_id, parsed))
+        else:
+            todo.append((parsed, 0, False))
+    retried = _submit_chunk(client, row, tenant, todo, expires, new_rows, renew)
+    renew()  # still ours: record what was submitted
+    with engine.begin() as conn:
+        _insert_ignoring(conn, new_rows)
+        for line, attempt, job_id in retried:
+            conn.execute(batch_lines.update().where(
+                batch_lines.c.batch_id == batch_id, batch_lines.c.line == line,
+                batch_lines.c.attempt == attempt - 1).values(job_id=job_id, attempt=attempt))
+
+
+def _bad_row(batch_id: str, bad: BadLine) -> dict[str, Any]:
+    return dict(batch_id=batch_id, line=bad.line, custom_id=bad.custom_id, job_id=None, attempt=0, error=bad.error())
 
 
 def _digest(custom_id: str) -> bytes:
@@ -431,21 +515,43 @@ def _digest(custom_id: str) -> bytes:
 
 
 def _submit_chunk(client: Any, row: Any, tenant: str, todo: list[tuple[GoodLine, int, bool]],
-                  expires: datetime, new_rows: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
+                  expires: datetime, new_rows: list[dict[str, Any]], renew: Any = None) -> list[tuple[int, int, str]]:
     """Submit one chunk's good lines, grouped by model, priority and deadline; new lines' rows go to
-    `new_rows`; returns (line, attempt, job id) of the retried ones."""
+    `new_rows`; returns (line, attempt, job id) of the retried ones.
+
+    A group the submit refuses as input (a ValidationError, an idempotency conflict) is submitted
+    again line by line: the lines it refuses are recorded as bad lines, the others run (a retried
+    line it refuses keeps its earlier job)."""
     groups: dict[tuple[str, int, datetime], list[tuple[GoodLine, int, bool]]] = {}
     for item in todo:
         g = item[0]
         deadline = expires if g.deadline is None else min(g.deadline, expires)
         groups.setdefault((g.model, g.priority, deadline), []).append(item)
     retried = []
-    for (model, priority, deadline), items in groups.items():
+
+    def submit(model: str, priority: int, deadline: datetime, items: list[tuple[GoodLine, int, bool]]) -> list[Any]:
         handles, _ = client._submit(  # warn=False: no worker yet only means the jobs wait queued
             model, [g.task for g, _, _ in items], priority=priority,
             idempotency_key=[idempotency_key(row.id, attempt, g.custom_id) for g, attempt, _ in items],
             tenant=tenant, batch_id=row.id, timeout_s=None, deadline=deadline, max_attempts=3, warn=False)
-        for (g, attempt, retry), handle in zip(items, handles):
+        return handles
+
+    for (model, priority, deadline), items in groups.items():
+        if renew is not None:
+            renew()
+        try:
+            done = list(zip(items, submit(model, priority, deadline, items)))
+        except _REFUSED:
+            done = []
+            for item in items:  # one line at a time: only the lines at fault are refused
+                try:
+                    done.append((item, submit(model, priority, deadline, [item])[0]))
+                except _REFUSED as exc:
+                    g, _, retry = item
+                    if not retry:
+                        new_rows.append(_bad_row(row.id, BadLine(g.line, g.custom_id, error_code(exc),
+                                                                 " ".join(str(exc).split()))))
+        for (g, attempt, retry), handle in done:
             if retry:
                 retried.append((g.line, attempt, handle.id))
             else:
@@ -462,14 +568,18 @@ def _counters(conn: sa.Connection, batch_id: str) -> tuple[int, int, int]:
     return int(total), int(total) - int(jobs), int(retries)
 
 
-def _submitted(client: Any, batch_id: str, tenant: str) -> None:
-    """Every line seen: the counters written, validating → in_progress (or failed: no good line)."""
+def _submitted(client: Any, batch_id: str, tenant: str, token: str) -> None:
+    """Every line seen: the counters written, validating → in_progress (or failed: no good line),
+    if the lease is still ours. Past its window it goes in_progress whatever it holds (advance
+    then expires it)."""
     engine = client.engine
     with engine.begin() as conn:
         total, bad, superseded = _counters(conn, batch_id)
-        values: dict[str, Any] = dict(total=total, bad=bad, superseded=superseded, lease_until=None)
+        values: dict[str, Any] = dict(total=total, bad=bad, superseded=superseded, lease_until=None,
+                                      lease_owner=None)
         now = db_now(conn)
-        if total == bad:
+        expired = now >= as_utc(conn.execute(sa.select(batches.c.expires_at).where(batches.c.id == batch_id)).scalar())
+        if total == bad and not expired:
             errors = [dict(r.error or {}, line=r.line, param=None) for r in conn.execute(
                 sa.select(batch_lines.c.line, batch_lines.c.error).where(batch_lines.c.batch_id == batch_id)
                 .order_by(batch_lines.c.line).limit(MAX_ERRORS_LISTED))]
@@ -478,8 +588,12 @@ def _submitted(client: Any, batch_id: str, tenant: str) -> None:
             values.update(status="finalizing", errors={"object": "list", "data": errors})
         else:
             values.update(status="in_progress", in_progress_at=now)
-        conn.execute(batches.update().where(batches.c.id == batch_id, batches.c.status == "validating").values(**values))
-    if total == bad:  # the error file, then failed
+        moved = conn.execute(batches.update().where(batches.c.id == batch_id, batches.c.status == "validating",
+                                                    batches.c.lease_owner == token).values(**values)).rowcount
+    if not moved:
+        event(log, "batch_submit_stopped", batch_id=batch_id)
+        return
+    if values["status"] == "finalizing":  # the error file, then failed
         _close(client, _row(engine, batch_id, tenant), "finalizing", "failed")
     event(log, "batch_submitted", batch_id=batch_id, lines=total, refused=bad)
 
@@ -495,48 +609,78 @@ def advance_one(client: Any, batch_id: str, *, tenant: str | manager._AnyTenant)
     leased = row.lease_until is not None and as_utc(row.lease_until) > now
     bs = get_batch_settings()
     if status == "validating":
-        if not leased:  # whoever submitted its lines died: take over
+        if not leased:  # whoever submitted its lines died: take over (past the window: to expire it)
+            token = _token()
             with engine.begin() as conn:
                 took = conn.execute(batches.update().where(
                     batches.c.id == row.id, batches.c.status == "validating",
                     sa.or_(batches.c.lease_until.is_(None), batches.c.lease_until <= now))
-                    .values(lease_until=now + timedelta(seconds=bs.batch_lease_s))).rowcount
+                    .values(lease_until=now + timedelta(seconds=bs.batch_lease_s), lease_owner=token)).rowcount
             if took:
                 event(log, "batch_submit_taken_over", batch_id=row.id)
-                _submit_lines(client, row.id, row.tenant, retry_failed=False, bs=bs)
+                _submit_lines(client, row.id, row.tenant, token, retry_failed=False, bs=bs)
         return
     if status == "in_progress":
-        if now >= as_utc(row.expires_at):
+        # completion first: a batch whose jobs all ended in time is completed, whenever it is advanced
+        past = now >= as_utc(row.expires_at)
+        if _open_jobs(engine, row._mapping) == 0:
+            _close(client, row, "in_progress", "expired" if past and _ran_out(client, row) else "completed")
+        elif past:
             manager.end_queued_batch_jobs(engine, row.id, tenant=row.tenant, status=JobStatus.EXPIRED,
                                           error="expired: the batch's completion window passed before it started")
             if _open_jobs(engine, row._mapping) == 0:
                 _close(client, row, "in_progress", "expired")
-        elif _open_jobs(engine, row._mapping) == 0:
-            _close(client, row, "in_progress", "completed")
         return
     if status == "cancelling":
         manager.end_queued_batch_jobs(engine, row.id, tenant=row.tenant, status=JobStatus.CANCELLED,
                                       error="cancelled: its batch was cancelled")
-        if not leased and _open_jobs(engine, row._mapping) == 0:
+        if not leased and _open_jobs(engine, row._mapping) == 0:  # a submit in flight holds the lease
             _close(client, row, "cancelling", "cancelled")
         return
     if status == "finalizing" and not leased:  # the writer died: write the files again
         _close(client, row, "finalizing", "failed" if row.errors else "completed")
 
 
+def _ran_out(client: Any, row: Any) -> bool:
+    """Whether the window cut the batch short: a job of it expired, or lines were never submitted."""
+    if manager.batch_status_counts(client.engine, row.id, tenant=row.tenant).get(JobStatus.EXPIRED, 0):
+        return True
+    try:
+        lines = store.get_file(client.engine, row.input_file_id, tenant=row.tenant).lines
+    except LookupError:
+        return False
+    with client.engine.connect() as conn:
+        return _counters(conn, row.id)[0] < lines
+
+
 def advance_all(client: Any, *, limit: int = 100) -> int:
-    """Advance every open batch of every tenant (the API's background thread); how many it looked at."""
+    """Advance every open batch of every tenant (the API's background thread); how many it looked at.
+
+    Walks all of them, `limit` ids at a time (a keyset over the id), and one batch's failure is
+    logged and skipped: it stops neither the pass nor the stale uploads' cleanup after it."""
     engine = client.engine
-    with engine.connect() as conn:
-        ids = [r[0] for r in conn.execute(sa.select(batches.c.id).where(batches.c.status.in_(OPEN))
-                                          .order_by(batches.c.created_at).limit(limit))]
-    for batch_id in ids:
-        try:
-            advance_one(client, batch_id, tenant=manager.ANY_TENANT)
-        except BatchNotFoundError:
-            pass
-    store.delete_stale_uploads(engine)
-    return len(ids)
+    seen, after = 0, ""
+    while True:
+        with engine.connect() as conn:
+            ids = [r[0] for r in conn.execute(sa.select(batches.c.id).where(_open_statuses(), batches.c.id > after)
+                                              .order_by(batches.c.id).limit(limit))]
+        for batch_id in ids:
+            try:
+                advance_one(client, batch_id, tenant=manager.ANY_TENANT)
+            except BatchNotFoundError:
+                pass
+            except Exception as exc:  # this batch's problem (or a passing outage): the next pass tries again
+                event(log, "batch_advance_failed", logging.WARNING, batch_id=batch_id,
+                      error=f"{type(exc).__name__}: {exc}"[:300])
+        seen += len(ids)
+        if len(ids) < limit:
+            break
+        after = ids[-1]
+    try:
+        store.delete_stale_uploads(engine)
+    except Exception as exc:
+        event(log, "stale_uploads_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}"[:300])
+    return seen
 
 
 def cancel_batch(client: Any, batch_id: str, *, tenant: str) -> BatchInfo:
@@ -547,7 +691,9 @@ def cancel_batch(client: Any, batch_id: str, *, tenant: str) -> BatchInfo:
         raise BatchStateError(f"batch {batch_id} is already {row.status}; only an open batch can be cancelled",
                               status=row.status)
     with engine.begin() as conn:
-        conn.execute(batches.update().where(batches.c.id == batch_id, batches.c.status.in_(["validating", "in_progress"]))
+        conn.execute(batches.update().where(batches.c.id == batch_id,
+                                            batches.c.status.in_([sa.literal_column("'validating'"),
+                                                                  sa.literal_column("'in_progress'")]))
                      .values(status="cancelling", cancelling_at=db_now(conn)))
     event(log, "batch_cancel", batch_id=batch_id, tenant=tenant)
     advance_one(client, batch_id, tenant=tenant)
@@ -557,12 +703,16 @@ def cancel_batch(client: Any, batch_id: str, *, tenant: str) -> BatchInfo:
 def _close(client: Any, row: Any, from_status: str, to_status: str) -> None:
     """Write the output and error files under the lease, then `to_status` with the final counts.
 
-    Completed goes through finalizing (OpenAI's state while the files are written)."""
+    Completed goes through finalizing (OpenAI's state while the files are written). The lease is
+    taken only once it has passed (so never while a submit of the batch holds it) and renewed every
+    RENEW_EVERY records; the files stay `uploading` (invisible, and removed by the stale-upload
+    cleanup if this process dies) until the UPDATE that points the batch at them publishes them."""
     engine = client.engine
     bs = get_batch_settings()
+    token = _token()
     with engine.begin() as conn:
         now = db_now(conn)
-        values: dict[str, Any] = dict(lease_until=now + timedelta(seconds=bs.batch_lease_s))
+        values: dict[str, Any] = dict(lease_until=now + timedelta(seconds=bs.batch_lease_s), lease_owner=token)
         if to_status == "completed" and from_status == "in_progress":
             values.update(status="finalizing", finalizing_at=now)
         took = conn.execute(batches.update().where(
@@ -571,7 +721,13 @@ def _close(client: Any, row: Any, from_status: str, to_status: str) -> None:
     if not took:
         return  # another process is at it
     held = values.get("status", from_status)
+
+    def renew() -> None:
+        if not _renew(engine, row.id, token, bs, status=held):
+            raise _LeaseLost
+
     written: list[str] = []
+    done = 0
     try:
         with engine.begin() as conn:  # (a batch cancelled while its lines were submitted: counted now)
             total, bad, superseded = _counters(conn, row.id)
@@ -579,15 +735,23 @@ def _close(client: Any, row: Any, from_status: str, to_status: str) -> None:
                 total=total, bad=bad, superseded=superseded))
         row = _row(engine, row.id, row.tenant)
         counts = _live_counts(engine, row._mapping)
-        output = _write_file(client, row, ok=True, name=f"{row.id}_output.jsonl")
-        errors = _write_file(client, row, ok=False, name=f"{row.id}_error.jsonl")
-        written = [f.id for f in (output, errors) if f is not None]
+        output = _write_file(client, row, ok=True, name=f"{row.id}_output.jsonl", renew=renew)
+        if output is not None:
+            written.append(output)
+        errors = _write_file(client, row, ok=False, name=f"{row.id}_error.jsonl", renew=renew)
+        if errors is not None:
+            written.append(errors)
         with engine.begin() as conn:
             now = db_now(conn)
-            done = conn.execute(batches.update().where(batches.c.id == row.id, batches.c.status == held).values(
-                status=to_status, **{f"{to_status}_at": now}, lease_until=None,
-                output_file_id=output.id if output else None, error_file_id=errors.id if errors else None,
+            done = conn.execute(batches.update().where(
+                batches.c.id == row.id, batches.c.status == held, batches.c.lease_owner == token).values(
+                status=to_status, **{f"{to_status}_at": now}, lease_until=None, lease_owner=None,
+                output_file_id=output, error_file_id=errors,
                 completed_count=counts.completed, failed_count=counts.failed)).rowcount
+            if done and written:
+                store.publish(conn, written)
+    except _LeaseLost:
+        pass
     except BaseException:
         for file_id in written:
             store._delete(engine, file_id)
@@ -600,13 +764,16 @@ def _close(client: Any, row: Any, from_status: str, to_status: str) -> None:
           completed=counts.completed, failed=counts.failed)
 
 
-def _write_file(client: Any, row: Any, *, ok: bool, name: str) -> store.FileInfo | None:
-    """The output (ok lines) or error file (the others) of a batch, None if it would be empty."""
+def _write_file(client: Any, row: Any, *, ok: bool, name: str, renew: Any = None) -> str | None:
+    """The output (ok lines) or error file (the others) of a batch, left `uploading` (the caller
+    publishes it); its id, None if it would be empty. `renew` is called every RENEW_EVERY records."""
     writer = store.FileWriter(client.engine, tenant=row.tenant, filename=name, purpose="batch_output",
                               max_bytes=2**62)
     try:
         buf = bytearray()
-        for good, record in result_records(client, row):
+        for n, (good, record) in enumerate(result_records(client, row), 1):
+            if renew is not None and n % RENEW_EVERY == 0:
+                renew()
             if good == ok:
                 buf += json.dumps(record, ensure_ascii=False).encode() + b"\n"
                 if len(buf) >= store.READ_BYTES:
@@ -617,7 +784,8 @@ def _write_file(client: Any, row: Any, *, ok: bool, name: str) -> store.FileInfo
         if writer.counter.bytes == 0:
             writer.abort()
             return None
-        return writer.close()
+        writer.close(publish=False)
+        return writer.id
     except BaseException:
         writer.abort()
         raise
@@ -657,8 +825,8 @@ def _input_bodies(engine: sa.Engine, row: Any) -> Iterator[tuple[int, dict[str, 
     def bodies() -> Iterator[tuple[int, dict[str, Any]]]:
         for number, raw in store.iter_lines(engine, row.input_file_id):
             try:
-                body = json.loads(raw).get("body")
-            except (ValueError, AttributeError):
+                body = json.loads(raw).get("body") if raw is not None else None
+            except (ValueError, AttributeError, RecursionError):
                 body = None
             yield number, body if isinstance(body, dict) else {}
     return _Cursor(bodies())
@@ -750,7 +918,7 @@ def delete_file(client: Any, file_id: str, *, tenant: str) -> None:
     store.get_file(engine, file_id, tenant=tenant)
     with engine.connect() as conn:
         user = conn.execute(sa.select(batches.c.id).where(
-            batches.c.tenant == tenant, batches.c.input_file_id == file_id, batches.c.status.in_(OPEN))).scalar()
+            batches.c.tenant == tenant, batches.c.input_file_id == file_id, _open_statuses())).scalar()
     if user is not None:
         raise FileInUseError(f"file {file_id} is the input of batch {user}, still open; delete it once the batch is final")
     store.delete_file(engine, file_id, tenant=tenant)

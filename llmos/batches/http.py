@@ -50,11 +50,12 @@ def _unavailable(client: Any, exc: Exception) -> Exception:
 
 def submit_file(client: Any, path: Path, *, name: str, endpoint: str, task: str | None, model: str | None,
                 priority: int | str | None, options: dict | None, retry_failed: bool) -> BatchInfo:
+    from llmos.batches.cli import text_name
     from llmos.remote import _error
 
     try:
         with open(path, "rb") as f:
-            resp = client._http.post("/v1/files", files={"file": (path.name, f, "application/jsonl")},
+            resp = client._http.post("/v1/files", files={"file": (text_name(path), f, "application/jsonl")},
                                      data={"purpose": "batch"}, timeout=UPLOAD_TIMEOUT_S)
     except OSError as exc:
         if isinstance(exc, httpx.TransportError):

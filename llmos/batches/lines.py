@@ -7,8 +7,10 @@ Two formats (docs/batch.md):
 - plain lines, `{"id", "text"}`: the text fills the batch task's primary field (`llmos.tasks.PRIMARY_FIELD`),
   the batch's task options the rest.
 
-Either may carry the LLMOS extension fields `priority` (0–9 or a name) and `deadline` (seconds
-from the submit, or an ISO 8601 time with offset) at the top level.
+Either may carry the LLMOS extension fields `priority` (0–5 or a name up to `normal`) and
+`deadline` (seconds from the submit, or an ISO 8601 time with offset) at the top level.
+
+Whatever a line holds, parsing it never raises: any error becomes a BadLine.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from llmos import openai_protocol
+from llmos.constants import PRIORITY_NAMES
+from llmos.db import UNSTORABLE
 from llmos.errors import LLMOSError, ValidationError
 from llmos.priority import parse_priority
 from llmos.registry import Registry
@@ -31,6 +35,9 @@ PLAIN = "/v1/jobs"
 ENDPOINTS = (*openai_protocol.ENDPOINTS, PLAIN)
 
 MAX_CUSTOM_ID_CHARS = 512
+MAX_BATCH_PRIORITY = PRIORITY_NAMES["normal"]
+"""The highest priority a batch or a batch line may have: batch jobs skip LLMOS_API_MAX_QUEUED_JOBS
+and load shedding because they run low, so they may not run above normal."""
 EXTENSIONS = ("priority", "deadline")
 
 
@@ -75,13 +82,21 @@ def _custom_id(value: Any, field: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValidationError(f"{field}: required, a string (or, in a plain line, an integer)")
     text = str(value)
-    if not 1 <= len(text) <= MAX_CUSTOM_ID_CHARS or "\x00" in text:
-        raise ValidationError(f"{field}: 1–{MAX_CUSTOM_ID_CHARS} characters, no NUL")
+    if not 1 <= len(text) <= MAX_CUSTOM_ID_CHARS or UNSTORABLE.search(text):
+        raise ValidationError(f"{field}: 1–{MAX_CUSTOM_ID_CHARS} characters, no NUL or lone surrogate")
     return text
+
+
+def error_code(exc: BaseException) -> str:
+    """A refused line's error code for the exception that refused it."""
+    return {"UnknownModelError": "model_not_found", "UnsupportedTaskError": "unsupported_task",
+            "ModelNotFoundError": "model_not_found"}.get(type(exc).__name__, "invalid_request")
 
 
 def _extensions(data: dict[str, Any], default_priority: int, now: datetime) -> tuple[int, datetime | None]:
     priority = parse_priority(data["priority"]) if data.get("priority") is not None else default_priority
+    if priority > MAX_BATCH_PRIORITY:
+        raise ValidationError(f"priority: a batch line runs at normal ({MAX_BATCH_PRIORITY}) or lower, got {priority}")
     deadline = data.get("deadline")
     if isinstance(deadline, str):
         try:
@@ -94,13 +109,18 @@ def _extensions(data: dict[str, Any], default_priority: int, now: datetime) -> t
     return priority, at
 
 
-def parse_line(raw: bytes, line: int, shape: BatchShape, registry: Registry,
+def parse_line(raw: bytes | None, line: int, shape: BatchShape, registry: Registry,
                now: datetime | None = None) -> GoodLine | BadLine:
-    """The task of one input line (`line`: its 1-based number), validated against its model."""
+    """The task of one input line (`line`: its 1-based number), validated against its model.
+
+    `raw` None: the line was over LLMOS_BATCH_MAX_LINE_BYTES (`store.iter_lines` skipped it)."""
     now = now or datetime.now(timezone.utc)
+    if raw is None:
+        return BadLine(line, None, "line_too_long",
+                       f"line {line} is over the limit of a batch line (LLMOS_BATCH_MAX_LINE_BYTES)")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return BadLine(line, None, "invalid_json", f"line {line} is not valid JSON: {exc}")
     if not isinstance(data, dict):
         return BadLine(line, None, "invalid_json", f"line {line} must be a JSON object")
@@ -112,9 +132,10 @@ def parse_line(raw: bytes, line: int, shape: BatchShape, registry: Registry,
             return _plain(data, line, custom_id, shape, registry, now)
         return _openai(data, line, custom_id, shape, registry, now)
     except LLMOSError as exc:
-        code = {"UnknownModelError": "model_not_found", "UnsupportedTaskError": "unsupported_task"}.get(
-            type(exc).__name__, "invalid_request")
-        return BadLine(line, custom_id, code, " ".join(str(exc).split()))
+        return BadLine(line, custom_id, error_code(exc), " ".join(str(exc).split()))
+    except Exception as exc:  # anything else a line's content can provoke (an unhashable value...)
+        return BadLine(line, custom_id, "invalid_request",
+                       f"line {line} is not a valid request: {type(exc).__name__}: {' '.join(str(exc).split())}"[:1000])
 
 
 def _openai(data: dict[str, Any], line: int, custom_id: str, shape: BatchShape, registry: Registry,
@@ -166,7 +187,7 @@ def detect(first_lines: list[bytes]) -> str | None:
     for raw in first_lines:
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError, TypeError):
             continue
         if isinstance(data, dict):
             if "custom_id" in data or "body" in data:

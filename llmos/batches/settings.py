@@ -14,6 +14,9 @@ class BatchSettings(BaseSettings):
     files_max_bytes: int = Field(default=200_000_000, gt=0,
                                  description="Largest file `POST /v1/files` (or `llmos batch submit`) stores.")
     batch_max_lines: int = Field(default=50_000, gt=0, description="Most non-blank lines of a batch input file.")
+    batch_max_line_bytes: int = Field(default=4 * 1024 * 1024, gt=0,
+                                      description="Longest line of a batch input file; a longer one is a bad line "
+                                                  "(`line_too_long`), never held in memory whole.")
     batch_advance_s: float = Field(default=2.0, gt=0,
                                    description="How often each API process advances open batches.")
     batch_chunk_lines: int = Field(default=2000, gt=0, le=10_000,

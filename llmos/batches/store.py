@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import sqlalchemy as sa
 
 from llmos.batches.errors import FileNotFoundInStoreError, FileTooLargeError
-from llmos.db import file_parts, files
+from llmos.db import UNSTORABLE, file_parts, files, storable
 from llmos.errors import ValidationError
 from llmos.manager import as_utc, db_now
 
@@ -129,7 +129,8 @@ class FileWriter:
         self.counter = _Counter(max_bytes, max_lines)
         self._buf, self._part = bytearray(), 0
         with engine.begin() as conn:
-            conn.execute(files.insert().values(id=self.id, tenant=tenant, filename=(filename or "file.jsonl")[:512],
+            conn.execute(files.insert().values(id=self.id, tenant=tenant,
+                                               filename=storable(filename or "file.jsonl")[:512],
                                                purpose=purpose, bytes=0, lines=0, created_at=db_now(conn),
                                                status=UPLOADING))
 
@@ -145,7 +146,9 @@ class FileWriter:
             conn.execute(file_parts.insert().values(file_id=self.id, part=self._part, data=data))
         self._part += 1
 
-    def close(self) -> FileInfo:
+    def close(self, *, publish: bool = True) -> FileInfo | None:
+        """The last part written, the row's counters; `processed` now, or with `publish=False`
+        left `uploading` until the caller's `publish` (None is returned then)."""
         self.counter.finish()
         if self._buf:
             self._flush(bytes(self._buf))
@@ -153,8 +156,8 @@ class FileWriter:
         c = self.counter
         with self.engine.begin() as conn:
             conn.execute(files.update().where(files.c.id == self.id).values(
-                bytes=c.bytes, lines=c.lines, sha256=c.sha.hexdigest(), status=PROCESSED))
-        return get_file(self.engine, self.id, tenant=self.tenant)
+                bytes=c.bytes, lines=c.lines, sha256=c.sha.hexdigest(), status=PROCESSED if publish else UPLOADING))
+        return get_file(self.engine, self.id, tenant=self.tenant) if publish else None
 
     def abort(self) -> None:
         _delete(self.engine, self.id)
@@ -177,9 +180,14 @@ def put_file(engine: sa.Engine, source: BinaryIO | Iterable[bytes], *, tenant: s
         raise
 
 
+def publish(conn: sa.Connection, file_ids: list[str]) -> None:
+    """Files written with `close(publish=False)` made `processed`, in the caller's transaction."""
+    conn.execute(files.update().where(files.c.id.in_(file_ids), files.c.status == UPLOADING).values(status=PROCESSED))
+
+
 def get_file(engine: sa.Engine, file_id: str, *, tenant: str) -> FileInfo:
     """One of `tenant`'s processed files (FileNotFoundInStoreError for none, or another tenant's)."""
-    if not isinstance(file_id, str) or not file_id:
+    if not isinstance(file_id, str) or not file_id or UNSTORABLE.search(file_id):
         raise FileNotFoundInStoreError(f"no file with id {file_id!r}")
     with engine.connect() as conn:
         row = conn.execute(sa.select(files).where(files.c.id == file_id, files.c.tenant == tenant,
@@ -197,6 +205,8 @@ def list_files(engine: sa.Engine, *, tenant: str, purpose: str | None = None, af
         cond.append(files.c.purpose == purpose)
     key = (files.c.created_at, files.c.id)
     if after is not None:
+        if UNSTORABLE.search(after):
+            raise ValidationError(f"after: no file with id {after!r}")
         with engine.connect() as conn:
             at = conn.execute(sa.select(files.c.created_at).where(files.c.id == after, files.c.tenant == tenant)).scalar()
         if at is None:
@@ -221,11 +231,12 @@ def _delete(engine: sa.Engine, file_id: str) -> None:
 
 
 def delete_stale_uploads(engine: sa.Engine) -> int:
-    """Remove uploads left `uploading` for over STALE_UPLOAD_S (their process died); how many."""
+    """Remove uploads (and output files) left `uploading` for over STALE_UPLOAD_S (their process
+    died); how many. The status is a literal: the query reads the partial index ix_files_uploading."""
     with engine.connect() as conn:
         cutoff = db_now(conn) - timedelta(seconds=STALE_UPLOAD_S)
-        ids = [r[0] for r in conn.execute(sa.select(files.c.id).where(files.c.status == UPLOADING,
-                                                                       files.c.created_at < cutoff).limit(100))]
+        ids = [r[0] for r in conn.execute(sa.select(files.c.id).where(
+            files.c.status == sa.literal_column(f"'{UPLOADING}'"), files.c.created_at < cutoff).limit(100))]
     for file_id in ids:
         _delete(engine, file_id)
     return len(ids)
@@ -244,24 +255,55 @@ def iter_bytes(engine: sa.Engine, file_id: str) -> Iterator[bytes]:
         part += 1
 
 
-def iter_lines(engine: sa.Engine, file_id: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, the line without its newline) of every non-blank line, in order."""
-    number, rest = 0, b""
-    for chunk in iter_bytes(engine, file_id):
-        pieces = (rest + chunk).split(b"\n")
-        rest = pieces.pop()
-        for piece in pieces:
+def _lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, the line without its newline) of every non-blank line of a body
+    given in chunks; a line over `max_line_bytes` is (number, None), and is never held whole
+    (what is past the limit is skipped as it comes). Linear in the body's size."""
+    number, buf, over, blank = 0, bytearray(), False, True
+    for chunk in chunks:
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            end = len(chunk) if nl < 0 else nl
+            if over:
+                blank = blank and not chunk[start:end].strip()
+            elif len(buf) + end - start > max_line_bytes:
+                over, blank = True, not (buf.strip() or chunk[start:end].strip())
+                buf.clear()
+            else:
+                buf += chunk[start:end]
+            if nl < 0:
+                break
             number += 1
-            if piece.strip():
-                yield number, piece
-    if rest.strip():
-        yield number + 1, rest
+            if over:
+                if not blank:
+                    yield number, None
+            elif buf.strip():
+                yield number, bytes(buf)
+            buf.clear()
+            over, blank, start = False, True, nl + 1
+    if over and not blank:
+        yield number + 1, None
+    elif not over and buf.strip():
+        yield number + 1, bytes(buf)
 
 
-def iter_path_lines(path: Any) -> Iterator[tuple[int, bytes]]:
+def _max_line_bytes(value: int | None) -> int:
+    if value is not None:
+        return value
+    from llmos.batches.settings import get_batch_settings
+
+    return get_batch_settings().batch_max_line_bytes
+
+
+def iter_lines(engine: sa.Engine, file_id: str, max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, the line without its newline) of every non-blank line, in order; a
+    line over `max_line_bytes` (default LLMOS_BATCH_MAX_LINE_BYTES) is (number, None)."""
+    return _lines(iter_bytes(engine, file_id), _max_line_bytes(max_line_bytes))
+
+
+def iter_path_lines(path: Any, max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes | None]]:
     """`iter_lines` for a local file."""
+    limit = _max_line_bytes(max_line_bytes)
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip(b"\n")
-            if line.strip():
-                yield number, line
+        yield from _lines(iter(lambda: f.read(READ_BYTES), b""), limit)

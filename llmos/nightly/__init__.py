@@ -10,8 +10,8 @@ themselves (a batch's name is derived from the schedule's name and the file's na
 the results files on disk.
 
 It may import llmos.batches (the batch functions), llmos.sdk (the client they take),
-llmos.settings, llmos.registry, llmos.tasks, llmos.priority, llmos.errors, llmos.logs and
-celery; never llmos.api (the REST API is a peer, not a layer below).
+llmos.settings, llmos.registry, llmos.tasks, llmos.priority, llmos.errors, llmos.logs, llmos.db
+(its UNSTORABLE) and celery; never llmos.api (the REST API is a peer, not a layer below).
 """
 
 from llmos.nightly.config import Schedule, load_schedules, parse_schedules

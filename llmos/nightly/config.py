@@ -182,8 +182,11 @@ def _parse_one(entry: dict[str, Any], index: int, path: Path, registry: Any) -> 
     priority = entry.get("priority", DEFAULT_PRIORITY)
     from llmos.priority import parse_priority
 
+    from llmos.batches.lines import MAX_BATCH_PRIORITY
+
     try:
-        parse_priority(priority)
+        if parse_priority(priority) > MAX_BATCH_PRIORITY:
+            raise ConfigError(f"a batch runs at normal ({MAX_BATCH_PRIORITY}) or lower, got {priority!r}")
     except LLMOSError as exc:
         raise ConfigError(f"{where}: priority: {exc}") from None
 

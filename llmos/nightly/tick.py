@@ -18,7 +18,8 @@ Submitting is resumable (`submit_file` with the same name skips the lines alread
 so a submit that failed half-way in this process is done again on the next tick, and on its
 first tick after a start beat submits again every file whose batch is not final yet (a beat
 killed mid-submit leaves a batch with only part of its lines). One file's error (an unreadable
-file, a database that does not answer) is logged and counted; the other files go on.
+file, a database that does not answer, a file name that is not UTF-8, any exception at all) is
+logged and counted; the other files go on.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmos.errors import LLMOSError
+from llmos.db import UNSTORABLE
+from llmos.errors import ValidationError
 from llmos.logs import event
 from llmos.nightly.config import Schedule
 
@@ -59,7 +61,10 @@ class TickSummary:
 
 
 def batch_name(schedule: Schedule, path: Path) -> str:
-    """The batch a schedule makes of an input file: `<schedule name>:<file name>`."""
+    """The batch a schedule makes of an input file: `<schedule name>:<file name>` (ValidationError
+    for a file name that is not text a database stores: not UTF-8, or a NUL)."""
+    if UNSTORABLE.search(path.name):
+        raise ValidationError(f"the file name {path.name!r} is not UTF-8 text; rename the file")
     return f"{schedule.name}:{path.name}"
 
 
@@ -100,10 +105,11 @@ class Ticker:
         for path in files:
             try:
                 self._file(schedule, path, summary, first)
-            except (LLMOSError, OSError) as exc:
+            except Exception as exc:  # this file's problem, whatever it is: the others go on
                 summary.errors += 1
-                event(log, "nightly_file_failed", logging.WARNING, schedule=schedule.name, file=str(path),
-                      error=" ".join(str(exc).split())[:300])
+                event(log, "nightly_file_failed", logging.WARNING, schedule=schedule.name,
+                      file=str(path).encode("utf-8", "backslashreplace").decode(),
+                      error=f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300])
         event(log, "nightly_tick", **dataclasses.asdict(summary))
         return summary
 

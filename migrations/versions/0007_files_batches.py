@@ -17,6 +17,7 @@ branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+UPLOADING = "status = 'uploading'"
 OPEN = "status IN ('validating','in_progress','finalizing','cancelling')"
 STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
 
@@ -36,6 +37,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('id', name=op.f('pk_files')),
     )
     op.create_index(op.f('ix_files_tenant_created_at_id'), 'files', ['tenant', 'created_at', 'id'], unique=False)
+    op.create_index('ix_files_uploading', 'files', ['created_at'], unique=False,
+                    postgresql_where=sa.text(UPLOADING), sqlite_where=sa.text(UPLOADING))
     op.create_table(
         'file_parts',
         sa.Column('file_id', sa.String(length=64), nullable=False),
@@ -50,6 +53,7 @@ def upgrade() -> None:
         sa.Column('name', sa.String(length=256), nullable=True),
         sa.Column('endpoint', sa.String(length=64), nullable=False),
         sa.Column('input_file_id', sa.String(length=64), nullable=False),
+        sa.Column('input_sha256', sa.String(length=64), nullable=True),
         sa.Column('completion_window', sa.String(length=8), nullable=False),
         sa.Column('status', sa.String(length=16), nullable=False),
         sa.Column('priority', sa.SmallInteger(), nullable=False),
@@ -66,6 +70,7 @@ def upgrade() -> None:
         sa.Column('completed_count', sa.Integer(), server_default='0', nullable=False),
         sa.Column('failed_count', sa.Integer(), server_default='0', nullable=False),
         sa.Column('lease_until', sa.DateTime(timezone=True), nullable=True),
+        sa.Column('lease_owner', sa.String(length=32), nullable=True),
         sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
         sa.Column('in_progress_at', sa.DateTime(timezone=True), nullable=True),
         sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
@@ -101,5 +106,6 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_batches_tenant_created_at_id'), table_name='batches')
     op.drop_table('batches')
     op.drop_table('file_parts')
+    op.drop_index('ix_files_uploading', table_name='files')
     op.drop_index(op.f('ix_files_tenant_created_at_id'), table_name='files')
     op.drop_table('files')

@@ -91,9 +91,9 @@ def test_good_lines_carry_their_task_priority_and_deadline(tmp_path):
     from llmos.settings import Settings
 
     registry = Registry.load(Settings(home=tmp_path))
-    good = parse_line(emb("x", text=["a", "b"], priority="high", deadline=60).encode(), 1, SHAPE, registry)
+    good = parse_line(emb("x", text=["a", "b"], priority="normal", deadline=60).encode(), 1, SHAPE, registry)
     assert isinstance(good, GoodLine) and good.custom_id == "x" and good.model == "minilm"
-    assert good.task.task_type == "embed" and good.task.texts == ["a", "b"] and good.priority == 7
+    assert good.task.task_type == "embed" and good.task.texts == ["a", "b"] and good.priority == 5
     assert good.deadline is not None
     plain = parse_line(b'{"id": 3, "text": "great"}', 2, BatchShape(PLAIN, 1, "sentiment", "minilm"), registry)
     assert isinstance(plain, GoodLine) and plain.custom_id == "3" and plain.task.text == "great"
@@ -405,3 +405,347 @@ def test_a_resubmitted_dialogue_line_finds_its_job_again(client, tmp_path):
     again = B.submit_file(client, path, name="talk", task="dialogue", model="dialogpt")
     assert again.status == "in_progress" and again.request_counts.total == 3
     assert sorted(manager.batch_job_ids(client.engine, first.id, tenant="default")) == before
+
+
+# --- review findings: bad lines, unstorable text, long lines, the advancer, leases, resumption ------
+
+def chat(cid, role="user", **extra):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": "minilm", "messages": [{"role": role, "content": "hi"}]}, **extra})
+
+
+def test_any_exception_of_a_line_makes_it_a_bad_line_never_a_failed_batch(tmp_path, monkeypatch):
+    from llmos import openai_protocol
+    from llmos.settings import Settings
+
+    registry = Registry.load(Settings(home=tmp_path))
+    odd = parse_line(chat("r", role=["user"]).encode(), 3, BatchShape("/v1/chat/completions", 1), registry)
+    assert isinstance(odd, BadLine) and odd.custom_id == "r" and odd.code == "invalid_request"
+
+    def broken(endpoint, body):
+        raise TypeError("unhashable type: 'list'")
+
+    monkeypatch.setattr(openai_protocol, "parse_request", broken)
+    bad = parse_line(emb("t").encode(), 4, SHAPE, registry)
+    assert isinstance(bad, BadLine) and bad.code == "invalid_request" and "TypeError" in bad.message
+    for field, value in (("custom_id", "a\ud800b"), ("custom_id", "a\x00b")):
+        line = json.dumps({field: value, "method": "POST", "url": "/v1/embeddings",
+                           "body": {"model": "minilm", "input": "x"}}).encode()
+        unstorable = parse_line(line, 5, SHAPE, registry)
+        assert isinstance(unstorable, BadLine) and unstorable.custom_id is None and unstorable.code == "invalid_request"
+    plain = parse_line(json.dumps({"id": "x\udc80", "text": "t"}).encode(), 6,
+                       BatchShape(PLAIN, 1, "sentiment", "minilm"), registry)
+    assert isinstance(plain, BadLine) and plain.custom_id is None
+
+
+def test_a_batch_with_odd_lines_runs_its_good_ones(client):
+    f = upload(client, "\n".join([emb("a"), chat("x", role=["user"]), json.dumps(
+        {"custom_id": "s\ud800", "method": "POST", "url": "/v1/embeddings", "body": {"model": "minilm", "input": "x"}}),
+        emb("b")]))
+    batch = core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings")
+    assert batch.status == "in_progress" and batch.request_counts == B.RequestCounts(4, 0, 2)
+
+
+def test_a_line_the_submit_refuses_is_a_bad_line_and_the_rest_of_its_group_runs(client, monkeypatch):
+    real = client._submit
+
+    def refusing(model, tasks, **kw):
+        tasks = list(tasks)
+        if any("poison" in t.texts for t in tasks):
+            raise ValidationError("the model refuses poison")
+        return real(model, tasks, **kw)
+
+    monkeypatch.setattr(client, "_submit", refusing)
+    f = upload(client, "\n".join([emb("a"), emb("p", text="poison"), emb("b")]))
+    batch = core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings")
+    assert batch.status == "in_progress" and batch.request_counts == B.RequestCounts(3, 0, 1)
+    assert len(manager.batch_job_ids(client.engine, batch.id, tenant="default")) == 2
+    finish_all(client, batch.id)
+    done = B.batch_info(client, batch.id)
+    assert done.status == "completed" and done.request_counts == B.RequestCounts(3, 2, 1)
+    assert [(e["custom_id"], e["error"]["code"], e["error"]["line"]) for e in read(client, done.error_file_id)] == [
+        ("p", "invalid_request", 2)]
+
+
+def test_a_batch_stuck_in_validating_expires_at_its_window(client, monkeypatch):
+    f = upload(client, "\n".join(emb(str(i)) for i in range(3)))
+    monkeypatch.setattr(core, "_submit_lines", lambda *a, **k: None)  # the creator dies before submitting
+    batch = core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings")
+    monkeypatch.undo()
+    with client.engine.begin() as conn:
+        conn.execute(batches.update().values(expires_at=manager.utcnow() - timedelta(seconds=1),
+                                             lease_until=manager.utcnow() - timedelta(seconds=1)))
+    core.advance_all(client)
+    core.advance_all(client)
+    expired = B.batch_info(client, batch.id)
+    assert expired.status == "expired" and expired.expired_at
+    assert manager.batch_job_ids(client.engine, batch.id, tenant="default") == []
+
+
+def test_unstorable_names_and_ids_are_refused_cleanly(api, client, tmp_path):
+    http, a, _ = api
+    f = http.post("/v1/files", files={"file": ("in.jsonl", (emb("a") + "\n").encode())}, data={"purpose": "batch"},
+                  headers=a).json()
+    base = {"input_file_id": f["id"], "endpoint": "/v1/embeddings", "completion_window": "24h"}
+    for change in ({"name": "n\ud800"}, {"name": "n\x00"}, {"input_file_id": "file-\ud800"},
+                   {"input_file_id": "file-\x00"}):
+        resp = http.post("/v1/batches", content=json.dumps({**base, **change}),  # the escapes \ud800, \u0000
+                         headers={**a, "Content-Type": "application/json"})
+        assert resp.status_code == 422, (change, resp.text)
+    assert http.get("/v1/batches", params={"name": "n\x00"}, headers=a).json()["data"] == []
+    with pytest.raises(ValidationError, match="name"):
+        B.submit_file(client, _write(tmp_path / "x.jsonl"), name="x\udc80", task="sentiment", model="minilm")
+    with pytest.raises(B.BatchNotFoundError):
+        B.batch_info(client, "batch_\udc80")
+
+
+def _write(path, lines=2):
+    path.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(lines)))
+    return path
+
+
+def test_a_file_name_that_is_not_utf8_makes_a_batch_under_a_text_name(client, tmp_path):
+    import os
+
+    from llmos.batches.cli import default_name
+
+    path = _write(tmp_path / os.fsdecode(b"caf\xe9-" + b"x" * 240 + b".jsonl"))
+    name = default_name(path)
+    assert "\ufffd" in name and len(name) <= core.MAX_NAME_CHARS
+    info = B.submit_file(client, path, name=name, task="sentiment", model="minilm")
+    assert info.status == "in_progress" and info.name == name
+    assert "\ufffd" in store.get_file(client.engine, info.input_file_id, tenant="default").filename
+
+
+def test_a_line_over_the_line_limit_is_a_bad_line_never_held_whole(client, monkeypatch):
+    monkeypatch.setenv("LLMOS_BATCH_MAX_LINE_BYTES", "2000")
+    long_line = emb("big", text="x" * 3_000_000)
+    f = upload(client, "\n".join([emb("a"), long_line, "", " " * 5000, emb("b")]) + "\n")
+    batch = core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings")
+    assert batch.request_counts == B.RequestCounts(3, 0, 1)
+    finish_all(client, batch.id)
+    done = B.batch_info(client, batch.id)
+    assert [(e["error"]["line"], e["error"]["code"]) for e in read(client, done.error_file_id)] == [(2, "line_too_long")]
+    assert [o["custom_id"] for o in read(client, done.output_file_id)] == ["a", "b"]
+    body = b"a\n" + b"y" * 5000 + b"\n\n" + b" " * 5000 + b"\nb"
+    chunks = [body[i:i + 700] for i in range(0, len(body), 700)]
+    assert list(store._lines(iter(chunks), 1000)) == [(1, b"a"), (2, None), (5, b"b")]
+    assert list(store._lines(iter([b"z" * 3000]), 1000)) == [(1, None)]
+
+
+def test_one_failing_batch_does_not_stop_the_advancer_which_walks_every_open_batch(client, monkeypatch):
+    made = []
+    for i in range(5):
+        f = upload(client, emb(f"l{i}"))
+        made.append(core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings").id)
+        finish_all(client, made[-1])
+    real, poisoned = core.advance_one, sorted(made)[0]
+
+    def advance(client, batch_id, *, tenant):
+        if batch_id == poisoned:
+            raise RuntimeError("this batch is broken")
+        return real(client, batch_id, tenant=tenant)
+
+    cleaned = []
+    monkeypatch.setattr(core, "advance_one", advance)
+    monkeypatch.setattr(store, "delete_stale_uploads", lambda engine: cleaned.append(1) or 0)
+    assert core.advance_all(client, limit=2) == 5
+    assert cleaned == [1]
+    with client.engine.connect() as conn:
+        states = dict(conn.execute(sa.select(batches.c.id, batches.c.status)).all())
+    assert states.pop(poisoned) == "in_progress" and set(states.values()) == {"completed"}
+
+
+def test_files_are_written_under_a_renewed_lease_and_published_only_with_the_batch(client, monkeypatch):
+    f = upload(client, "\n".join([emb(str(i)) for i in range(6)] + ["{bad"]))
+    batch = core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings")
+    finish_all(client, batch.id)
+    monkeypatch.setattr(core, "RENEW_EVERY", 2)
+    renewals, states = [], []
+    real_renew, real_write = core._renew, core._write_file
+
+    def renew(engine, batch_id, token, bs, status="validating"):
+        renewals.append(status)
+        return real_renew(engine, batch_id, token, bs, status)
+
+    def write(client_, row, **kw):
+        file_id = real_write(client_, row, **kw)
+        with client.engine.connect() as conn:
+            states.append(conn.execute(sa.select(files.c.status).where(files.c.id == file_id)).scalar())
+        return file_id
+
+    monkeypatch.setattr(core, "_renew", renew)
+    monkeypatch.setattr(core, "_write_file", write)
+    done = B.batch_info(client, batch.id)
+    assert done.status == "completed" and renewals.count("finalizing") >= 4
+    assert states == ["uploading", "uploading"]  # an orphan of a crash here is a stale upload
+    assert store.get_file(client.engine, done.output_file_id, tenant="default").status == "processed"
+    assert store.get_file(client.engine, done.error_file_id, tenant="default").status == "processed"
+
+
+def test_a_writer_that_loses_its_lease_keeps_nothing_and_another_finishes(client, monkeypatch):
+    f = upload(client, "\n".join(emb(str(i)) for i in range(4)))
+    batch = core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings")
+    finish_all(client, batch.id)
+    monkeypatch.setattr(core, "RENEW_EVERY", 2)
+    real_records = core.result_records
+
+    def records(client_, row, chunk=500):
+        for i, item in enumerate(real_records(client_, row, chunk)):
+            if i == 1:  # another process takes the batch over meanwhile
+                with client.engine.begin() as conn:
+                    conn.execute(batches.update().values(lease_owner="other"))
+            yield item
+
+    monkeypatch.setattr(core, "result_records", records)
+    assert B.batch_info(client, batch.id).status == "finalizing"
+    with client.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(files)).scalar() == 1  # the input only
+    monkeypatch.undo()
+    with client.engine.begin() as conn:
+        conn.execute(batches.update().values(lease_until=manager.utcnow() - timedelta(seconds=1)))
+    assert B.batch_info(client, batch.id).status == "completed"
+
+
+def test_a_submitter_that_lost_its_lease_stops_and_leaves_the_lease_alone(client, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMOS_BATCH_CHUNK_LINES", "1")
+    real = core._submit_chunk
+    calls = []
+
+    def taken_over(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            with client.engine.begin() as conn:
+                conn.execute(batches.update().values(lease_owner="other",
+                                                     lease_until=manager.utcnow() + timedelta(seconds=60)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "_submit_chunk", taken_over)
+    info = B.submit_file(client, _write(tmp_path / "in.jsonl", 3), name="n", task="sentiment", model="minilm")
+    assert info.status == "validating" and len(calls) == 1
+    with client.engine.connect() as conn:
+        row = conn.execute(sa.select(batches)).one()
+    assert row.lease_owner == "other" and row.lease_until is not None
+
+
+def test_a_retry_takes_the_lease_as_it_goes_back_to_validating(client, tmp_path, monkeypatch):
+    path = _write(tmp_path / "in.jsonl", 3)
+    first = B.submit_file(client, path, name="n", task="sentiment", model="minilm")
+    finish_all(client, first.id, fail={"1"})
+    with client.engine.begin() as conn:  # one job still runs: the batch stays in_progress
+        conn.execute(batches.update().values(status="in_progress", lease_until=None, lease_owner=None))
+    seen = []
+
+    def spy(client_, batch_id, tenant, token, **kw):
+        with client.engine.connect() as conn:
+            seen.append(conn.execute(sa.select(batches.c.status, batches.c.lease_owner, batches.c.lease_until)).one())
+        seen.append(token)
+
+    monkeypatch.setattr(core, "_submit_lines", spy)
+    B.submit_file(client, path, name="n", task="sentiment", model="minilm", retry_failed=True)
+    (status, owner, until), token = seen
+    assert status == "validating" and owner == token and until is not None
+
+
+def test_refused_custom_ids_count_the_same_on_a_resume(client, tmp_path, monkeypatch):
+    """Line 1 names "b" and is refused, line 3 names "b" again: a duplicate on the first pass and
+    on a resume alike, so a resume after a crash leaves no job without its line."""
+    monkeypatch.setenv("LLMOS_BATCH_CHUNK_LINES", "1")
+    f = upload(client, "\n".join([emb("b", model="nope"), emb("a"), emb("b"), emb("c")]))
+    real = core._submit_chunk
+    calls = []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        if len(calls) == 3:  # line 3's chunk: its jobs (if any) written, then the process "dies"
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(core, "_submit_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings", name="r")
+    monkeypatch.setattr(core, "_submit_chunk", real)
+    again = core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings", name="r")
+    assert again.status == "in_progress"
+    finish_all(client, again.id)
+    done = B.batch_info(client, again.id)
+    assert done.request_counts == B.RequestCounts(4, 2, 2)
+    assert len(manager.batch_job_ids(client.engine, again.id, tenant="default")) == 2
+
+
+def test_a_resume_compares_the_kept_sha256_even_once_the_input_is_deleted(client, tmp_path):
+    path = _write(tmp_path / "in.jsonl", 2)
+    first = B.submit_file(client, path, name="n", task="sentiment", model="minilm")
+    with client.engine.connect() as conn:
+        assert conn.execute(sa.select(batches.c.input_sha256)).scalar() == store.get_file(
+            client.engine, first.input_file_id, tenant="default").sha256
+    finish_all(client, first.id)
+    assert B.batch_info(client, first.id).status == "completed"
+    core.delete_file(client, first.input_file_id, tenant="default")
+    with pytest.raises(ValidationError, match="differs"):
+        B.submit_file(client, _write(tmp_path / "in.jsonl", 3), name="n", task="sentiment", model="minilm")
+    same = B.submit_file(client, _write(tmp_path / "in.jsonl", 2), name="n", task="sentiment", model="minilm")
+    assert same.id == first.id and same.status == "completed"
+
+
+def test_a_batch_whose_jobs_all_ended_in_time_completes_even_when_advanced_late(client):
+    f = upload(client, "\n".join(emb(c) for c in "ab"))
+    batch = core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings")
+    finish_all(client, batch.id)
+    with client.engine.begin() as conn:
+        conn.execute(batches.update().values(expires_at=manager.utcnow() - timedelta(seconds=1)))
+    done = B.batch_info(client, batch.id)
+    assert done.status == "completed" and done.request_counts == B.RequestCounts(2, 2, 0)
+
+
+def test_the_advancer_s_queries_name_their_partial_indexes_statuses_as_literals(client):
+    f = upload(client, emb("a"))
+    core.create_batch(client, tenant="default", input_file_id=f.id, endpoint="/v1/embeddings")
+    statements = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    sa.event.listen(client.engine, "before_cursor_execute", capture)
+    try:
+        core.advance_all(client)
+    finally:
+        sa.event.remove(client.engine, "before_cursor_execute", capture)
+    sql = "\n".join(statements)
+    assert "batches.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')" in sql
+    assert "jobs.status IN ('queued', 'running')" in sql
+    assert "files.status = 'uploading'" in sql
+    assert "GROUP BY jobs.status" not in sql  # an in_progress batch's open jobs: counted, not grouped
+    with client.engine.connect() as conn:
+        plans = {s: " ".join(str(r) for r in conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + s, (manager.utcnow(),) * s.count("?")).all())
+            for s in statements if s.startswith("SELECT") and "files.status = 'uploading'" in s}
+    assert plans and all("ix_files_uploading" in p for p in plans.values()), plans
+
+
+def test_a_batch_runs_at_normal_priority_at_most(api, client):
+    http, a, _ = api
+    f = http.post("/v1/files", files={"file": ("in.jsonl", "\n".join(
+        [emb("a"), emb("b", priority="critical"), emb("c", priority=5)]).encode())},
+        data={"purpose": "batch"}, headers=a).json()
+    base = {"input_file_id": f["id"], "endpoint": "/v1/embeddings", "completion_window": "24h"}
+    for change in ({"priority": 7}, {"priority": "high"}, {"metadata": {"priority": "critical"}}):
+        resp = http.post("/v1/batches", json={**base, **change}, headers=a)
+        assert resp.status_code == 422 and "normal" in resp.json()["error"]["message"], resp.text
+    batch = http.post("/v1/batches", json={**base, "priority": "normal"}, headers=a).json()
+    assert batch["priority"] == 5 and batch["request_counts"] == {"total": 3, "completed": 0, "failed": 1}
+
+
+def test_the_batch_client_side_never_imports_the_api():
+    import subprocess
+    import sys
+
+    code = ("import sys, httpx\n"
+            "import llmos.batches, llmos.batches.http, llmos.batches.cli, llmos.remote\n"
+            "from llmos.remote import _error\n"
+            "e = _error(httpx.Response(401, json={'error': {'code': 'unauthorized', 'message': 'no'}}), 'u')\n"
+            "assert type(e).__name__ == 'AuthError', e\n"
+            "print(sorted(m for m in sys.modules if m.startswith('llmos.api')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -74,6 +74,7 @@ def test_bad_cron_is_a_config_error_naming_the_field(folder, cron, message):
     ('every_s = 1\nmodel = "gpt9"\n', "unknown model 'gpt9'; known models:"),
     ('every_s = 1\nmodel = "minilm"\ntask = "writing"\n', "model 'minilm' cannot run 'writing' tasks"),
     ('every_s = 1\npriority = "urgent"\n', "priority: unknown priority 'urgent'"),
+    ('every_s = 1\npriority = "high"\n', "priority: a batch runs at normal (5) or lower, got 'high'"),
     ('every_s = 1\noptions = 3\n', "options must be a table of task options"),
     ('every_s = 1\npattern = "sub/*.jsonl"\n', "pattern must be a file name pattern"),
     ('every_s = 1\nsettle_s = -1\n', "settle_s must be a number of seconds, 0 or more"),
@@ -215,6 +216,24 @@ def test_a_failed_submit_is_resumed_on_the_next_tick(folder, sched):
     assert (second.resumed, second.submitted) == (1, 0)
     assert [n for n, _ in fake.submits] == ["nightly:a.jsonl", "nightly:b.jsonl", "nightly:a.jsonl"]
     assert ticker.tick(sched).resumed == 0
+
+
+def test_any_error_of_one_file_is_counted_and_the_next_file_goes_on(folder, sched):
+    class Broken(FakeBatches):
+        def submit_file(self, client, path, **kw):
+            if path.name == "a.jsonl":
+                raise RuntimeError("not an LLMOSError")
+            return super().submit_file(client, path, **kw)
+
+    fake = Broken()
+    drop(folder, "a.jsonl")
+    drop(folder, os.fsdecode(b"caf\xe9.jsonl"))  # not UTF-8: no batch can be named after it
+    drop(folder, "c.jsonl")
+    summary = Ticker(None, fake).tick(sched)
+    assert (summary.found, summary.errors, summary.submitted) == (3, 2, 1)
+    assert [n for n, _ in fake.submits] == ["nightly:c.jsonl"]
+    with pytest.raises(LLMOSError, match="not UTF-8"):
+        batch_name(sched, folder / "in" / os.fsdecode(b"caf\xe9.jsonl"))
 
 
 def test_a_new_beat_resubmits_unfinished_batches_once(folder, sched):
