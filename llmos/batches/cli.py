@@ -243,5 +243,6 @@ def list_(limit: Annotated[int, typer.Option(min=1, max=100, help="How many, new
         c = b.request_counts
         table.add_row(b.id, b.name or "-", b.status, f"{c.completed + c.failed:,}", f"{c.failed:,}", f"{c.total:,}",
                       b.created_at.isoformat(timespec="seconds"))
-    out.print(table)
+    # a pipe or a log gets the whole table, not one folded to 80 columns
+    (out if out.is_terminal else Console(soft_wrap=True, width=200)).print(table)
 

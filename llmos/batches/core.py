@@ -37,7 +37,7 @@ from llmos.batches.lines import (ENDPOINTS, MAX_BATCH_PRIORITY, PLAIN, BadLine, 
                                  parse_line)
 from llmos.batches.settings import BatchSettings, get_batch_settings
 from llmos.constants import MAX_IDEMPOTENCY_KEY_CHARS, PRIORITY_NAMES
-from llmos.db import UNSTORABLE, batch_lines, batches
+from llmos.db import UNSTORABLE, batch_lines, batches, begin_write
 from llmos.errors import (IdempotencyConflictError, UnknownModelError, UnsupportedTaskError,
                           ValidationError)
 from llmos.jobs import JobStatus
@@ -300,7 +300,7 @@ def create_batch(client: Any, *, tenant: str, input_file_id: str, endpoint: str,
             return _resume(client, found, source, endpoint, task, model, retry_failed, bs)
     batch_id, token = "batch_" + uuid.uuid4().hex, _token()
     try:
-        with engine.begin() as conn:
+        with begin_write(engine) as conn:
             now = db_now(conn)
             conn.execute(batches.insert().values(
                 id=batch_id, tenant=tenant, name=name, endpoint=endpoint, input_file_id=source.id,
@@ -331,7 +331,7 @@ def _resume(client: Any, row: Any, source: store.FileInfo, endpoint: str, task: 
     try:
         store.get_file(engine, row.input_file_id, tenant=row.tenant)
     except LookupError:  # the input was deleted: the same bytes, uploaded again, take its place
-        with engine.begin() as conn:
+        with begin_write(engine) as conn:
             conn.execute(batches.update().where(batches.c.id == row.id).values(input_file_id=source.id))
     status, token = row.status, _token()
     if status in FINAL:
@@ -347,7 +347,7 @@ def _resume(client: Any, row: Any, source: store.FileInfo, endpoint: str, task: 
         # submit that died, or is slow): this call takes over. Either way the lease is taken in the
         # same UPDATE, so no writer of the files and no other submitter runs beside this one (a
         # submitter it took over from stops at its next renewal).
-        with engine.begin() as conn:
+        with begin_write(engine) as conn:
             now = db_now(conn)
             took = conn.execute(batches.update().where(batches.c.id == row.id, batches.c.status == status)
                                 .values(status="validating", lease_owner=token,
@@ -362,7 +362,7 @@ def _resume(client: Any, row: Any, source: store.FileInfo, endpoint: str, task: 
 def _reopen(client: Any, row: Any, bs: BatchSettings, token: str) -> None:
     """A final batch back to validating (its lines to retry), its old output and error files deleted."""
     engine = client.engine
-    with engine.begin() as conn:
+    with begin_write(engine) as conn:
         now = db_now(conn)
         done = conn.execute(batches.update().where(batches.c.id == row.id, batches.c.status == row.status).values(
             status="validating", expires_at=now + WINDOW, output_file_id=None, error_file_id=None, errors=None,
@@ -399,7 +399,7 @@ def _chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 def _renew(engine: sa.Engine, batch_id: str, token: str, bs: BatchSettings, status: str = "validating") -> bool:
     """Hold the batch's lease a while longer, if it is still ours and the batch still `status`."""
-    with engine.begin() as conn:
+    with begin_write(engine) as conn:
         now = db_now(conn)
         return bool(conn.execute(batches.update().where(
             batches.c.id == batch_id, batches.c.status == status, batches.c.lease_owner == token)
@@ -408,7 +408,7 @@ def _renew(engine: sa.Engine, batch_id: str, token: str, bs: BatchSettings, stat
 
 def _let_go(engine: sa.Engine, batch_id: str, token: str) -> None:
     """Give the lease up, if it is still ours (another process may have taken it meanwhile)."""
-    with engine.begin() as conn:
+    with begin_write(engine) as conn:
         conn.execute(batches.update().where(batches.c.id == batch_id, batches.c.lease_owner == token)
                      .values(lease_until=None, lease_owner=None))
 
@@ -498,7 +498,7 @@ def _submit_one_chunk(client: Any, row: Any, tenant: str, chunk: list[tuple[int,
             todo.append((parsed, 0, False))
     retried = _submit_chunk(client, row, tenant, todo, expires, new_rows, renew)
     renew()  # still ours: record what was submitted
-    with engine.begin() as conn:
+    with begin_write(engine) as conn:
         _insert_ignoring(conn, new_rows)
         for line, attempt, job_id in retried:
             conn.execute(batch_lines.update().where(
@@ -573,7 +573,7 @@ def _submitted(client: Any, batch_id: str, tenant: str, token: str) -> None:
     if the lease is still ours. Past its window it goes in_progress whatever it holds (advance
     then expires it)."""
     engine = client.engine
-    with engine.begin() as conn:
+    with begin_write(engine) as conn:
         total, bad, superseded = _counters(conn, batch_id)
         values: dict[str, Any] = dict(total=total, bad=bad, superseded=superseded, lease_until=None,
                                       lease_owner=None)
@@ -611,7 +611,7 @@ def advance_one(client: Any, batch_id: str, *, tenant: str | manager._AnyTenant)
     if status == "validating":
         if not leased:  # whoever submitted its lines died: take over (past the window: to expire it)
             token = _token()
-            with engine.begin() as conn:
+            with begin_write(engine) as conn:
                 took = conn.execute(batches.update().where(
                     batches.c.id == row.id, batches.c.status == "validating",
                     sa.or_(batches.c.lease_until.is_(None), batches.c.lease_until <= now))
@@ -690,7 +690,7 @@ def cancel_batch(client: Any, batch_id: str, *, tenant: str) -> BatchInfo:
     if row.status in FINAL:
         raise BatchStateError(f"batch {batch_id} is already {row.status}; only an open batch can be cancelled",
                               status=row.status)
-    with engine.begin() as conn:
+    with begin_write(engine) as conn:
         conn.execute(batches.update().where(batches.c.id == batch_id,
                                             batches.c.status.in_([sa.literal_column("'validating'"),
                                                                   sa.literal_column("'in_progress'")]))
@@ -710,7 +710,7 @@ def _close(client: Any, row: Any, from_status: str, to_status: str) -> None:
     engine = client.engine
     bs = get_batch_settings()
     token = _token()
-    with engine.begin() as conn:
+    with begin_write(engine) as conn:
         now = db_now(conn)
         values: dict[str, Any] = dict(lease_until=now + timedelta(seconds=bs.batch_lease_s), lease_owner=token)
         if to_status == "completed" and from_status == "in_progress":
@@ -729,7 +729,7 @@ def _close(client: Any, row: Any, from_status: str, to_status: str) -> None:
     written: list[str] = []
     done = 0
     try:
-        with engine.begin() as conn:  # (a batch cancelled while its lines were submitted: counted now)
+        with begin_write(engine) as conn:  # (a batch cancelled while its lines were submitted: counted now)
             total, bad, superseded = _counters(conn, row.id)
             conn.execute(batches.update().where(batches.c.id == row.id).values(
                 total=total, bad=bad, superseded=superseded))
@@ -741,7 +741,7 @@ def _close(client: Any, row: Any, from_status: str, to_status: str) -> None:
         errors = _write_file(client, row, ok=False, name=f"{row.id}_error.jsonl", renew=renew)
         if errors is not None:
             written.append(errors)
-        with engine.begin() as conn:
+        with begin_write(engine) as conn:
             now = db_now(conn)
             done = conn.execute(batches.update().where(
                 batches.c.id == row.id, batches.c.status == held, batches.c.lease_owner == token).values(

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import sqlalchemy as sa
 
 from llmos.batches.errors import FileNotFoundInStoreError, FileTooLargeError
-from llmos.db import UNSTORABLE, file_parts, files, storable
+from llmos.db import UNSTORABLE, begin_write, file_parts, files, storable
 from llmos.errors import ValidationError
 from llmos.manager import as_utc, db_now
 
@@ -128,7 +128,7 @@ class FileWriter:
         self.id = new_file_id()
         self.counter = _Counter(max_bytes, max_lines)
         self._buf, self._part = bytearray(), 0
-        with engine.begin() as conn:
+        with begin_write(engine) as conn:
             conn.execute(files.insert().values(id=self.id, tenant=tenant,
                                                filename=storable(filename or "file.jsonl")[:512],
                                                purpose=purpose, bytes=0, lines=0, created_at=db_now(conn),
@@ -142,7 +142,7 @@ class FileWriter:
             del self._buf[:PART_BYTES]
 
     def _flush(self, data: bytes) -> None:
-        with self.engine.begin() as conn:
+        with begin_write(self.engine) as conn:
             conn.execute(file_parts.insert().values(file_id=self.id, part=self._part, data=data))
         self._part += 1
 
@@ -154,7 +154,7 @@ class FileWriter:
             self._flush(bytes(self._buf))
             self._buf.clear()
         c = self.counter
-        with self.engine.begin() as conn:
+        with begin_write(self.engine) as conn:
             conn.execute(files.update().where(files.c.id == self.id).values(
                 bytes=c.bytes, lines=c.lines, sha256=c.sha.hexdigest(), status=PROCESSED if publish else UPLOADING))
         return get_file(self.engine, self.id, tenant=self.tenant) if publish else None
@@ -225,7 +225,7 @@ def delete_file(engine: sa.Engine, file_id: str, *, tenant: str) -> None:
 
 
 def _delete(engine: sa.Engine, file_id: str) -> None:
-    with engine.begin() as conn:
+    with begin_write(engine) as conn:
         conn.execute(files.delete().where(files.c.id == file_id))
         conn.execute(file_parts.delete().where(file_parts.c.file_id == file_id))
 
