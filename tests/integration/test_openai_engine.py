@@ -182,3 +182,21 @@ def test_streamed_job_relays_the_remote_stream(openai_server, redis_url, monkeyp
     assert out[0].result["tokens"] >= len(deltas) and out[0].result["prompt_tokens"] > 0  # the usage chunk
     assert set(published) == {jobs[0].id}  # the job nobody listens to went unstreamed
     assert out[1].result["text"]
+
+
+def test_a_key_change_closes_the_old_client_once_unused(monkeypatch):
+    from workers.runners.openai import OpenAIClient
+
+    spec = ModelSpec(name="remote", engine="openai", source="http://127.0.0.1:1/v1", tasks=("writing",),
+                     options={"api_key_env": "LLMOS_T_ROTATED"})
+    client = OpenAIClient(spec)
+    monkeypatch.setenv("LLMOS_T_ROTATED", "old-key")
+    with client.using() as old:  # a call in flight on the old key
+        monkeypatch.setenv("LLMOS_T_ROTATED", "new-key")
+        new = client.api()
+        assert new is not old and new.api_key == "new-key"
+        assert not old.is_closed()  # still in use: closing it would break that call
+    assert old.is_closed() and not new.is_closed()
+    monkeypatch.setenv("LLMOS_T_ROTATED", "newer-key")
+    newest = client.api()  # nothing uses `new`: closed at once
+    assert new.is_closed() and not newest.is_closed()

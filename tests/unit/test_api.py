@@ -226,3 +226,31 @@ def test_a_keyed_batch_retried_without_a_batch_id_answers_the_first_batch_id(api
     again = http.post("/v1/jobs:batch", headers=a, json=body).json()
     assert [j["id"] for j in again["jobs"]] == [j["id"] for j in first["jobs"]]
     assert again["batch_id"] == first["batch_id"] == first["jobs"][0]["batch_id"]
+
+
+def test_the_app_end_stops_the_openai_waiters_and_closes_the_stream_redis(sqlite_settings, redis_url):
+    """The lifespan's end shuts the waiter pool and closes the streams' asyncio Redis client (its
+    connection leaves the server: CLIENT LIST by the connection's id)."""
+    import types
+
+    import redis
+
+    from llmos.api.routes import openai as routes
+
+    http, _ = make(sqlite_settings)
+    app = http.app
+    client = app.state.client.__class__(sqlite_settings.model_copy(update={"redis_url": redis_url}),
+                                        dispatcher=InMemoryDispatcher())
+    with http:
+        pool = routes._waiters(app, app.state.api_settings)
+        assert pool.submit(lambda: 7).result() == 7
+
+        async def connect():
+            return await routes._stream_client(types.SimpleNamespace(app=app), client).client_id()
+
+        conn_id = http.portal.call(connect)
+        server = redis.Redis.from_url(redis_url)
+        assert server.client_list(client_id=[conn_id])  # connected now
+    assert pool._shutdown and app.state.openai_waiters is None and app.state.openai_redis is None
+    assert server.client_list(client_id=[conn_id]) == []
+    client.close()

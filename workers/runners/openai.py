@@ -100,13 +100,18 @@ class OpenAIClient:
         self.max_retries = int(opts.get("max_retries", 3))
         self.backoff_s = float(opts.get("backoff_s", DEFAULT_BACKOFF_S))
         self._clients: dict[str | None, openai.OpenAI] = {}
+        self._users: dict[int, int] = {}  # calls using each client now, by id(client)
+        self._retired: list[openai.OpenAI] = []  # replaced (a key change), closed once unused
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self.headers: dict[str, Any] = {} if self.key_env else {"Authorization": openai.Omit()}
         """Per request: without a key, no Authorization header at all."""
 
     def api(self) -> openai.OpenAI:
-        """The official client for the key now in the environment (ItemError when it is missing)."""
+        """The official client for the key now in the environment (ItemError when it is missing).
+
+        A key change replaces the client; the old one is closed (its connection pool) as soon as
+        no call still uses it (`using`)."""
         key: str | None = None
         if self.key_env:
             key = os.environ.get(self.key_env)
@@ -120,8 +125,35 @@ class OpenAIClient:
                 client = _Client(base_url=self.base_url, api_key=key or "unused", timeout=self.timeout_s,
                                  max_retries=self.max_retries)
                 client.llmos_backoff_scale = self.backoff_s / DEFAULT_BACKOFF_S
-                self._clients = {key: client}  # an old key's client is dropped
+                self._retired += self._clients.values()  # an old key's client is dropped
+                self._clients = {key: client}
+                self._close_unused()
             return client
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[openai.OpenAI]:
+        """The client for the current key, counted as in use until the block ends (a replaced
+        client is closed only once its last call is done)."""
+        client = self.api()
+        with self._lock:
+            self._users[id(client)] = self._users.get(id(client), 0) + 1
+        try:
+            yield client
+        finally:
+            with self._lock:
+                left = self._users.pop(id(client)) - 1
+                if left:
+                    self._users[id(client)] = left
+                self._close_unused()
+
+    def _close_unused(self) -> None:
+        """Close the replaced clients no call uses (the lock held)."""
+        for old in [c for c in self._retired if id(c) not in self._users]:
+            self._retired.remove(old)
+            try:
+                old.close()
+            except Exception:  # closing a pool must not fail a job
+                pass
 
     def pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -132,8 +164,7 @@ class OpenAIClient:
 
     def call(self, path: str, fn: Callable[[openai.OpenAI], Any]) -> Any:
         """`fn(client)`, with the client's errors turned into this job's ItemError."""
-        api = self.api()
-        with self.errors(path):
+        with self.using() as api, self.errors(path):
             return fn(api)
 
     @contextlib.contextmanager
@@ -206,22 +237,24 @@ class OpenAIClient:
         usage: dict[str, Any] = {}
         reason = None
         try:
-            stream = self.call(path, create)
-            try:
+            with self.using() as api:  # held while the stream is read: a key change closes it after
                 with self.errors(path):
-                    for chunk in stream:
-                        if chunk.usage is not None:
-                            usage = _usage_dict(chunk.usage)
-                        for choice in chunk.choices or ():
-                            piece = (choice.delta.content if chat else choice.text) or ""
-                            if piece:
-                                pieces.append(piece)
-                                publisher.delta(piece)
-                            reason = choice.finish_reason or reason
-                        if stop is not None and stop():
-                            break
-            finally:
-                stream.close()
+                    stream = create(api)
+                try:
+                    with self.errors(path):
+                        for chunk in stream:
+                            if chunk.usage is not None:
+                                usage = _usage_dict(chunk.usage)
+                            for choice in chunk.choices or ():
+                                piece = (choice.delta.content if chat else choice.text) or ""
+                                if piece:
+                                    pieces.append(piece)
+                                    publisher.delta(piece)
+                                reason = choice.finish_reason or reason
+                            if stop is not None and stop():
+                                break
+                finally:
+                    stream.close()
         finally:
             publisher.end()
         if "completion_tokens" not in usage:

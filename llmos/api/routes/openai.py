@@ -261,6 +261,20 @@ def _submit(client: Client, api: ApiSettings, tenant: str, req: oa.Request,
     return [h.id for h in handles]
 
 
+async def shutdown(app: FastAPI) -> None:
+    """The app's end (its lifespan calls this): the waiter threads stopped (waits still queued
+    dropped) and the token streams' Redis client closed."""
+    pool, app.state.openai_waiters = getattr(app.state, "openai_waiters", None), None
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+    conn, app.state.openai_redis = getattr(app.state, "openai_redis", None), None
+    if conn is not None:
+        try:
+            await conn.aclose()
+        except (redis.RedisError, OSError) as exc:
+            event(log, "api_openai_redis_close_failed", logging.WARNING, error=repr(exc)[:200])
+
+
 def _waiters(app: FastAPI, api: ApiSettings) -> ThreadPoolExecutor:
     pool = getattr(app.state, "openai_waiters", None)
     if pool is None:  # made on the event loop's thread: no race
