@@ -4,6 +4,7 @@ worker processes (a tiny GPT-2 serving writing and chat, minilm serving embed), 
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import struct
 import time
@@ -12,9 +13,11 @@ import uuid
 import httpx
 import openai
 import pytest
+import redis
 
-from llmos import manager
+from llmos import manager, streaming
 from llmos.db import get_engine
+from llmos.notify import publish_done
 from tests import helpers
 from tests.integration.test_api import ApiProcess
 
@@ -35,7 +38,10 @@ source = "{gpt2}"
 kind = "causal-lm"
 tasks = ["writing", "chat"]
 '''
-"""tiny-chat has a worker; tiny-idle only a worker row (its jobs stay queued: the disconnect test)."""
+"""tiny-chat has a worker; tiny-idle only a worker row (its jobs stay queued: the disconnect tests,
+and the tests that play a worker's part: stream pieces published, then a result recorded)."""
+
+IDLE_WORKER = f"tiny-idle@{socket.gethostname()}:0:fake"
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +57,8 @@ def stack(services, tiny_folders, tmp_path_factory):
             w.wait_ready(settings.db_url)
         api.wait_ready()
         engine = get_engine(settings.db_url)
-        manager.register_worker(engine, worker_id=f"tiny-idle@{socket.gethostname()}:0:fake", host="test",
-                                pid=0, model="tiny-idle", device="cpu")
+        manager.register_worker(engine, worker_id=IDLE_WORKER, host="test", pid=0, model="tiny-idle",
+                                device="cpu")
         yield api.url, engine
     finally:
         api.stop()
@@ -227,3 +233,49 @@ def test_a_stream_closed_early_cancels_its_job(oai):
     while (status := manager.job_statuses(engine, [job_id], tenant="acme")[job_id].value) != "cancelled":
         assert time.monotonic() < deadline, f"job still {status} after the client left"
         time.sleep(0.2)
+
+
+def play_worker(engine, job_id: str, text: str) -> None:
+    """Record `text` as the tiny-idle job's result, as its worker would, and announce it."""
+    claimed, _ = manager.claim(engine, [job_id], worker_id=IDLE_WORKER, device="cpu", model="tiny-idle")
+    assert [j.id for j in claimed] == [job_id]
+    manager.finish(engine, [manager.Outcome(job_id=job_id, worker_id=IDLE_WORKER, attempt=claimed[0].attempts,
+                                            result={"text": text, "tokens": 3, "prompt_tokens": 5,
+                                                    "finish_reason": "stop"})])
+    publish_done(redis.Redis.from_url(helpers.REDIS_URL), [job_id])
+
+
+def test_a_retried_stream_is_not_spliced(oai):
+    """Pieces of two attempts (a job retried on another worker): the older attempt's late pieces
+    are dropped, the retry's text is sent only past what the client already has."""
+    client, url, engine, secret = oai
+    stream = client.chat.completions.create(model="tiny-idle", messages=MESSAGES, stream=True)
+    chunks = iter(stream)
+    job_id = str(uuid.UUID(next(chunks).id.removeprefix("chatcmpl-")))  # the role chunk: subscribed
+    publish = redis.Redis.from_url(helpers.REDIS_URL)
+    channel = streaming.stream_channel(job_id)
+    for message in ({"a": 1, "i": 0, "delta": "Hello"}, {"a": 2, "i": 0, "delta": "Hel"},
+                    {"a": 1, "i": 1, "delta": " stale"}, {"a": 2, "i": 1, "delta": "lo there"}):
+        publish.publish(channel, json.dumps(message))
+    assert next(chunks).choices[0].delta.content == "Hello"
+    assert next(chunks).choices[0].delta.content == " there"
+    play_worker(engine, job_id, "Hello there!")
+    rest = list(chunks)
+    assert [c.choices[0].delta.content for c in rest] == ["!", None]
+    assert rest[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_stream_that_differs_from_the_result_ends_with_an_error(oai):
+    client, url, engine, secret = oai
+    stream = client.chat.completions.create(model="tiny-idle", messages=MESSAGES, stream=True)
+    chunks = iter(stream)
+    job_id = str(uuid.UUID(next(chunks).id.removeprefix("chatcmpl-")))
+    redis.Redis.from_url(helpers.REDIS_URL).publish(streaming.stream_channel(job_id),
+                                                    json.dumps({"a": 1, "i": 0, "delta": "The cat"}))
+    assert next(chunks).choices[0].delta.content == "The cat"
+    play_worker(engine, job_id, "A dog ran off.")  # the recorded text does not start with it
+    with pytest.raises(openai.APIError) as wrong:
+        list(chunks)
+    assert wrong.value.body["code"] == "stream_mismatch" and wrong.value.body["details"]["job_id"] == job_id
+    assert client.chat.completions.retrieve(f"chatcmpl-{job_id.replace('-', '')}").choices[0].message.content \
+        == "A dog ran off."

@@ -234,3 +234,49 @@ def test_a_refused_field_takes_its_own_type_only():
     for field, value in (("logprobs", 0), ("top_logprobs", False), ("tool_choice", ["none"])):
         with pytest.raises(ValidationError, match=field):
             oa.parse_request(oa.CHAT, {**base, field: value})
+
+
+# -- token streams: attempts told apart (llmos.streaming.Relay) ----------------------------------
+
+from llmos import streaming  # noqa: E402
+
+
+def piece(a: int, i: int, delta: str | None = None) -> dict:
+    return {"a": a, "i": i, **({"delta": delta} if delta is not None else {"end": True})}
+
+
+def test_a_relay_drops_an_older_attempt_and_sends_a_retry_only_past_what_was_sent():
+    r = streaming.Relay()
+    assert r.feed(piece(1, 0, "Hello")) == "Hello"
+    assert r.feed(piece(2, 0, "Hel")) == ""  # the retry (another worker) catching up
+    assert r.feed(piece(1, 1, " stale")) == ""  # the first attempt's last piece, arriving late
+    assert r.feed(piece(2, 1, "lo there")) == " there"
+    assert r.feed(piece(1, 2)) == "" and not r.ended  # an older attempt's end ends nothing
+    assert r.feed(piece(2, 2)) == "" and r.ended
+    assert r.sent == "Hello there" and r.rest("Hello there!") == "!"
+
+
+def test_a_retry_whose_text_differs_is_not_spliced_and_the_rest_says_so():
+    r = streaming.Relay()
+    assert r.feed(piece(1, 0, "The cat")) == "The cat"
+    assert r.feed(piece(2, 0, "A dog")) == ""  # sampled again (temperature > 0): another text
+    assert r.feed(piece(2, 1, " ran off")) == ""
+    assert r.sent == "The cat"
+    assert r.rest("A dog ran off") is None  # the client must be told, not left with "The cat"
+    assert r.rest("The cat sat.") == " sat."
+
+
+def test_a_lost_piece_stops_the_relay_of_that_attempt_until_the_rest():
+    r = streaming.Relay()
+    assert r.feed(piece(1, 0, "a")) == "a"
+    assert r.feed(piece(1, 2, "c")) == ""  # piece 1 lost
+    assert r.rest("abc") == "bc"
+
+
+def test_stream_messages_carry_the_attempt():
+    assert streaming.parse_message('{"a": 1, "i": 0, "delta": "x"}') == {"a": 1, "i": 0, "delta": "x"}
+    assert streaming.parse_message('{"a": 2, "i": 3, "end": true}') == {"a": 2, "i": 3, "end": True}
+    for bad in ('{"i": 0, "delta": "x"}', '{"a": true, "i": 0, "delta": "x"}', '{"a": 1, "i": 0}',
+                '[1]', 'nope', '{"a": 1, "i": "0", "delta": "x"}'):
+        assert streaming.parse_message(bad) is None, bad
+    assert streaming.remainder("ab", "abc") == "c" and streaming.remainder("ax", "abc") is None

@@ -21,7 +21,9 @@ with that error.
 Streaming: when a job of the batch has a subscriber on its token stream (`llmos.streaming`:
 one PUBSUB NUMSUB per batch), that job (writing or chat) is requested with `stream=True` (and
 `stream_options.include_usage`) and each content delta the remote server sends is relayed with
-`TokenPublisher.delta`, then `end()`; the recorded result is the joined deltas. The other jobs
+`TokenPublisher.delta` (with the job's attempt), then `end()` once the job's outcome is a result
+(a call that fails, retryable or not, ends nothing: the job may run again as a new attempt);
+the recorded result is the joined deltas. The other jobs
 go unstreamed. The Redis client comes from the worker's settings (`LLMOS_REDIS_URL`), made once
 per runner on first use. A streamed job stops reading early once it is cancelled or over its
 timeout. Servers that send no usage chunk get `tokens` counted as the content chunks received.
@@ -55,7 +57,7 @@ from llmos.registry import ModelSpec
 from llmos.streaming import TokenPublisher, listened
 from llmos.tasks import (ChatTask, DialogueTask, SummarizationTask, Task, TranslationTask,
                          WritingTask)
-from workers.runners.base import ItemError, ItemOutcome, Runner
+from workers.runners.base import ItemError, ItemOutcome, Runner, end_streams
 from workers.runners.seq2seq import LANGUAGE_NAMES
 
 DEFAULT_BACKOFF_S = 0.5
@@ -218,7 +220,8 @@ class OpenAIClient:
     def generate(self, path: str, body: dict[str, Any], publisher: TokenPublisher | None = None,
                  stop: Callable[[], bool] | None = None) -> tuple[str, dict[str, Any], str]:
         """POST a completions or chat body: (text, usage, finish_reason), streamed to `publisher`
-        when one is given (`stop()` true ends the stream early)."""
+        when one is given (`stop()` true ends the stream early; the caller sends `end`, once
+        the job's outcome is a result)."""
         chat = path == "chat/completions"
 
         def create(api: openai.OpenAI) -> Any:
@@ -236,27 +239,24 @@ class OpenAIClient:
         pieces: list[str] = []
         usage: dict[str, Any] = {}
         reason = None
-        try:
-            with self.using() as api:  # held while the stream is read: a key change closes it after
+        with self.using() as api:  # held while the stream is read: a key change closes it after
+            with self.errors(path):
+                stream = create(api)
+            try:
                 with self.errors(path):
-                    stream = create(api)
-                try:
-                    with self.errors(path):
-                        for chunk in stream:
-                            if chunk.usage is not None:
-                                usage = _usage_dict(chunk.usage)
-                            for choice in chunk.choices or ():
-                                piece = (choice.delta.content if chat else choice.text) or ""
-                                if piece:
-                                    pieces.append(piece)
-                                    publisher.delta(piece)
-                                reason = choice.finish_reason or reason
-                            if stop is not None and stop():
-                                break
-                finally:
-                    stream.close()
-        finally:
-            publisher.end()
+                    for chunk in stream:
+                        if chunk.usage is not None:
+                            usage = _usage_dict(chunk.usage)
+                        for choice in chunk.choices or ():
+                            piece = (choice.delta.content if chat else choice.text) or ""
+                            if piece:
+                                pieces.append(piece)
+                                publisher.delta(piece)
+                            reason = choice.finish_reason or reason
+                        if stop is not None and stop():
+                            break
+            finally:
+                stream.close()
         if "completion_tokens" not in usage:
             usage["completion_tokens"] = len(pieces)  # no usage chunk: one token a content chunk
         return "".join(pieces), usage, reason or "stop"
@@ -323,7 +323,7 @@ class OpenAIRunner(Runner):
             wanted = listened(redis_client, [j.id for j in jobs])
             for item, job in zip(items, jobs):
                 if job.id in wanted:
-                    item.publisher = TokenPublisher(redis_client, job.id)
+                    item.publisher = TokenPublisher(redis_client, job.id, job.attempts)
         return items
 
     def forward(self, items: list[_Item]) -> list[ItemOutcome]:
@@ -348,7 +348,10 @@ class OpenAIRunner(Runner):
             control: Any = None) -> list[ItemOutcome]:
         self._jobs, self._control = list(jobs) if jobs else None, control
         try:
-            return self.postprocess(self.forward(self.preprocess(requests, jobs)), requests)
+            items = self.preprocess(requests, jobs)
+            out = self.postprocess(self.forward(items), requests)
+            end_streams(out, [item.publisher for item in items])  # a result: its text is final
+            return out
         except Exception as exc:  # e.g. the history read failed: every job of the batch says so
             from workers.batcher import _is_transient
 

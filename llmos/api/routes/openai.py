@@ -402,7 +402,7 @@ async def _chunks(req: oa.Request, http: HttpRequest, tenant: str, client: Clien
                   pubsub: Any, created: list[Job], ids: list[str], deadline: float) -> AsyncIterator[str]:
     """The stream of one request (module doc); its jobs are cancelled if it ends before their answer."""
     index = {streaming.stream_channel(i): k for k, i in enumerate(ids)}
-    received, seq, ended = [""] * len(ids), [0] * len(ids), set()
+    relays = [streaming.Relay() for _ in ids]  # per job: attempts told apart, what was sent
     chat = req.endpoint == oa.CHAT
     first = created[0]
     done = False
@@ -411,7 +411,7 @@ async def _chunks(req: oa.Request, http: HttpRequest, tenant: str, client: Clien
         if chat:
             yield _sse(oa.chunk(req, first, delta={"role": "assistant", "content": ""}))
         reading, quiet = bool(pubsub.subscribed), 0.0
-        while not waiting.done() and len(ended) < len(ids):
+        while not waiting.done() and not all(r.ended for r in relays):
             message = None
             if reading:
                 try:
@@ -429,15 +429,10 @@ async def _chunks(req: oa.Request, http: HttpRequest, tenant: str, client: Clien
                     yield ": keep-alive\n\n"
                 continue
             k, m = piece
-            if m["i"] != seq[k]:  # a lost or repeated piece: the final remainder covers the gap
-                continue
-            seq[k] += 1
-            if m.get("end"):
-                ended.add(k)
-            elif m["delta"]:
-                received[k] += m["delta"]
+            text = relays[k].feed(m)  # "" for an older attempt's piece, a lost one's successors...
+            if text:
                 quiet = 0.0
-                yield _sse(_text_chunk(req, first, m["delta"], k))
+                yield _sse(_text_chunk(req, first, text, k))
         jobs = await waiting
         bad = [i for i in ids if jobs.get(i) is None or jobs[i].status != JobStatus.SUCCEEDED]
         if bad:
@@ -445,14 +440,22 @@ async def _chunks(req: oa.Request, http: HttpRequest, tenant: str, client: Clien
             status, code = error_status(err)
             yield _sse(error_body(status, code, " ".join(str(err).split()), err.details))
             return
-        for k, job_id in enumerate(ids):
-            result = jobs[job_id].result or {}
-            rest = streaming.remainder(received[k], str(result.get("text", "")))
+        done = True  # every job is final: nothing to cancel
+        results = [jobs[job_id].result or {} for job_id in ids]
+        rests = [r.rest(str(result.get("text", ""))) for r, result in zip(relays, results)]
+        wrong = [k for k, rest in enumerate(rests) if rest is None]
+        if wrong:  # what was sent is not the recorded text's beginning: say so, never end short
+            job_id = ids[wrong[0]]
+            event(log, "api_openai_stream_mismatch", logging.ERROR, tenant=tenant, job=job_id)
+            yield _sse(error_body(500, "stream_mismatch", f"the text streamed for job {job_id} is not the "
+                                  "beginning of its recorded result; read the answer again by its id",
+                                  {"job_id": job_id, "status": jobs[job_id].status.value}))
+            return
+        for k, (result, rest) in enumerate(zip(results, rests)):
             if rest:
                 yield _sse(_text_chunk(req, first, rest, k))
             finish = result.get("finish_reason", "stop")
             yield _sse(oa.chunk(req, first, finish_reason=finish, index=k))
-        done = True
         if req.include_usage:
             yield _sse(oa.chunk(req, first, usage=oa.response_body(req, [jobs[i] for i in ids])["usage"]))
         yield _sse("[DONE]")
