@@ -24,6 +24,7 @@ then `data: [DONE]`. A client that disconnects mid-stream has its jobs cancelled
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -393,20 +394,77 @@ async def _serve_stream(req: oa.Request, http: HttpRequest, tenant: str, client:
     except BaseException:
         await pubsub.aclose()
         raise
-    return StreamingResponse(_chunks(req, http, tenant, client, api, pubsub, created, ids, deadline),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    stream = _Stream(http, client, api, tenant, pubsub, ids)
+    return _EventStream(_chunks(req, stream, created, deadline), stream, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _chunks(req: oa.Request, http: HttpRequest, tenant: str, client: Client, api: ApiSettings,
-                  pubsub: Any, created: list[Job], ids: list[str], deadline: float) -> AsyncIterator[str]:
+class _Stream:
+    """What one streamed request holds: its pub/sub subscription, its jobs, its wait.
+
+    `close` releases them (once) wherever the stream ends: after the answer, in the body's own
+    `finally`, or in `_EventStream.__call__`'s when the body never ran (a client gone before the
+    first byte); jobs without their answer yet are cancelled."""
+
+    def __init__(self, http: HttpRequest, client: Client, api: ApiSettings, tenant: str, pubsub: Any,
+                 ids: list[str]) -> None:
+        self.http, self.client, self.api, self.tenant, self.pubsub, self.ids = http, client, api, tenant, pubsub, ids
+        self.waiting: asyncio.Future | None = None
+        self.done = False  # every job is final: nothing to cancel
+        self.closed = False
+
+    def close(self) -> None:
+        """Synchronous, so a cancellation cannot cut it short: the pub/sub close runs as a task."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.waiting is not None:
+            self.waiting.cancel()
+        if not self.done:  # the client went away (or the stream failed) before the answer: stop the work
+            _cancel_later(self.http, self.client, self.api, self.tenant, self.ids)
+            event(log, "api_openai_stream_ended_early", tenant=self.tenant, jobs=len(self.ids))
+        task = asyncio.get_running_loop().create_task(_close_pubsub(self.pubsub))
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
+
+
+async def _close_pubsub(pubsub: Any) -> None:
+    try:
+        await pubsub.aclose()
+    except (redis.RedisError, OSError) as exc:
+        event(log, "api_openai_stream_close_failed", logging.WARNING, error=repr(exc)[:200])
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse whose stream's resources are released however the response ends: a
+    body generator that never started (the client left before the response began) runs no
+    `finally` of its own."""
+
+    def __init__(self, content: AsyncIterator[str], stream: _Stream, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.close()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:  # a body left suspended at a yield runs its finally now
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+
+async def _chunks(req: oa.Request, stream: _Stream, created: list[Job], deadline: float) -> AsyncIterator[str]:
     """The stream of one request (module doc); its jobs are cancelled if it ends before their answer."""
+    http, client, api, tenant, pubsub, ids = (stream.http, stream.client, stream.api, stream.tenant,
+                                              stream.pubsub, stream.ids)
     index = {streaming.stream_channel(i): k for k, i in enumerate(ids)}
     relays = [streaming.Relay() for _ in ids]  # per job: attempts told apart, what was sent
     chat = req.endpoint == oa.CHAT
     first = created[0]
-    done = False
-    waiting = asyncio.ensure_future(_wait(http, client, api, tenant, ids, deadline, watch_client=False))
+    waiting = stream.waiting = asyncio.ensure_future(_wait(http, client, api, tenant, ids, deadline,
+                                                           watch_client=False))
     try:
         if chat:
             yield _sse(oa.chunk(req, first, delta={"role": "assistant", "content": ""}))
@@ -440,7 +498,7 @@ async def _chunks(req: oa.Request, http: HttpRequest, tenant: str, client: Clien
             status, code = error_status(err)
             yield _sse(error_body(status, code, " ".join(str(err).split()), err.details))
             return
-        done = True  # every job is final: nothing to cancel
+        stream.done = True  # every job is final: nothing to cancel
         results = [jobs[job_id].result or {} for job_id in ids]
         rests = [r.rest(str(result.get("text", ""))) for r, result in zip(relays, results)]
         wrong = [k for k, rest in enumerate(rests) if rest is None]
@@ -460,13 +518,7 @@ async def _chunks(req: oa.Request, http: HttpRequest, tenant: str, client: Clien
             yield _sse(oa.chunk(req, first, usage=oa.response_body(req, [jobs[i] for i in ids])["usage"]))
         yield _sse("[DONE]")
     finally:
-        waiting.cancel()
-        if not done:  # the client went away (or the stream failed) before the answer: stop the work
-            _cancel_later(http, client, api, tenant, ids)
-            event(log, "api_openai_stream_ended_early", tenant=tenant, jobs=len(ids))
-        task = asyncio.get_running_loop().create_task(pubsub.aclose())
-        _CLEANUPS.add(task)
-        task.add_done_callback(_CLEANUPS.discard)
+        stream.close()
 
 
 def _piece(message: Any, index: dict[str, int]) -> tuple[int, dict[str, Any]] | None:
