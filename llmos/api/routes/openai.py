@@ -18,7 +18,11 @@ jobs cancelled). A model no live worker serves is a 503 no_worker at once, not a
 jobs' token streams (llmos.streaming) after they are written and before they are sent, relays each
 piece as a chunk, and once the jobs are final sends what the pieces did not cover (the recorded
 result is the truth: the joined deltas equal it), the finish_reason, the usage chunk when asked,
-then `data: [DONE]`. A client that disconnects mid-stream has its jobs cancelled.
+then `data: [DONE]`. Pieces of an older attempt of a job are dropped (llmos.streaming.Relay); a
+recorded text that does not start with what was sent ends the stream with a `stream_mismatch`
+error event, as a failed job or a failed wait (database, Redis) ends it with theirs. A client that
+disconnects has its jobs cancelled and its subscription closed, wherever the response stops
+(`_EventStream`: also when the body never started).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any, AsyncIterator, Callable, Literal
 
 import redis
 import redis.asyncio as aioredis
+import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.concurrency import run_in_threadpool
@@ -51,7 +56,8 @@ from llmos.api.errors import (InputRefusedError, JobCancelledError, JobCrashedEr
 from llmos.api.quotas import check_queued
 from llmos.api.routes import AUTHENTICATED, errors
 from llmos.api.settings import ApiSettings
-from llmos.errors import JobNotFoundError, NoWorkerError, UnknownModelError
+from llmos.errors import (BrokerUnavailableError, DatabaseUnavailableError, JobNotFoundError, LLMOSError,
+                          NoWorkerError, UnknownModelError)
 from llmos.jobs import Job, JobStatus
 from llmos.logs import event
 from llmos.registry import ModelSpec
@@ -491,7 +497,11 @@ async def _chunks(req: oa.Request, stream: _Stream, created: list[Job], deadline
             if text:
                 quiet = 0.0
                 yield _sse(_text_chunk(req, first, text, k))
-        jobs = await waiting
+        try:
+            jobs = await waiting
+        except Exception as exc:  # the database or Redis stopped answering: an error event, not a traceback
+            yield _sse(_failure(exc, tenant))
+            return
         bad = [i for i in ids if jobs.get(i) is None or jobs[i].status != JobStatus.SUCCEEDED]
         if bad:
             err = job_error(jobs.get(bad[0]), bad[0])
@@ -519,6 +529,23 @@ async def _chunks(req: oa.Request, stream: _Stream, created: list[Job], deadline
         yield _sse("[DONE]")
     finally:
         stream.close()
+
+
+def _failure(exc: Exception, tenant: str) -> dict[str, Any]:
+    """The error event of a stream whose wait failed (its jobs are then cancelled, best effort)."""
+    err: LLMOSError
+    if isinstance(exc, LLMOSError):
+        err = exc
+    elif isinstance(exc, sa.exc.OperationalError):
+        err = DatabaseUnavailableError("the task table's database does not answer")
+    elif isinstance(exc, (redis.RedisError, OSError)):
+        err = BrokerUnavailableError()
+    else:
+        log.error("action=api_openai_stream_failed error=%s", type(exc).__name__, exc_info=exc)
+        return error_body(500, "internal", "internal error; see the API server's log")
+    status, code = error_status(err)
+    event(log, "api_openai_stream_failed", logging.WARNING, tenant=tenant, code=code, error=repr(exc)[:200])
+    return error_body(status, code, " ".join(str(err).split()) or code)
 
 
 def _piece(message: Any, index: dict[str, int]) -> tuple[int, dict[str, Any]] | None:
