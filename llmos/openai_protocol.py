@@ -70,7 +70,7 @@ def parse_request(endpoint: str, body: Any) -> Request:
     if not isinstance(model, str) or not model:
         raise ValidationError("model: required, the name of a registry model (GET /v1/models)")
     for name in _ZERO_ONLY:
-        if body.get(name) not in (None, 0, 0.0):
+        if body.get(name) is not None and not (_is_number(body[name]) and body[name] == 0):
             raise ValidationError(f"{name}: only 0 is supported")
     if endpoint == EMBEDDINGS:
         return _embeddings(body, model)
@@ -79,13 +79,14 @@ def parse_request(endpoint: str, body: Any) -> Request:
     _refuse_set(body, "logprobs", allowed=(None, False))
     _refuse_set(body, "top_logprobs", allowed=(None, 0))
     _refuse_set(body, "echo", allowed=(None, False))
-    if body.get("n") not in (None, 1):
+    if body.get("n") is not None and not (_is_number(body["n"]) and body["n"] == 1):
         raise ValidationError("n: only 1 is supported")
     stream = body.get("stream", False)
-    if stream not in (True, False, None):
+    if stream is not None and not isinstance(stream, bool):
         raise ValidationError("stream: must be true or false")
     options = body.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}
+                                or not isinstance(options.get("include_usage", False), (bool, type(None)))):
         raise ValidationError("stream_options: only {\"include_usage\": true|false} is supported")
     include_usage = bool(stream) and bool((options or {}).get("include_usage"))
     common = _sampling(body)
@@ -105,9 +106,16 @@ def parse_request(endpoint: str, body: Any) -> Request:
     return Request(endpoint, model, tasks, stream=bool(stream), include_usage=include_usage)
 
 
+def _is_number(value: Any) -> bool:
+    """A JSON number (true and false are not numbers, though Python's bool is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _refuse_set(body: dict[str, Any], *names: str, allowed: tuple = (None,)) -> None:
     for name in names:
-        if body.get(name) not in allowed and body.get(name) != {} and body.get(name) != []:
+        value = body.get(name)
+        # same type and value (0 is not false here), or an empty object or list: nothing asked
+        if not any(type(value) is type(a) and value == a for a in allowed) and value not in ({}, []):
             raise ValidationError(f"{name}: not supported by LLMOS")
 
 
@@ -132,7 +140,7 @@ def _messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(m, dict):
             raise ValidationError(f"messages[{i}]: must be an object with role and content")
         role = m.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise ValidationError(f"messages[{i}].role: {role!r} is not supported; one of "
                                   f"{', '.join(_ROLES)} (tool and function messages are not)")
         extra = set(m) - {"role", "content", "name"}
@@ -161,8 +169,9 @@ def _embeddings(body: dict[str, Any], model: str) -> Request:
         texts = [texts]
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise ValidationError("input: a string or a non-empty list of strings (token ids are not supported)")
-    fmt = body.get("encoding_format") or "float"
-    if fmt not in ("float", "base64"):
+    fmt = body.get("encoding_format")
+    fmt = "float" if fmt is None else fmt
+    if not isinstance(fmt, str) or fmt not in ("float", "base64"):
         raise ValidationError("encoding_format: \"float\" or \"base64\"")
     if body.get("dimensions") is not None:
         raise ValidationError("dimensions: not supported (each model has its own size; see GET /v1/models)")

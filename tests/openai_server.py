@@ -9,7 +9,8 @@ the hosted API do (the fields LLMOS reads and a few more), `stream: true` as Ser
 `--fail-first N` answers the first N POSTs with 429 and `Retry-After: S` (`--retry-after`,
 default 0), to exercise client retries; with S > 0 a POST that comes sooner than S seconds after
 the last 429 is refused with 429 again and counted as early. A prompt (or message) containing
-`[[400]]` is answered 400, as a server rejects one bad request. `GET /stats` says how many POSTs
+`[[400]]` is answered 400, as a server rejects one bad request; a streamed one containing
+`[[break]]` sends two pieces, then the connection closes mid-body (a transport error: retryable). `GET /stats` says how many POSTs
 came, how many early, and the Authorization header of the last one. Prints `READY <port>` when up.
 """
 
@@ -89,17 +90,20 @@ def make_handler(backend: Backend, api_key: str | None, fail_first: int, retry_a
             self.end_headers()
             self.wfile.write(data)
 
-        def sse(self, chunks: list[dict]) -> None:
+        def sse(self, chunks: list[dict], cut_after: int | None = None) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
+            if cut_after is not None:  # a length never reached: the client sees the body cut off
+                self.send_header("Content-Length", "1000000")
             self.end_headers()  # no Content-Length: the body ends when the connection closes
             self.close_connection = True
-            for chunk in chunks:
+            for chunk in chunks[:cut_after]:
                 self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 self.wfile.flush()
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+            if cut_after is None:
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
 
         def stream(self, kind: str, n: int, body: dict, pieces: list[str], pin: int) -> None:
             created, model = int(time.time()), body.get("model")
@@ -114,12 +118,15 @@ def make_handler(backend: Backend, api_key: str | None, fail_first: int, retry_a
                 head["object"] = "text_completion"
                 choice = lambda piece, reason=None: {"index": 0, "text": piece or "", "finish_reason": reason}  # noqa: E731
                 chunks = []
+            cut = None
+            if "[[break]]" in json.dumps(body.get("prompt", "")) + json.dumps(body.get("messages", "")):
+                cut = len(chunks) + 2  # two pieces, then the connection closes mid-body
             chunks += [dict(head, choices=[choice(p)]) for p in pieces]
             chunks.append(dict(head, choices=[choice(None, "length")]))
             if (body.get("stream_options") or {}).get("include_usage"):
                 chunks.append(dict(head, choices=[], usage={"prompt_tokens": pin, "completion_tokens": len(pieces),
                                                             "total_tokens": pin + len(pieces)}))
-            self.sse(chunks)
+            self.sse(chunks, cut)
 
         def do_GET(self):
             if self.path.rstrip("/") == "/stats":

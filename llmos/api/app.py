@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         try:
             yield
         finally:
+            await openai_routes.shutdown(_app)  # its waiter threads and its streams' Redis client
             await asyncio.to_thread(advancer.stop)
             if deliverer is not None:
                 await asyncio.to_thread(deliverer.stop)

@@ -4,6 +4,7 @@ worker processes (a tiny GPT-2 serving writing and chat, minilm serving embed), 
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import struct
 import time
@@ -12,9 +13,11 @@ import uuid
 import httpx
 import openai
 import pytest
+import redis
 
-from llmos import manager
+from llmos import manager, streaming
 from llmos.db import get_engine
+from llmos.notify import publish_done
 from tests import helpers
 from tests.integration.test_api import ApiProcess
 
@@ -35,14 +38,22 @@ source = "{gpt2}"
 kind = "causal-lm"
 tasks = ["writing", "chat"]
 '''
-"""tiny-chat has a worker; tiny-idle only a worker row (its jobs stay queued: the disconnect test)."""
+"""tiny-chat has a worker; tiny-idle only a worker row (its jobs stay queued: the disconnect tests,
+and the tests that play a worker's part: stream pieces published, then a result recorded)."""
+
+IDLE_WORKER = f"tiny-idle@{socket.gethostname()}:0:fake"
 
 
 @pytest.fixture(scope="module")
-def stack(services, tiny_folders, tmp_path_factory):
+def config(tiny_folders, tmp_path_factory):
+    path = tmp_path_factory.mktemp("oai-cfg") / "llmos.toml"
+    path.write_text(CONFIG.format(gpt2=tiny_folders["gpt2"]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(services, config):
     settings, env = services
-    config = tmp_path_factory.mktemp("oai-cfg") / "llmos.toml"
-    config.write_text(CONFIG.format(gpt2=tiny_folders["gpt2"]))
     env = {**env, "LLMOS_CONFIG": str(config)}
     api = ApiProcess(env)
     workers = [helpers.WorkerProcess(env, model="tiny-chat"), helpers.WorkerProcess(env, model="minilm")]
@@ -51,8 +62,8 @@ def stack(services, tiny_folders, tmp_path_factory):
             w.wait_ready(settings.db_url)
         api.wait_ready()
         engine = get_engine(settings.db_url)
-        manager.register_worker(engine, worker_id=f"tiny-idle@{socket.gethostname()}:0:fake", host="test",
-                                pid=0, model="tiny-idle", device="cpu")
+        manager.register_worker(engine, worker_id=IDLE_WORKER, host="test", pid=0, model="tiny-idle",
+                                device="cpu")
         yield api.url, engine
     finally:
         api.stop()
@@ -227,3 +238,126 @@ def test_a_stream_closed_early_cancels_its_job(oai):
     while (status := manager.job_statuses(engine, [job_id], tenant="acme")[job_id].value) != "cancelled":
         assert time.monotonic() < deadline, f"job still {status} after the client left"
         time.sleep(0.2)
+
+
+def play_worker(engine, job_id: str, text: str) -> None:
+    """Record `text` as the tiny-idle job's result, as its worker would, and announce it."""
+    claimed, _ = manager.claim(engine, [job_id], worker_id=IDLE_WORKER, device="cpu", model="tiny-idle")
+    assert [j.id for j in claimed] == [job_id]
+    manager.finish(engine, [manager.Outcome(job_id=job_id, worker_id=IDLE_WORKER, attempt=claimed[0].attempts,
+                                            result={"text": text, "tokens": 3, "prompt_tokens": 5,
+                                                    "finish_reason": "stop"})])
+    publish_done(redis.Redis.from_url(helpers.REDIS_URL), [job_id])
+
+
+def test_a_retried_stream_is_not_spliced(oai):
+    """Pieces of two attempts (a job retried on another worker): the older attempt's late pieces
+    are dropped, the retry's text is sent only past what the client already has."""
+    client, url, engine, secret = oai
+    stream = client.chat.completions.create(model="tiny-idle", messages=MESSAGES, stream=True)
+    chunks = iter(stream)
+    job_id = str(uuid.UUID(next(chunks).id.removeprefix("chatcmpl-")))  # the role chunk: subscribed
+    publish = redis.Redis.from_url(helpers.REDIS_URL)
+    channel = streaming.stream_channel(job_id)
+    for message in ({"a": 1, "i": 0, "delta": "Hello"}, {"a": 2, "i": 0, "delta": "Hel"},
+                    {"a": 1, "i": 1, "delta": " stale"}, {"a": 2, "i": 1, "delta": "lo there"}):
+        publish.publish(channel, json.dumps(message))
+    assert next(chunks).choices[0].delta.content == "Hello"
+    assert next(chunks).choices[0].delta.content == " there"
+    play_worker(engine, job_id, "Hello there!")
+    rest = list(chunks)
+    assert [c.choices[0].delta.content for c in rest] == ["!", None]
+    assert rest[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_stream_that_differs_from_the_result_ends_with_an_error(oai):
+    client, url, engine, secret = oai
+    stream = client.chat.completions.create(model="tiny-idle", messages=MESSAGES, stream=True)
+    chunks = iter(stream)
+    job_id = str(uuid.UUID(next(chunks).id.removeprefix("chatcmpl-")))
+    redis.Redis.from_url(helpers.REDIS_URL).publish(streaming.stream_channel(job_id),
+                                                    json.dumps({"a": 1, "i": 0, "delta": "The cat"}))
+    assert next(chunks).choices[0].delta.content == "The cat"
+    play_worker(engine, job_id, "A dog ran off.")  # the recorded text does not start with it
+    with pytest.raises(openai.APIError) as wrong:
+        list(chunks)
+    assert wrong.value.body["code"] == "stream_mismatch" and wrong.value.body["details"]["job_id"] == job_id
+    assert client.chat.completions.retrieve(f"chatcmpl-{job_id.replace('-', '')}").choices[0].message.content \
+        == "A dog ran off."
+
+
+def test_a_client_gone_before_the_stream_starts_leaves_nothing(oai):
+    """A client that sends a streamed request and closes at once (the response never starts, nor
+    its body): its job is cancelled and nothing stays subscribed to its channel."""
+    _, url, engine, _ = oai
+    secret = key(engine, "initech")  # a tenant of its own: its one job is this request's
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "tiny-idle", "messages": MESSAGES, "stream": True}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + secret.encode() + b"\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+    listener = redis.Redis.from_url(helpers.REDIS_URL)
+    deadline = time.monotonic() + 30
+    while True:
+        jobs = httpx.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {secret}"}).json()["jobs"]
+        channel = streaming.stream_channel(jobs[0]["id"]) if jobs else None
+        subscribers = dict(listener.pubsub_numsub(channel)).get(channel.encode(), 0) if channel else 1
+        if jobs and jobs[0]["status"] == "cancelled" and subscribers == 0:
+            break
+        assert time.monotonic() < deadline, f"after the client left: {jobs}, {subscribers} subscriber(s)"
+        time.sleep(0.2)
+    assert len(jobs) == 1 and jobs[0]["model"] == "tiny-idle"
+
+
+def test_a_response_that_never_starts_still_cancels_and_unsubscribes(oai, services, config):
+    """An ASGI server of spec 2.4 raises OSError from `send` once the client is gone, so the
+    response's start fails and its body never runs (no `finally` of its own): the app, in
+    process on the same services, still cancels the job and closes the subscription."""
+    import asyncio
+
+    from llmos.api import create_app
+    from llmos.api.routes import openai as routes
+
+    _, url, engine, _ = oai
+    secret = key(engine, "hooli")
+    manager.register_worker(engine, worker_id=IDLE_WORKER, host="test", pid=0, model="tiny-idle", device="cpu")
+    settings, _ = services
+    app = create_app(settings.model_copy(update={"config": config}))
+    body = json.dumps({"model": "tiny-idle", "messages": MESSAGES, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"authorization", f"Bearer {secret}".encode()), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("the client is gone")
+
+    async def run():
+        with pytest.raises(Exception):
+            await app(scope, receive, send)
+        listener = redis.Redis.from_url(helpers.REDIS_URL)
+        deadline = time.monotonic() + 30
+        while True:
+            jobs = await asyncio.to_thread(lambda: manager.list_jobs(engine, tenant="hooli", limit=5))
+            channel = streaming.stream_channel(jobs[0].id) if jobs else "none"
+            subscribers = dict(listener.pubsub_numsub(channel)).get(channel.encode(), 0)
+            if jobs and jobs[0].status.value == "cancelled" and subscribers == 0:
+                return jobs
+            assert time.monotonic() < deadline, f"after the client left: {jobs}, {subscribers} subscriber(s)"
+            await asyncio.sleep(0.2)
+
+    async def main():
+        try:
+            return await run()
+        finally:
+            await routes.shutdown(app)
+            app.state.client.close()
+
+    jobs = asyncio.run(main())
+    assert len(jobs) == 1 and jobs[0].model == "tiny-idle"

@@ -177,8 +177,57 @@ def test_streamed_job_relays_the_remote_stream(openai_server, redis_url, monkeyp
     published = read_streams(everything)
     assert all(o.error is None for o in out), [o.error for o in out]
     deltas = [m["delta"] for m in got if "delta" in m]
-    assert got[-1] == {"i": len(got) - 1, "end": True} and [m["i"] for m in got] == list(range(len(got)))
+    assert got[-1] == {"a": 1, "i": len(got) - 1, "end": True} and [m["i"] for m in got] == list(range(len(got)))
+    assert {m["a"] for m in got} == {jobs[0].attempts}
     assert len(deltas) >= 1 and "".join(deltas) == out[0].result["text"]
     assert out[0].result["tokens"] >= len(deltas) and out[0].result["prompt_tokens"] > 0  # the usage chunk
     assert set(published) == {jobs[0].id}  # the job nobody listens to went unstreamed
     assert out[1].result["text"]
+
+
+def test_a_key_change_closes_the_old_client_once_unused(monkeypatch):
+    from workers.runners.openai import OpenAIClient
+
+    spec = ModelSpec(name="remote", engine="openai", source="http://127.0.0.1:1/v1", tasks=("writing",),
+                     options={"api_key_env": "LLMOS_T_ROTATED"})
+    client = OpenAIClient(spec)
+    monkeypatch.setenv("LLMOS_T_ROTATED", "old-key")
+    with client.using() as old:  # a call in flight on the old key
+        monkeypatch.setenv("LLMOS_T_ROTATED", "new-key")
+        new = client.api()
+        assert new is not old and new.api_key == "new-key"
+        assert not old.is_closed()  # still in use: closing it would break that call
+    assert old.is_closed() and not new.is_closed()
+    monkeypatch.setenv("LLMOS_T_ROTATED", "newer-key")
+    newest = client.api()  # nothing uses `new`: closed at once
+    assert new.is_closed() and not newest.is_closed()
+
+
+@pytest.mark.parametrize("kind", ["writing", "chat"])
+def test_a_stream_that_breaks_off_ends_nothing(openai_server, redis_url, monkeypatch, kind):
+    """The remote stream breaks after two pieces (a retryable transport error): the job fails as
+    transient with its pieces published under its attempt, and no `end`, since it may run again."""
+    import dataclasses
+
+    from llmos.streaming import stream_channel
+    from llmos.tasks import ChatTask
+
+    url, key = openai_server
+    monkeypatch.setenv("LLMOS_T_KEY", key)
+    monkeypatch.setenv("LLMOS_REDIS_URL", redis_url)
+    spec = ModelSpec(name="remote", engine="openai", source=url, tasks=("writing", "chat"), max_new_tokens=6,
+                     options={"model": "tiny-gpt2", "backoff_s": 0.01, "api_key_env": "LLMOS_T_KEY",
+                              "max_retries": 0})
+    runner = runners_for(model_cache.load(spec, "cpu"))[kind]
+    prompt = "[[break]] The cat sat on"
+    task = WritingTask(prompt=prompt, max_new_tokens=6) if kind == "writing" else \
+        ChatTask(messages=[{"role": "user", "content": prompt}], max_new_tokens=6)
+    runner.run([task])  # the server's first 429s, if still there (max_retries = 0: one a run)
+    runner.run([task])
+    listened = dataclasses.replace(job(task), attempts=2)  # its second attempt
+    listener = subscribe(redis_url, stream_channel(listened.id))
+    out = runner.run([task], [listened])[0]
+    got = read_streams(listener).get(listened.id, [])
+    assert out.error and "RemoteProtocolError" in out.error and out.transient, out.error
+    assert [m["i"] for m in got] == list(range(len(got))) and len(got) >= 1
+    assert all(m["a"] == 2 and "delta" in m for m in got), got  # the attempt in each; no end

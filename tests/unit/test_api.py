@@ -226,3 +226,85 @@ def test_a_keyed_batch_retried_without_a_batch_id_answers_the_first_batch_id(api
     again = http.post("/v1/jobs:batch", headers=a, json=body).json()
     assert [j["id"] for j in again["jobs"]] == [j["id"] for j in first["jobs"]]
     assert again["batch_id"] == first["batch_id"] == first["jobs"][0]["batch_id"]
+
+
+def test_the_app_end_stops_the_openai_waiters_and_closes_the_stream_redis(sqlite_settings, redis_url):
+    """The lifespan's end shuts the waiter pool and closes the streams' asyncio Redis client (its
+    connection leaves the server: CLIENT LIST by the connection's id)."""
+    import types
+
+    import redis
+
+    from llmos.api.routes import openai as routes
+
+    http, _ = make(sqlite_settings)
+    app = http.app
+    client = app.state.client.__class__(sqlite_settings.model_copy(update={"redis_url": redis_url}),
+                                        dispatcher=InMemoryDispatcher())
+    with http:
+        pool = routes._waiters(app, app.state.api_settings)
+        assert pool.submit(lambda: 7).result() == 7
+
+        async def connect():
+            return await routes._stream_client(types.SimpleNamespace(app=app), client).client_id()
+
+        conn_id = http.portal.call(connect)
+        server = redis.Redis.from_url(redis_url)
+        assert server.client_list(client_id=[conn_id])  # connected now
+    assert pool._shutdown and app.state.openai_waiters is None and app.state.openai_redis is None
+    assert server.client_list(client_id=[conn_id]) == []
+    client.close()
+
+
+def test_a_stream_whose_wait_fails_ends_with_an_error_event(sqlite_settings, redis_url, tmp_path):
+    """The database stops answering while a streamed request waits (its jobs table renamed away
+    once the job is written: the submit reads only the workers table after): the stream ends with an error event (503 database_unavailable),
+    never a traceback; the table comes back afterwards."""
+    import socket
+    import sqlite3
+    import threading
+    import time
+
+    import redis
+
+    from llmos.notify import publish_done
+
+    settings = sqlite_settings.model_copy(update={"redis_url": redis_url})
+    client = Client(settings, dispatcher=InMemoryDispatcher())
+    http = TestClient(create_app(api_settings=ApiSettings(rate_limit_storage="memory://"), client=client))
+    engine = get_engine(settings.db_url)
+    _, secret = manager.create_api_key(engine, tenant="acme")
+    manager.register_worker(engine, worker_id=f"gpt2@{socket.gethostname()}:0:t", host="t", pid=0, model="gpt2",
+                            device="cpu")
+    db_file = settings.db_url.removeprefix("sqlite:///")
+    broken = threading.Event()
+
+    def break_the_database() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            jobs = manager.list_jobs(engine, tenant="acme", limit=1)
+            if jobs:
+                with sqlite3.connect(db_file) as conn:
+                    conn.execute("ALTER TABLE jobs RENAME TO jobs_away")
+                broken.set()
+                publish_done(redis.Redis.from_url(redis_url), [jobs[0].id])  # the waiter reads it now
+                return
+            time.sleep(0.05)
+
+    with http:
+        breaker = threading.Thread(target=break_the_database)
+        breaker.start()
+        try:
+            resp = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                             json={"model": "gpt2", "messages": [{"role": "user", "content": "Hi"}], "stream": True})
+        finally:
+            breaker.join()
+            if broken.is_set():
+                with sqlite3.connect(db_file) as conn:
+                    conn.execute("ALTER TABLE jobs_away RENAME TO jobs")
+    assert broken.is_set() and resp.status_code == 200
+    events = [line.removeprefix("data: ") for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "database_unavailable" and last["error"]["type"], last
+    assert "[DONE]" not in events

@@ -92,7 +92,8 @@ def test_streamed_pieces_join_to_the_final_text(tiny_registry, prompt):
     listened, quiet = Pieces(), Pieces()
     outs = generate_causal(loaded, [GenRequest(ids=ids, max_new_tokens=12, stream=listened),
                                     GenRequest(ids=ids, max_new_tokens=5)])
-    assert "".join(listened.pieces) == outs[0].text and listened.ended
+    assert "".join(listened.pieces) == outs[0].text
+    assert not listened.ended  # the runner ends a stream, once the job's outcome is a result
     assert quiet.pieces == [] and outs[1].text == outs[0].text[:len(outs[1].text)]  # its own cap
     # no piece splits a character: the pieces before the end's remainder never hold U+FFFD
     assert all("\ufffd" not in p for p in listened.pieces[:-1])
@@ -114,7 +115,7 @@ def test_only_listened_jobs_are_published(tiny_registry, redis_url):
     client = redis.Redis.from_url(redis_url)
     runner = runners_for(model_cache.get(tiny_registry.get("tiny-gpt2"), "cpu"), redis=client)["writing"]
     jobs = [Job(id=str(uuid.uuid4()), model="tiny-gpt2", task_type="writing", priority=5,
-                status=JobStatus.RUNNING, input={}) for _ in range(2)]
+                status=JobStatus.RUNNING, input={}, attempts=3) for _ in range(2)]
     sub = client.pubsub(ignore_subscribe_messages=True)
     sub.subscribe(streaming.stream_channel(jobs[0].id))
     sub.psubscribe(streaming.stream_channel("*"))  # a pattern is not a listener (NUMSUB counts channels)
@@ -130,5 +131,36 @@ def test_only_listened_jobs_are_published(tiny_registry, redis_url):
             published_on.add(m["channel"].decode())
     sub.close()
     assert published_on == {streaming.stream_channel(jobs[0].id)}  # nothing for the job nobody listens to
-    assert [m["i"] for m in mine] == list(range(len(mine))) and mine[-1] == {"i": len(mine) - 1, "end": True}
+    assert [m["i"] for m in mine] == list(range(len(mine))) and mine[-1] == {"a": 3, "i": len(mine) - 1, "end": True}
+    assert {m["a"] for m in mine} == {3}  # the job's attempt
     assert "".join(m.get("delta", "") for m in mine) == outs[0].result["text"]
+
+
+def read_channel(sub) -> list[dict]:
+    """The messages of a subscription so far (whatever comes within a second of another)."""
+    return [json.loads(m["data"]) for m in iter(lambda: sub.get_message(timeout=1.0), None)
+            if m["type"] == "message"]
+
+
+def test_an_attempt_that_fails_after_its_pieces_ends_nothing(tiny_registry, redis_url):
+    """Pieces published, then the job fails (here the runner's postprocess raises, alone too): its
+    stream gets no `end`, since the job may run again as a new attempt."""
+    from workers.runners.generate import WritingRunner
+
+    class Failing(WritingRunner):
+        def postprocess(self, outputs, requests):
+            raise RuntimeError("a bug after generation")
+
+    client = redis.Redis.from_url(redis_url)
+    runner = Failing(model_cache.get(tiny_registry.get("tiny-gpt2"), "cpu"))
+    runner.redis = client
+    job = Job(id=str(uuid.uuid4()), model="tiny-gpt2", task_type="writing", priority=5, status=JobStatus.RUNNING,
+              input={}, attempts=1)
+    sub = client.pubsub()
+    sub.subscribe(streaming.stream_channel(job.id))
+    assert sub.get_message(timeout=5)["type"] == "subscribe"
+    out = runner.run([WritingTask(prompt="The cat likes", max_new_tokens=6)], [job])[0]
+    got = read_channel(sub)
+    sub.close()
+    assert out.error == "RuntimeError: a bug after generation"
+    assert got and all(m["a"] == 1 and "delta" in m for m in got), got  # pieces, and no end

@@ -162,3 +162,121 @@ def test_a_failed_job_answers_by_why(status, error, code):
     err = job_error(j, j.id)
     assert error_status(err)[1] == code and err.details["job_id"] == j.id
     assert error_status(err)[0] < 500 if code in ("input_refused", "job_cancelled") else error_status(err)[0] >= 500
+
+
+# -- any JSON value in any field: a ValidationError, never another exception ----------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=8)
+"""Any value a JSON body can hold (NaN and infinities too: Python's json module reads them)."""
+
+MESSAGE = st.fixed_dictionaries({}, optional={"role": JSON | st.sampled_from(["user", "system", "tool"]),
+                                             "content": JSON | st.just([{"type": "text", "text": JSON}]),
+                                             "name": JSON})
+GOOD = {oa.CHAT: {"model": "m", "messages": MESSAGES}, oa.COMPLETIONS: {"model": "m", "prompt": "x"},
+        oa.EMBEDDINGS: {"model": "m", "input": "x"}}
+FIELDS = {e: sorted(oa._FIELDS[e] | oa._TOLERATED | oa._ZERO_ONLY) for e in oa.ENDPOINTS}
+
+
+@st.composite
+def bodies(draw):
+    """A body for an endpoint: a valid one with up to two of its fields (or an unknown name) set to
+    arbitrary JSON, a chat's messages often a list of arbitrary message objects; now and then the
+    body itself arbitrary JSON."""
+    endpoint = draw(st.sampled_from(oa.ENDPOINTS))
+    if draw(st.integers(0, 9)) == 0:
+        return endpoint, draw(JSON)
+    body = dict(GOOD[endpoint])
+    for name in draw(st.lists(st.sampled_from(FIELDS[endpoint] + ["frobnicate"]), max_size=2)):
+        body[name] = draw(JSON)
+    if endpoint == oa.CHAT and draw(st.booleans()):
+        body["messages"] = draw(st.lists(MESSAGE, min_size=1, max_size=3) | JSON)
+    if draw(st.booleans()):
+        body["stream"] = True
+        if draw(st.booleans()):
+            body["stream_options"] = {"include_usage": draw(JSON)}
+    return endpoint, body
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bodies())
+def test_any_json_in_any_field_is_a_validation_error_or_a_request(case):
+    endpoint, body = case
+    try:
+        req = oa.parse_request(endpoint, body)
+    except ValidationError:
+        return
+    assert req.endpoint == endpoint and req.tasks and isinstance(req.stream, bool)
+    assert isinstance(req.include_usage, bool) and req.encoding_format in ("float", "base64")
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    (oa.CHAT, {"model": "m", "messages": [{"role": ["user"], "content": "x"}]}),
+    (oa.CHAT, {"model": "m", "messages": [{"role": {"a": 1}, "content": "x"}]}),
+    (oa.CHAT, {"model": "m", "messages": MESSAGES, "stream": 1}),
+    (oa.CHAT, {"model": "m", "messages": MESSAGES, "n": True}),
+    (oa.CHAT, {"model": "m", "messages": MESSAGES, "presence_penalty": False}),
+    (oa.CHAT, {"model": "m", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": "no"}}),
+    (oa.EMBEDDINGS, {"model": "m", "input": "x", "encoding_format": []}),
+])
+def test_values_of_the_wrong_type_are_refused(endpoint, body):
+    with pytest.raises(ValidationError):
+        oa.parse_request(endpoint, body)
+
+
+def test_a_refused_field_takes_its_own_type_only():
+    base = {"model": "m", "messages": MESSAGES}
+    assert oa.parse_request(oa.CHAT, {**base, "logprobs": False, "top_logprobs": 0, "tools": []}).tasks
+    for field, value in (("logprobs", 0), ("top_logprobs", False), ("tool_choice", ["none"])):
+        with pytest.raises(ValidationError, match=field):
+            oa.parse_request(oa.CHAT, {**base, field: value})
+
+
+# -- token streams: attempts told apart (llmos.streaming.Relay) ----------------------------------
+
+from llmos import streaming  # noqa: E402
+
+
+def piece(a: int, i: int, delta: str | None = None) -> dict:
+    return {"a": a, "i": i, **({"delta": delta} if delta is not None else {"end": True})}
+
+
+def test_a_relay_drops_an_older_attempt_and_sends_a_retry_only_past_what_was_sent():
+    r = streaming.Relay()
+    assert r.feed(piece(1, 0, "Hello")) == "Hello"
+    assert r.feed(piece(2, 0, "Hel")) == ""  # the retry (another worker) catching up
+    assert r.feed(piece(1, 1, " stale")) == ""  # the first attempt's last piece, arriving late
+    assert r.feed(piece(2, 1, "lo there")) == " there"
+    assert r.feed(piece(1, 2)) == "" and not r.ended  # an older attempt's end ends nothing
+    assert r.feed(piece(2, 2)) == "" and r.ended
+    assert r.sent == "Hello there" and r.rest("Hello there!") == "!"
+
+
+def test_a_retry_whose_text_differs_is_not_spliced_and_the_rest_says_so():
+    r = streaming.Relay()
+    assert r.feed(piece(1, 0, "The cat")) == "The cat"
+    assert r.feed(piece(2, 0, "A dog")) == ""  # sampled again (temperature > 0): another text
+    assert r.feed(piece(2, 1, " ran off")) == ""
+    assert r.sent == "The cat"
+    assert r.rest("A dog ran off") is None  # the client must be told, not left with "The cat"
+    assert r.rest("The cat sat.") == " sat."
+
+
+def test_a_lost_piece_stops_the_relay_of_that_attempt_until_the_rest():
+    r = streaming.Relay()
+    assert r.feed(piece(1, 0, "a")) == "a"
+    assert r.feed(piece(1, 2, "c")) == ""  # piece 1 lost
+    assert r.rest("abc") == "bc"
+
+
+def test_stream_messages_carry_the_attempt():
+    assert streaming.parse_message('{"a": 1, "i": 0, "delta": "x"}') == {"a": 1, "i": 0, "delta": "x"}
+    assert streaming.parse_message('{"a": 2, "i": 3, "end": true}') == {"a": 2, "i": 3, "end": True}
+    for bad in ('{"i": 0, "delta": "x"}', '{"a": true, "i": 0, "delta": "x"}', '{"a": 1, "i": 0}',
+                '[1]', 'nope', '{"a": 1, "i": "0", "delta": "x"}'):
+        assert streaming.parse_message(bad) is None, bad
+    assert streaming.remainder("ab", "abc") == "c" and streaming.remainder("ax", "abc") is None

@@ -8,6 +8,9 @@ Token streams (llmos.streaming): `runners_for` gives every runner the worker's R
 (`redis`); a runner that can stream asks `publishers()` for the jobs of its batch whose stream
 channel has a subscriber: one PUBSUB NUMSUB per batch the worker hands over, the same publishers
 for the reruns of its isolation (so a rerun continues a stream rather than starting it again).
+Each publisher carries its job's attempt; `run` ends a job's stream (`end`) only once the whole
+batch is done and that job's outcome is a result: a failed attempt publishes no end, since the job
+may run again.
 """
 
 from __future__ import annotations
@@ -108,7 +111,10 @@ class Runner:
         if top:  # the batch the batcher handed over (not one of its isolation reruns)
             self._batch_jobs, self._streams = list(jobs) if jobs else [], None
         try:
-            return self._run_isolated(requests, jobs, control)
+            out = self._run_isolated(requests, jobs, control)
+            if top and self._streams:
+                end_streams(out, [self._streams.get(j.id) for j in self._batch_jobs or []])
+            return out
         finally:
             if top:
                 self._batch_jobs = self._streams = None
@@ -151,8 +157,9 @@ class Runner:
             return [None] * n
         streams = self._streams
         if streams is None:
-            ids = [j.id for j in (self._batch_jobs or self._jobs)]
-            streams = {i: streaming.TokenPublisher(self.redis, i) for i in streaming.listened(self.redis, ids)}
+            batch = self._batch_jobs or self._jobs
+            wanted = streaming.listened(self.redis, [j.id for j in batch])
+            streams = {j.id: streaming.TokenPublisher(self.redis, j.id, j.attempts) for j in batch if j.id in wanted}
             if self._batch_jobs is not None:  # kept for this batch's reruns only (see `run`)
                 self._streams = streams
         return [streams.get(j.id) for j in self._jobs]
@@ -180,6 +187,14 @@ class Runner:
         if len(out) != len(requests):
             raise RuntimeError(f"{type(self).__name__} returned {len(out)} outcomes for {len(requests)} requests")
         return out
+
+
+def end_streams(outcomes: Sequence[ItemOutcome], publishers: Sequence[Any]) -> None:
+    """End the stream of each job whose outcome is a result (its text is final); a failed
+    attempt's stream is left open: the job may run again, as a new attempt (llmos.streaming)."""
+    for outcome, publisher in zip(outcomes, publishers):
+        if publisher is not None and outcome.error is None and outcome.result is not None:
+            publisher.end()
 
 
 def _inject_faults(requests: Sequence[Task], jobs: Sequence[Job] | None) -> None:

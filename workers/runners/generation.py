@@ -13,8 +13,9 @@ final text is decoded (`_visible`) and publishes what was not published yet, hol
 may still change: a trailing replacement character (a multi-byte character cut between tokens),
 trailing whitespace (a tokenizer's clean-up may still remove it) and an ending that could be the
 start of a stop string. Text past a stop string, past EOS or past the row's own max_new_tokens
-is never published. Once the batch is done, the rest of each row's final text is published and
-the stream ended. Rows nobody listens to cost nothing.
+is never published. Once the batch is done, the rest of each row's final text is published; the
+runner ends the stream once the job's outcome is a result (workers/runners/base.py: a batch that
+fails afterwards, or runs out of memory, ends nothing). Rows nobody listens to cost nothing.
 """
 
 from __future__ import annotations
@@ -180,12 +181,11 @@ class _Streams(StoppingCriteria):  # type: ignore[misc,valid-type]
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def finish(self, outs: list[GenOut]) -> None:
-        """Publish the rest of each streamed row's final text, then end its stream."""
+        """Publish the rest of each streamed row's final text (the runner ends the stream)."""
         for k, r in self.rows:
             sent = r.stream.text
             if outs[k].text.startswith(sent):
                 r.stream.delta(outs[k].text[len(sent):])
-            r.stream.end()
 
 
 def _settled(text: str, stop: Sequence[str]) -> str:

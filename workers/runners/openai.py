@@ -21,7 +21,9 @@ with that error.
 Streaming: when a job of the batch has a subscriber on its token stream (`llmos.streaming`:
 one PUBSUB NUMSUB per batch), that job (writing or chat) is requested with `stream=True` (and
 `stream_options.include_usage`) and each content delta the remote server sends is relayed with
-`TokenPublisher.delta`, then `end()`; the recorded result is the joined deltas. The other jobs
+`TokenPublisher.delta` (with the job's attempt), then `end()` once the job's outcome is a result
+(a call that fails, retryable or not, ends nothing: the job may run again as a new attempt);
+the recorded result is the joined deltas. The other jobs
 go unstreamed. The Redis client comes from the worker's settings (`LLMOS_REDIS_URL`), made once
 per runner on first use. A streamed job stops reading early once it is cancelled or over its
 timeout. Servers that send no usage chunk get `tokens` counted as the content chunks received.
@@ -55,7 +57,7 @@ from llmos.registry import ModelSpec
 from llmos.streaming import TokenPublisher, listened
 from llmos.tasks import (ChatTask, DialogueTask, SummarizationTask, Task, TranslationTask,
                          WritingTask)
-from workers.runners.base import ItemError, ItemOutcome, Runner
+from workers.runners.base import ItemError, ItemOutcome, Runner, end_streams
 from workers.runners.seq2seq import LANGUAGE_NAMES
 
 DEFAULT_BACKOFF_S = 0.5
@@ -100,13 +102,18 @@ class OpenAIClient:
         self.max_retries = int(opts.get("max_retries", 3))
         self.backoff_s = float(opts.get("backoff_s", DEFAULT_BACKOFF_S))
         self._clients: dict[str | None, openai.OpenAI] = {}
+        self._users: dict[int, int] = {}  # calls using each client now, by id(client)
+        self._retired: list[openai.OpenAI] = []  # replaced (a key change), closed once unused
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self.headers: dict[str, Any] = {} if self.key_env else {"Authorization": openai.Omit()}
         """Per request: without a key, no Authorization header at all."""
 
     def api(self) -> openai.OpenAI:
-        """The official client for the key now in the environment (ItemError when it is missing)."""
+        """The official client for the key now in the environment (ItemError when it is missing).
+
+        A key change replaces the client; the old one is closed (its connection pool) as soon as
+        no call still uses it (`using`)."""
         key: str | None = None
         if self.key_env:
             key = os.environ.get(self.key_env)
@@ -120,8 +127,35 @@ class OpenAIClient:
                 client = _Client(base_url=self.base_url, api_key=key or "unused", timeout=self.timeout_s,
                                  max_retries=self.max_retries)
                 client.llmos_backoff_scale = self.backoff_s / DEFAULT_BACKOFF_S
-                self._clients = {key: client}  # an old key's client is dropped
+                self._retired += self._clients.values()  # an old key's client is dropped
+                self._clients = {key: client}
+                self._close_unused()
             return client
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[openai.OpenAI]:
+        """The client for the current key, counted as in use until the block ends (a replaced
+        client is closed only once its last call is done)."""
+        client = self.api()
+        with self._lock:
+            self._users[id(client)] = self._users.get(id(client), 0) + 1
+        try:
+            yield client
+        finally:
+            with self._lock:
+                left = self._users.pop(id(client)) - 1
+                if left:
+                    self._users[id(client)] = left
+                self._close_unused()
+
+    def _close_unused(self) -> None:
+        """Close the replaced clients no call uses (the lock held)."""
+        for old in [c for c in self._retired if id(c) not in self._users]:
+            self._retired.remove(old)
+            try:
+                old.close()
+            except Exception:  # closing a pool must not fail a job
+                pass
 
     def pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -132,8 +166,7 @@ class OpenAIClient:
 
     def call(self, path: str, fn: Callable[[openai.OpenAI], Any]) -> Any:
         """`fn(client)`, with the client's errors turned into this job's ItemError."""
-        api = self.api()
-        with self.errors(path):
+        with self.using() as api, self.errors(path):
             return fn(api)
 
     @contextlib.contextmanager
@@ -187,7 +220,8 @@ class OpenAIClient:
     def generate(self, path: str, body: dict[str, Any], publisher: TokenPublisher | None = None,
                  stop: Callable[[], bool] | None = None) -> tuple[str, dict[str, Any], str]:
         """POST a completions or chat body: (text, usage, finish_reason), streamed to `publisher`
-        when one is given (`stop()` true ends the stream early)."""
+        when one is given (`stop()` true ends the stream early; the caller sends `end`, once
+        the job's outcome is a result)."""
         chat = path == "chat/completions"
 
         def create(api: openai.OpenAI) -> Any:
@@ -205,8 +239,9 @@ class OpenAIClient:
         pieces: list[str] = []
         usage: dict[str, Any] = {}
         reason = None
-        try:
-            stream = self.call(path, create)
+        with self.using() as api:  # held while the stream is read: a key change closes it after
+            with self.errors(path):
+                stream = create(api)
             try:
                 with self.errors(path):
                     for chunk in stream:
@@ -222,8 +257,6 @@ class OpenAIClient:
                             break
             finally:
                 stream.close()
-        finally:
-            publisher.end()
         if "completion_tokens" not in usage:
             usage["completion_tokens"] = len(pieces)  # no usage chunk: one token a content chunk
         return "".join(pieces), usage, reason or "stop"
@@ -290,7 +323,7 @@ class OpenAIRunner(Runner):
             wanted = listened(redis_client, [j.id for j in jobs])
             for item, job in zip(items, jobs):
                 if job.id in wanted:
-                    item.publisher = TokenPublisher(redis_client, job.id)
+                    item.publisher = TokenPublisher(redis_client, job.id, job.attempts)
         return items
 
     def forward(self, items: list[_Item]) -> list[ItemOutcome]:
@@ -315,7 +348,10 @@ class OpenAIRunner(Runner):
             control: Any = None) -> list[ItemOutcome]:
         self._jobs, self._control = list(jobs) if jobs else None, control
         try:
-            return self.postprocess(self.forward(self.preprocess(requests, jobs)), requests)
+            items = self.preprocess(requests, jobs)
+            out = self.postprocess(self.forward(items), requests)
+            end_streams(out, [item.publisher for item in items])  # a result: its text is final
+            return out
         except Exception as exc:  # e.g. the history read failed: every job of the batch says so
             from workers.batcher import _is_transient
 

@@ -18,12 +18,17 @@ jobs cancelled). A model no live worker serves is a 503 no_worker at once, not a
 jobs' token streams (llmos.streaming) after they are written and before they are sent, relays each
 piece as a chunk, and once the jobs are final sends what the pieces did not cover (the recorded
 result is the truth: the joined deltas equal it), the finish_reason, the usage chunk when asked,
-then `data: [DONE]`. A client that disconnects mid-stream has its jobs cancelled.
+then `data: [DONE]`. Pieces of an older attempt of a job are dropped (llmos.streaming.Relay); a
+recorded text that does not start with what was sent ends the stream with a `stream_mismatch`
+error event, as a failed job or a failed wait (database, Redis) ends it with theirs. A client that
+disconnects has its jobs cancelled and its subscription closed, wherever the response stops
+(`_EventStream`: also when the body never started).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -35,6 +40,7 @@ from typing import Any, AsyncIterator, Callable, Literal
 
 import redis
 import redis.asyncio as aioredis
+import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.concurrency import run_in_threadpool
@@ -50,7 +56,8 @@ from llmos.api.errors import (InputRefusedError, JobCancelledError, JobCrashedEr
 from llmos.api.quotas import check_queued
 from llmos.api.routes import AUTHENTICATED, errors
 from llmos.api.settings import ApiSettings
-from llmos.errors import JobNotFoundError, NoWorkerError, UnknownModelError
+from llmos.errors import (BrokerUnavailableError, DatabaseUnavailableError, JobNotFoundError, LLMOSError,
+                          NoWorkerError, UnknownModelError)
 from llmos.jobs import Job, JobStatus
 from llmos.logs import event
 from llmos.registry import ModelSpec
@@ -261,6 +268,20 @@ def _submit(client: Client, api: ApiSettings, tenant: str, req: oa.Request,
     return [h.id for h in handles]
 
 
+async def shutdown(app: FastAPI) -> None:
+    """The app's end (its lifespan calls this): the waiter threads stopped (waits still queued
+    dropped) and the token streams' Redis client closed."""
+    pool, app.state.openai_waiters = getattr(app.state, "openai_waiters", None), None
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+    conn, app.state.openai_redis = getattr(app.state, "openai_redis", None), None
+    if conn is not None:
+        try:
+            await conn.aclose()
+        except (redis.RedisError, OSError) as exc:
+            event(log, "api_openai_redis_close_failed", logging.WARNING, error=repr(exc)[:200])
+
+
 def _waiters(app: FastAPI, api: ApiSettings) -> ThreadPoolExecutor:
     pool = getattr(app.state, "openai_waiters", None)
     if pool is None:  # made on the event loop's thread: no race
@@ -379,25 +400,82 @@ async def _serve_stream(req: oa.Request, http: HttpRequest, tenant: str, client:
     except BaseException:
         await pubsub.aclose()
         raise
-    return StreamingResponse(_chunks(req, http, tenant, client, api, pubsub, created, ids, deadline),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    stream = _Stream(http, client, api, tenant, pubsub, ids)
+    return _EventStream(_chunks(req, stream, created, deadline), stream, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _chunks(req: oa.Request, http: HttpRequest, tenant: str, client: Client, api: ApiSettings,
-                  pubsub: Any, created: list[Job], ids: list[str], deadline: float) -> AsyncIterator[str]:
+class _Stream:
+    """What one streamed request holds: its pub/sub subscription, its jobs, its wait.
+
+    `close` releases them (once) wherever the stream ends: after the answer, in the body's own
+    `finally`, or in `_EventStream.__call__`'s when the body never ran (a client gone before the
+    first byte); jobs without their answer yet are cancelled."""
+
+    def __init__(self, http: HttpRequest, client: Client, api: ApiSettings, tenant: str, pubsub: Any,
+                 ids: list[str]) -> None:
+        self.http, self.client, self.api, self.tenant, self.pubsub, self.ids = http, client, api, tenant, pubsub, ids
+        self.waiting: asyncio.Future | None = None
+        self.done = False  # every job is final: nothing to cancel
+        self.closed = False
+
+    def close(self) -> None:
+        """Synchronous, so a cancellation cannot cut it short: the pub/sub close runs as a task."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.waiting is not None:
+            self.waiting.cancel()
+        if not self.done:  # the client went away (or the stream failed) before the answer: stop the work
+            _cancel_later(self.http, self.client, self.api, self.tenant, self.ids)
+            event(log, "api_openai_stream_ended_early", tenant=self.tenant, jobs=len(self.ids))
+        task = asyncio.get_running_loop().create_task(_close_pubsub(self.pubsub))
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
+
+
+async def _close_pubsub(pubsub: Any) -> None:
+    try:
+        await pubsub.aclose()
+    except (redis.RedisError, OSError) as exc:
+        event(log, "api_openai_stream_close_failed", logging.WARNING, error=repr(exc)[:200])
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse whose stream's resources are released however the response ends: a
+    body generator that never started (the client left before the response began) runs no
+    `finally` of its own."""
+
+    def __init__(self, content: AsyncIterator[str], stream: _Stream, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.close()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:  # a body left suspended at a yield runs its finally now
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+
+async def _chunks(req: oa.Request, stream: _Stream, created: list[Job], deadline: float) -> AsyncIterator[str]:
     """The stream of one request (module doc); its jobs are cancelled if it ends before their answer."""
+    http, client, api, tenant, pubsub, ids = (stream.http, stream.client, stream.api, stream.tenant,
+                                              stream.pubsub, stream.ids)
     index = {streaming.stream_channel(i): k for k, i in enumerate(ids)}
-    received, seq, ended = [""] * len(ids), [0] * len(ids), set()
+    relays = [streaming.Relay() for _ in ids]  # per job: attempts told apart, what was sent
     chat = req.endpoint == oa.CHAT
     first = created[0]
-    done = False
-    waiting = asyncio.ensure_future(_wait(http, client, api, tenant, ids, deadline, watch_client=False))
+    waiting = stream.waiting = asyncio.ensure_future(_wait(http, client, api, tenant, ids, deadline,
+                                                           watch_client=False))
     try:
         if chat:
             yield _sse(oa.chunk(req, first, delta={"role": "assistant", "content": ""}))
         reading, quiet = bool(pubsub.subscribed), 0.0
-        while not waiting.done() and len(ended) < len(ids):
+        while not waiting.done() and not all(r.ended for r in relays):
             message = None
             if reading:
                 try:
@@ -415,41 +493,59 @@ async def _chunks(req: oa.Request, http: HttpRequest, tenant: str, client: Clien
                     yield ": keep-alive\n\n"
                 continue
             k, m = piece
-            if m["i"] != seq[k]:  # a lost or repeated piece: the final remainder covers the gap
-                continue
-            seq[k] += 1
-            if m.get("end"):
-                ended.add(k)
-            elif m["delta"]:
-                received[k] += m["delta"]
+            text = relays[k].feed(m)  # "" for an older attempt's piece, a lost one's successors...
+            if text:
                 quiet = 0.0
-                yield _sse(_text_chunk(req, first, m["delta"], k))
-        jobs = await waiting
+                yield _sse(_text_chunk(req, first, text, k))
+        try:
+            jobs = await waiting
+        except Exception as exc:  # the database or Redis stopped answering: an error event, not a traceback
+            yield _sse(_failure(exc, tenant))
+            return
         bad = [i for i in ids if jobs.get(i) is None or jobs[i].status != JobStatus.SUCCEEDED]
         if bad:
             err = job_error(jobs.get(bad[0]), bad[0])
             status, code = error_status(err)
             yield _sse(error_body(status, code, " ".join(str(err).split()), err.details))
             return
-        for k, job_id in enumerate(ids):
-            result = jobs[job_id].result or {}
-            rest = streaming.remainder(received[k], str(result.get("text", "")))
+        stream.done = True  # every job is final: nothing to cancel
+        results = [jobs[job_id].result or {} for job_id in ids]
+        rests = [r.rest(str(result.get("text", ""))) for r, result in zip(relays, results)]
+        wrong = [k for k, rest in enumerate(rests) if rest is None]
+        if wrong:  # what was sent is not the recorded text's beginning: say so, never end short
+            job_id = ids[wrong[0]]
+            event(log, "api_openai_stream_mismatch", logging.ERROR, tenant=tenant, job=job_id)
+            yield _sse(error_body(500, "stream_mismatch", f"the text streamed for job {job_id} is not the "
+                                  "beginning of its recorded result; read the answer again by its id",
+                                  {"job_id": job_id, "status": jobs[job_id].status.value}))
+            return
+        for k, (result, rest) in enumerate(zip(results, rests)):
             if rest:
                 yield _sse(_text_chunk(req, first, rest, k))
             finish = result.get("finish_reason", "stop")
             yield _sse(oa.chunk(req, first, finish_reason=finish, index=k))
-        done = True
         if req.include_usage:
             yield _sse(oa.chunk(req, first, usage=oa.response_body(req, [jobs[i] for i in ids])["usage"]))
         yield _sse("[DONE]")
     finally:
-        waiting.cancel()
-        if not done:  # the client went away (or the stream failed) before the answer: stop the work
-            _cancel_later(http, client, api, tenant, ids)
-            event(log, "api_openai_stream_ended_early", tenant=tenant, jobs=len(ids))
-        task = asyncio.get_running_loop().create_task(pubsub.aclose())
-        _CLEANUPS.add(task)
-        task.add_done_callback(_CLEANUPS.discard)
+        stream.close()
+
+
+def _failure(exc: Exception, tenant: str) -> dict[str, Any]:
+    """The error event of a stream whose wait failed (its jobs are then cancelled, best effort)."""
+    err: LLMOSError
+    if isinstance(exc, LLMOSError):
+        err = exc
+    elif isinstance(exc, sa.exc.OperationalError):
+        err = DatabaseUnavailableError("the task table's database does not answer")
+    elif isinstance(exc, (redis.RedisError, OSError)):
+        err = BrokerUnavailableError()
+    else:
+        log.error("action=api_openai_stream_failed error=%s", type(exc).__name__, exc_info=exc)
+        return error_body(500, "internal", "internal error; see the API server's log")
+    status, code = error_status(err)
+    event(log, "api_openai_stream_failed", logging.WARNING, tenant=tenant, code=code, error=repr(exc)[:200])
+    return error_body(status, code, " ".join(str(err).split()) or code)
 
 
 def _piece(message: Any, index: dict[str, int]) -> tuple[int, dict[str, Any]] | None:
