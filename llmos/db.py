@@ -60,6 +60,10 @@ jobs = sa.Table(
     sa.Column("run_after", Timestamp),
     sa.Column("dispatched_at", Timestamp),
     sa.Column("finishes", sa.Integer, nullable=False, server_default="0"),
+    # llmos/scheduling: the start and finish predicted at submit; the priority steps aging added
+    sa.Column("eta_start_at", Timestamp),
+    sa.Column("eta_finish_at", Timestamp),
+    sa.Column("aged", sa.SmallInteger, nullable=False, server_default="0"),
     sa.CheckConstraint("priority BETWEEN 0 AND 9", name="priority_range"),
     sa.CheckConstraint(
         "status IN ('queued','running','succeeded','failed','cancelled','expired')",
@@ -105,6 +109,7 @@ workers = sa.Table(
     sa.Column("started_at", Timestamp, nullable=False),
     sa.Column("last_heartbeat", Timestamp, nullable=False),
     sa.Column("stopped_at", Timestamp),
+    sa.Column("ready_at", Timestamp),  # its model loaded (cold start = ready_at - started_at)
     sa.Index(None, "model"),
     sa.Index(None, "last_heartbeat"),  # the reconciler's recent workers; retention
 )

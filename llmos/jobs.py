@@ -65,6 +65,9 @@ class Job:
     run_after: datetime | None = None
     dispatched_at: datetime | None = None
     finishes: int = 0
+    eta_start_at: datetime | None = None  # predicted at submit (llmos/scheduling)
+    eta_finish_at: datetime | None = None
+    aged: int = 0  # priority steps added by aging (submitted at priority - aged)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":
