@@ -72,12 +72,14 @@ def mean_wait_corrected(lam: float, mu: float, c: int, ca2: float = 1.0, cs2: fl
 def workers_needed(lam: float, mu: float, target_wait_s: float, ca2: float = 1.0, cs2: float = 1.0) -> int:
     """The fewest workers whose corrected mean wait is at most `target_wait_s` (0 for no load).
 
-    Starts at the least c with ρ < 1 and walks up (the wait falls with c). Raises ValueError when
-    no number up to MAX_WORKERS meets the target (a target of 0 s with any load, say).
+    Starts at the least c with ρ < 1 and walks up (the wait falls with c). Raises ValueError for
+    a target of 0 s or less with any load, or when no number up to MAX_WORKERS meets it.
     """
     _check(lam, mu, 0)
     if lam == 0:
         return 0
+    if target_wait_s <= 0:
+        raise ValueError(f"the target wait must be above 0 s (got {target_wait_s})")
     c = max(1, math.floor(lam / mu) + 1)
     while c <= MAX_WORKERS:
         if mean_wait_corrected(lam, mu, c, ca2, cs2) <= target_wait_s:

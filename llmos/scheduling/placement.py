@@ -242,11 +242,15 @@ def plan(devices: Iterable[Device], specs: Mapping[str, ModelSpec] | Iterable[Mo
         want = "cpu" if spec.engine == "openai" else ("cuda" if spec.device.startswith("cuda") else "cpu")
         return 0 if st.devices[ref].kind == want else 1
 
-    def candidates(m: str) -> list[str]:
-        """Devices that could ever hold one worker of m, best first (kind, then most free)."""
+    def candidates(m: str, best_fit: bool = False) -> list[str]:
+        """Devices that could ever hold one worker of m, best first: its kind, then the most free
+        memory (spreading a model's workers), or with `best_fit` the least that still fits
+        (packing first workers of many models)."""
         refs = [r for r, d in st.devices.items() if need[m] <= st.capacity[r] and
                 not (spec_map[m].device.startswith("cuda") and d.kind != "cuda"
                      and any(x.kind == "cuda" for x in devs))]
+        if best_fit:
+            return sorted(refs, key=lambda r: (kind_rank(m, r), not st.fits(m, r), st.free(r), r))
         return sorted(refs, key=lambda r: (kind_rank(m, r), -st.free(r), r))
 
     models = [m for m in sorted(spec_map) if m not in refused]
@@ -278,10 +282,11 @@ def plan(devices: Iterable[Device], specs: Mapping[str, ModelSpec] | Iterable[Mo
         then a busy model's second (or later) worker. allow="fill": idle evictable models,
         surplus workers, then workers of models better served than m by at least `min_gain`.
         """
-        for ref in candidates(m):
+        order = candidates(m, best_fit=allow == "start")
+        for ref in order:
             if st.fits(m, ref):
                 return ref
-        for ref in candidates(m):
+        for ref in order:
             victims = _victims(m, ref, allow)
             if victims is None:
                 continue
@@ -333,8 +338,9 @@ def plan(devices: Iterable[Device], specs: Mapping[str, ModelSpec] | Iterable[Mo
         slot_ok = d.max_workers is None or st.slots_used(ref) - slots < d.max_workers
         return chosen if freed + 1e-9 >= need[m] and slot_ok and chosen else None
 
-    # 3. one worker for every model with queued work
-    for m in sorted(models, key=lambda m: (-weight[m] * dem(m).backlog, m)):
+    # 3. one worker for every model with queued work: largest first, each on the device it fits
+    # best (first-fit decreasing: it packs what a spread would strand)
+    for m in sorted(models, key=lambda m: (-need[m], -weight[m] * dem(m).backlog, m)):
         if dem(m).backlog > 0 and st.count(m) == 0:
             ref = make_room(m, allow="start")
             if ref is None:
