@@ -56,7 +56,7 @@ from llmos.registry import ModelSpec
 
 log = logging.getLogger("llmos.scheduling.eta")
 
-AHEAD_CAP = 10_000
+AHEAD_CAP = 2_000
 """Queued jobs counted ahead of a submit through the index, at most (beyond: the pending set)."""
 
 RATE_TTL_S = 5.0
@@ -163,8 +163,10 @@ def _queued() -> Any:
 def read_load(engine: sa.Engine, model: str, priority: int, *, dead_after_s: float,
               redis_conn: Any = None) -> Load:
     """One statement: the clock, queued ahead (bounded), running, live workers of `model`."""
-    ahead_q = (sa.select(sa.literal(1)).where(_queued(), jobs.c.model == model, jobs.c.priority >= priority)
-               .limit(AHEAD_CAP).subquery())
+    # in the index's order (model, priority desc, queued_at): the planner walks ix_jobs_queued_order
+    # and stops after AHEAD_CAP entries, however many jobs are queued
+    ahead_q = (sa.select(jobs.c.priority).where(_queued(), jobs.c.model == model, jobs.c.priority >= priority)
+               .order_by(jobs.c.priority.desc(), jobs.c.queued_at).limit(AHEAD_CAP).subquery())
     running_q = (sa.select(sa.literal(1))
                  .where(jobs.c.status == sa.literal_column(f"'{JobStatus.RUNNING.value}'"), jobs.c.model == model)
                  .limit(AHEAD_CAP).subquery())
