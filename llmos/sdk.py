@@ -200,13 +200,12 @@ class Client:
                               deadline_in_s=deadline_in_s, mode=self.settings.deadline_admission,
                               dead_after_s=self.settings.dead_after_s,
                               redis_conn=self.redis if self._uses_redis() else None)
-        start, step, run = admission.start_in_s(0), admission.per_job_s, admission.run_s
         new = [manager.NewJob(model=spec.name, task_type=t.task_type, input=t.model_dump(mode="json"),
                               priority=prio, tenant=tenant, idempotency_key=k,
                               batch_id=batch_id, conversation_id=getattr(t, "conversation_id", None),
                               timeout_s=timeout_s, deadline=deadline, deadline_in_s=deadline_in_s,
-                              max_attempts=max_attempts, eta_start_in_s=start + i * step,
-                              eta_finish_in_s=start + i * step + run)
+                              max_attempts=max_attempts, eta_start_in_s=admission.start_in_s(i),
+                              eta_finish_in_s=admission.finish_in_s(i))
                for i, (t, k) in enumerate(zip(checked, keys))]
         if self._dispatcher is None or isinstance(self._dispatcher, CeleryDispatcher):
             ping(self.redis, self.settings)  # fail before writing anything if Redis is down

@@ -14,12 +14,17 @@ Owns `admit` (the one call in `Client._submit`), the estimator `predict` (pure a
   time a job runs (its batch's compute), and the measured cold start of the model's workers
   (`workers.ready_at - started_at`).
 
-The model (a fluid approximation of c parallel batch servers, see docs/scheduling.md):
+The model (a fluid approximation of c parallel batch servers, see docs/scheduling.md). A job's
+start is its claim (`started_at`): each worker claims up to `slots` = 2 x max_batch_size jobs
+ahead of its model thread (the worker's default concurrency), so a job is claimed once the jobs
+ahead of it fit in the workers' free slots, and computes once those ahead of it are done:
 
     wait_0    = dispatch latency (the batcher's max_wait_ms) [+ cold start when no worker is warm]
-    ahead_i   = queued ahead at priority >= p  +  running / 2  +  i     (i: position in the submit)
-    start_i   = now + wait_0 + ahead_i * s / c        (s: seconds per job per worker, c: warm workers, >= 1)
-    finish_i  = start_i + run_s                       (run_s: a job's own batch compute time)
+    ahead_i   = queued ahead at priority >= p  +  running  +  i     (i: position in the submit)
+    start_i   = now + wait_0 + max(0, ahead_i + 1 - c * slots) * s / c
+    finish_i  = now + wait_0 + ahead_i * s / c + run_s
+    (s: seconds per job per worker at the batch sizes seen, c: warm workers (>= 1),
+     run_s: a job's own batch compute time)
 
 Predictions are offsets from the database's clock at insert, so the stored `eta_start_at` is
 never before `created_at`. Deadline admission refuses (LLMOS_DEADLINE_ADMISSION=refuse, the
@@ -74,6 +79,10 @@ PRIOR_SERVICE_S = 0.05
 PRIOR_COLD_START_S = 30.0
 """Seconds a worker is assumed to take to load its model before any has recorded `ready_at`."""
 
+WORKER_SLOTS_PER_BATCH = 2
+"""A worker claims up to this many batches of jobs ahead of its model thread (workers/worker.py's
+default concurrency, 2 x max_batch_size)."""
+
 ADMISSION_MODES = ("refuse", "warn", "off")
 
 
@@ -119,11 +128,14 @@ class Admission:
     workers: int
     measured: bool  # service time (and the cold start when none is warm) measured, not priors
 
+    slots: int = 1  # jobs the warm workers hold claimed at most, together
+
     def start_in_s(self, i: int) -> float:
-        return self.wait0_s + (self.ahead + self.running / 2 + i) * self.per_job_s
+        """When job i of the submit is claimed (its `started_at`), after insert."""
+        return self.wait0_s + max(0, self.ahead + self.running + i + 1 - self.slots) * self.per_job_s
 
     def finish_in_s(self, i: int) -> float:
-        return self.start_in_s(i) + self.run_s
+        return self.wait0_s + (self.ahead + self.running + i) * self.per_job_s + self.run_s
 
     @property
     def eta_start_at(self) -> datetime:
@@ -151,7 +163,7 @@ def predict(spec: ModelSpec, load: Load, rate: Rate, n: int) -> Admission:
     c = max(1, workers_n)
     return Admission(model=spec.name, n=n, now=load.now, wait0_s=wait0, per_job_s=rate.service_s / c,
                      run_s=rate.run_s, ahead=load.ahead, running=load.running, workers=workers_n,
-                     measured=measured)
+                     measured=measured, slots=c * WORKER_SLOTS_PER_BATCH * spec.max_batch_size)
 
 
 # -- reads -------------------------------------------------------------------------------------
@@ -317,11 +329,7 @@ def _check_deadline(adm: Admission, deadline: datetime | None, deadline_in_s: fl
     last = adm.start_in_s(adm.n - 1)
     if last <= left_s or not adm.measured:
         return
-    first = adm.start_in_s(0)
-    if first > left_s:
-        meet = 0
-    else:
-        meet = adm.n if adm.per_job_s <= 0 else min(adm.n, int((left_s - first) / adm.per_job_s) + 1)
+    meet = sum(1 for i in range(adm.n) if adm.start_in_s(i) <= left_s)  # (the refusal path only)
     what = "the job" if adm.n == 1 else f"{adm.n - meet} of the {adm.n} jobs"
     message = (f"deadline in {left_s:.1f} s cannot be met for {what} of model {adm.model!r}: predicted start "
                f"in {last:.1f} s (ETA {(adm.now + timedelta(seconds=last)).isoformat(timespec='seconds')}; "

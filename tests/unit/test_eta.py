@@ -64,11 +64,17 @@ def test_predict_from_fake_demand():
     load = eta.Load(now=NOW, ahead=20, running=4, workers=2)
     rate = eta.Rate(service_s=0.1, run_s=0.4, jobs=100)
     adm = eta.predict(SPEC, load, rate, n=3)
-    # 10 ms of batcher wait, then (20 ahead + 4 running / 2 + position) jobs at 0.1 s / 2 workers
-    assert adm.start_in_s(0) == pytest.approx(0.01 + 22 * 0.05)
+    assert adm.slots == 2 * 2 * 4  # two workers, each holding two batches of 4 claimed
+    # 10 ms of batcher wait, then (20 ahead + 4 running + position + 1 - 16 slots) jobs at 0.1 s / 2 workers
+    assert adm.start_in_s(0) == pytest.approx(0.01 + 9 * 0.05)
     assert [round(adm.start_in_s(i) - adm.start_in_s(0), 6) for i in range(3)] == [0.0, 0.05, 0.1]
-    assert adm.finish_in_s(2) == pytest.approx(adm.start_in_s(2) + 0.4)
+    # it computes once the 24 + i jobs ahead of it are done, then runs its own batch
+    assert adm.finish_in_s(2) == pytest.approx(0.01 + 26 * 0.05 + 0.4)
     assert adm.eta_start_at == NOW + timedelta(seconds=adm.start_in_s(0)) and adm.measured
+    idle = eta.predict(SPEC, eta.Load(now=NOW, ahead=0, running=0, workers=1), rate, n=10)
+    # an idle worker claims 8 at once; the 9th and 10th wait for a slot
+    assert [round(idle.start_in_s(i), 6) for i in range(10)] == [0.01] * 8 + [0.11, 0.21]
+    assert [round(idle.finish_in_s(i), 6) for i in (0, 9)] == [0.41, 1.31]
 
 
 def test_predict_adds_the_cold_start_when_no_worker_is_warm():
@@ -97,20 +103,23 @@ def test_rate_is_measured_from_finished_jobs_and_cached(sqlite_settings):
 def test_bulk_submit_gets_successive_positions_stored_on_the_rows(sqlite_settings):
     measured_history(sqlite_settings)
     client = client_for(sqlite_settings)
-    hs = client.load_model("small").submit_many([llmos.SentimentTask(text=f"t{i}") for i in range(5)])
+    hs = client.load_model("small").submit_many([llmos.SentimentTask(text=f"t{i}") for i in range(12)])
     stored = {r.id: r for r in rows(sqlite_settings)}
     starts = [manager.as_utc(stored[h.id].eta_start_at) for h in hs]
-    assert [h.eta_start_at for h in hs] == starts
-    gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:])]
-    assert gaps == pytest.approx([0.1] * 4, abs=1e-5)  # 0.1 s per job, one worker
+    finishes = [manager.as_utc(stored[h.id].eta_finish_at) for h in hs]
+    assert [h.eta_start_at for h in hs] == starts and [h.eta_finish_at for h in hs] == finishes
+    gaps = [round((b - a).total_seconds(), 5) for a, b in zip(starts, starts[1:])]
+    assert gaps == [0.0] * 7 + [0.1] * 4  # 8 claimed at once by the idle worker, then 0.1 s per job
+    gaps = [round((b - a).total_seconds(), 5) for a, b in zip(finishes, finishes[1:])]
+    assert gaps == [0.1] * 11
     for h in hs:
         r = stored[h.id]
-        assert manager.as_utc(r.eta_start_at) >= manager.as_utc(r.created_at)
-        assert (manager.as_utc(r.eta_finish_at) - manager.as_utc(r.eta_start_at)).total_seconds() == pytest.approx(0.4, abs=1e-5)
-    # the next submit at the same priority queues behind those 5; a higher priority does not
+        assert manager.as_utc(r.eta_finish_at) > manager.as_utc(r.eta_start_at) >= manager.as_utc(r.created_at)
+    # the next submit at the same priority queues behind those 12; a higher priority does not
     later = client.load_model("small").submit(llmos.SentimentTask(text="later"))
     urgent = client.load_model("small").submit(llmos.SentimentTask(text="urgent"), priority=9)
-    assert (later.eta_start_at - manager.as_utc(later.job().created_at)).total_seconds() == pytest.approx(0.01 + 5 * 0.1, abs=1e-3)
+    assert (later.eta_start_at - manager.as_utc(later.job().created_at)).total_seconds() \
+        == pytest.approx(0.01 + (12 + 1 - 8) * 0.1, abs=1e-3)
     assert (urgent.eta_start_at - manager.as_utc(urgent.job().created_at)).total_seconds() == pytest.approx(0.01, abs=1e-3)
 
 
@@ -139,7 +148,7 @@ def test_a_deadline_the_measured_eta_cannot_meet_is_refused(sqlite_settings):
     model = client.load_model("small")
     model.submit_many([llmos.SentimentTask(text=f"t{i}") for i in range(50)])  # 5 s of work ahead
     before = len(rows(sqlite_settings))
-    with pytest.raises(DeadlineUnmeetableError, match=r"predicted start in 5\.\d s \(ETA 20") as err:
+    with pytest.raises(DeadlineUnmeetableError, match=r"predicted start in 4\.\d s \(ETA 20") as err:
         model.submit(llmos.SentimentTask(text="hurry"), deadline=2.0)
     assert isinstance(err.value, llmos.ValidationError) and err.value.eta_start_s > err.value.deadline_in_s
     with pytest.raises(DeadlineUnmeetableError, match="of the 3 jobs"):
