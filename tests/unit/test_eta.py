@@ -64,16 +64,16 @@ def test_predict_from_fake_demand():
     load = eta.Load(now=NOW, ahead=20, running=4, workers=2)
     rate = eta.Rate(service_s=0.1, run_s=0.4, jobs=100)
     adm = eta.predict(SPEC, load, rate, n=3)
-    assert adm.slots == 2 * 2 * 4  # two workers, each holding two batches of 4 claimed
-    # 10 ms of batcher wait, then (20 ahead + 4 running + position + 1 - 16 slots) jobs at 0.1 s / 2 workers
-    assert adm.start_in_s(0) == pytest.approx(0.01 + 9 * 0.05)
+    assert adm.slots == 2 * 4  # two workers, each holding a batch of 4 claimed
+    # 10 ms of batcher wait, then (20 ahead + 4 running + position + 1 - 8 slots) jobs at 0.1 s / 2 workers
+    assert adm.start_in_s(0) == pytest.approx(0.01 + 17 * 0.05)
     assert [round(adm.start_in_s(i) - adm.start_in_s(0), 6) for i in range(3)] == [0.0, 0.05, 0.1]
     # it computes once the 24 + i jobs ahead of it are done, then runs its own batch
     assert adm.finish_in_s(2) == pytest.approx(0.01 + 26 * 0.05 + 0.4)
     assert adm.eta_start_at == NOW + timedelta(seconds=adm.start_in_s(0)) and adm.measured
     idle = eta.predict(SPEC, eta.Load(now=NOW, ahead=0, running=0, workers=1), rate, n=10)
-    # an idle worker claims 8 at once; the 9th and 10th wait for a slot
-    assert [round(idle.start_in_s(i), 6) for i in range(10)] == [0.01] * 8 + [0.11, 0.21]
+    # an idle worker claims a batch (4) at once; the next ones wait for a slot, 0.1 s apart
+    assert [round(idle.start_in_s(i), 6) for i in range(10)] == [0.01] * 4 + [0.11, 0.21, 0.31, 0.41, 0.51, 0.61]
     assert [round(idle.finish_in_s(i), 6) for i in (0, 9)] == [0.41, 1.31]
 
 
@@ -109,7 +109,7 @@ def test_bulk_submit_gets_successive_positions_stored_on_the_rows(sqlite_setting
     finishes = [manager.as_utc(stored[h.id].eta_finish_at) for h in hs]
     assert [h.eta_start_at for h in hs] == starts and [h.eta_finish_at for h in hs] == finishes
     gaps = [round((b - a).total_seconds(), 5) for a, b in zip(starts, starts[1:])]
-    assert gaps == [0.0] * 7 + [0.1] * 4  # 8 claimed at once by the idle worker, then 0.1 s per job
+    assert gaps == [0.0] * 3 + [0.1] * 8  # a batch of 4 claimed at once by the idle worker, then 0.1 s per job
     gaps = [round((b - a).total_seconds(), 5) for a, b in zip(finishes, finishes[1:])]
     assert gaps == [0.1] * 11
     for h in hs:
@@ -119,7 +119,7 @@ def test_bulk_submit_gets_successive_positions_stored_on_the_rows(sqlite_setting
     later = client.load_model("small").submit(llmos.SentimentTask(text="later"))
     urgent = client.load_model("small").submit(llmos.SentimentTask(text="urgent"), priority=9)
     assert (later.eta_start_at - manager.as_utc(later.job().created_at)).total_seconds() \
-        == pytest.approx(0.01 + (12 + 1 - 8) * 0.1, abs=1e-3)
+        == pytest.approx(0.01 + (12 + 1 - 4) * 0.1, abs=1e-3)
     assert (urgent.eta_start_at - manager.as_utc(urgent.job().created_at)).total_seconds() == pytest.approx(0.01, abs=1e-3)
 
 
