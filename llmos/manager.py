@@ -94,6 +94,8 @@ class NewJob:
     timeout_s: float | None = None
     deadline: datetime | None = None
     deadline_in_s: float | None = None  # a deadline relative to the database's clock at insert
+    eta_start_in_s: float | None = None  # predicted start and finish, seconds after insert (llmos.scheduling.eta)
+    eta_finish_in_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -181,7 +183,7 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True, *
 
 _NEW_JOB_COLUMNS = ("id", "model", "task_type", "priority", "status", "input", "attempts", "max_attempts",
                     "tenant", "idempotency_key", "batch_id", "conversation_id", "created_at", "queued_at",
-                    "timeout_s", "dispatched_at", "finishes", "deadline")
+                    "timeout_s", "dispatched_at", "finishes", "deadline", "eta_start_at", "eta_finish_at")
 """The columns a new job's row sets (the others are null)."""
 
 _COPY_JOBS = f"COPY jobs ({', '.join(_NEW_JOB_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
@@ -189,7 +191,8 @@ _COPY_JOBS = f"COPY jobs ({', '.join(_NEW_JOB_COLUMNS)}) FROM STDIN (FORMAT BINA
 # id goes as bytea (bytes.fromhex, 7x cheaper than a uuid.UUID); the jsonb is dumped by dump_json,
 # the engine's serializer, as SQLAlchemy's executemany dumps it.
 _COPY_TYPES = ("bytea", "text", "text", "int2", "text", "jsonb", "int4", "int4", "text", "text", "text",
-               "text", "timestamptz", "timestamptz", "float8", "timestamptz", "int4", "timestamptz")
+               "text", "timestamptz", "timestamptz", "float8", "timestamptz", "int4", "timestamptz",
+               "timestamptz", "timestamptz")
 
 
 def _new_jobs(new: Sequence[NewJob], existing: dict[tuple[str, str], Job],
@@ -210,7 +213,9 @@ def _new_jobs(new: Sequence[NewJob], existing: dict[tuple[str, str], Job],
             "idempotency_key": n.idempotency_key, "batch_id": n.batch_id,
             "conversation_id": n.conversation_id, "timeout_s": n.timeout_s,
             "deadline": (now + timedelta(seconds=n.deadline_in_s)) if n.deadline_in_s is not None
-            else n.deadline})
+            else n.deadline,
+            "eta_start_at": None if n.eta_start_in_s is None else now + timedelta(seconds=n.eta_start_in_s),
+            "eta_finish_at": None if n.eta_finish_in_s is None else now + timedelta(seconds=n.eta_finish_in_s)})
         created.append(job)
         out.append((job, True))
         if key is not None:
@@ -243,7 +248,7 @@ def _copy_jobs(conn: sa.Connection, created: list[Job]) -> None:
                        Jsonb(j.input, dump_json), 0, j.max_attempts, j.tenant, j.idempotency_key,
                        j.batch_id, j.conversation_id, j.created_at, j.queued_at,
                        None if j.timeout_s is None else float(j.timeout_s), j.dispatched_at, 0,
-                       as_utc(j.deadline)))
+                       as_utc(j.deadline), j.eta_start_at, j.eta_finish_at))
     except dbapi.Error as exc:
         raise sa.exc.DBAPIError.instance(_COPY_JOBS, None, exc, dbapi.Error) from exc
 
