@@ -199,7 +199,7 @@ class Client:
         admission = eta.admit(self.engine, spec, priority=prio, n=len(checked), deadline=deadline,
                               deadline_in_s=deadline_in_s, mode=self.settings.deadline_admission,
                               dead_after_s=self.settings.dead_after_s,
-                              redis_conn=self.redis if self._uses_redis() else None)
+                              redis_conn=self.redis if self._uses_redis() else None, settings=self.settings)
         new = [manager.NewJob(model=spec.name, task_type=t.task_type, input=t.model_dump(mode="json"),
                               priority=prio, tenant=tenant, idempotency_key=k,
                               batch_id=batch_id, conversation_id=getattr(t, "conversation_id", None),

@@ -290,8 +290,41 @@ def largest_device_mb(kind: str) -> float | None:
     return _device_mb[kind]
 
 
-def check_fits(spec: ModelSpec) -> None:
-    """ModelTooLargeError if `spec` needs more memory than the largest device of its kind has."""
+_declared: dict[tuple[str, float], tuple] = {}
+
+
+def declared_devices(settings: Any) -> tuple:
+    """The `[[device]]` entries of llmos.toml (cached per file and modification time), () if none
+    or no settings: a submit reads the file at most once per change."""
+    if settings is None:
+        return ()
+    from llmos.scheduling.devices import config_path, read_devices
+
+    path = config_path(settings)
+    if path is None:
+        return ()
+    try:
+        key = (str(path), path.stat().st_mtime)
+    except OSError:
+        return ()
+    if key not in _declared:
+        _declared.clear()
+        _declared[key] = tuple(read_devices(path))
+    return _declared[key]
+
+
+def check_fits(spec: ModelSpec, settings: Any = None) -> None:
+    """ModelTooLargeError if `spec` fits on no device: the `[[device]]` entries of llmos.toml when
+    it declares any (llmos.scheduling.placement.fits_anywhere, as the planner decides), else the
+    largest device of its kind this process knows."""
+    declared = declared_devices(settings)
+    if declared:
+        from llmos.scheduling.placement import fits_anywhere
+
+        refusal = fits_anywhere(spec, declared)
+        if refusal is not None:
+            raise ModelTooLargeError(f"{refusal}: it fits on no device; nothing was written")
+        return
     try:
         need = spec.memory_need_mb()
     except Exception:  # a need that cannot be worked out is not a refusal
@@ -311,14 +344,14 @@ def check_fits(spec: ModelSpec) -> None:
 
 def admit(engine: sa.Engine, spec: ModelSpec, *, priority: int, n: int, deadline: datetime | None,
           deadline_in_s: float | None, mode: str = "refuse", dead_after_s: float = 30.0,
-          redis_conn: Any = None) -> Admission:
+          redis_conn: Any = None, settings: Any = None) -> Admission:
     """The ETA of a submit of `n` jobs of `spec` at `priority`, after the admission checks.
 
     ModelTooLargeError if the model fits on no device; DeadlineUnmeetableError (mode 'refuse') or
     a DeadlineUnmeetableWarning (mode 'warn') if the last job's predicted start is past the
     deadline and the prediction is measured. Nothing is written here.
     """
-    check_fits(spec)
+    check_fits(spec, settings)
     load = read_load(engine, spec.name, priority, dead_after_s=dead_after_s, redis_conn=redis_conn)
     adm = predict(spec, load, read_rate(engine, spec.name), n)
     if mode != "off" and (deadline is not None or deadline_in_s is not None):

@@ -189,6 +189,23 @@ def test_a_model_that_fits_on_no_device_is_refused(sqlite_settings):
     assert rows(sqlite_settings) == []
 
 
+def test_declared_devices_decide_what_fits(sqlite_settings, tmp_path):
+    """With [[device]] entries in llmos.toml the submit refuses as the planner would (their sizes),
+    and accepts a model that fits one of them."""
+    config = tmp_path / "llmos.toml"
+    config.write_text('[[device]]\nname = "cuda:0"\nkind = "cuda"\nmemory_mb = 1000\n'
+                      '[[device]]\nname = "cpu"\nkind = "cpu"\nmemory_mb = 2000\n')
+    big = ModelSpec(name="mid", source="x", tasks=("sentiment",), memory_mb=1500)
+    huge = ModelSpec(name="huge", source="x", tasks=("sentiment",), memory_mb=5000)
+    client = Client(sqlite_settings.model_copy(update={"config": config}), dispatcher=InMemoryDispatcher(),
+                    registry=Registry({"mid": big, "huge": huge}))
+    with pytest.raises(ModelTooLargeError, match=r"model 'huge' needs 5,000 MiB .* largest device, cpu .* 2,000 MiB"):
+        client.load_model("huge").submit(llmos.SentimentTask(text="hi"))
+    assert rows(sqlite_settings) == []
+    client.load_model("mid").submit(llmos.SentimentTask(text="hi"))  # 1,500 MiB: fits the 2,000 MiB CPU
+    assert len(rows(sqlite_settings)) == 1
+
+
 def test_api_answers_422_with_the_error_codes(sqlite_settings):
     client = client_for(sqlite_settings)
     http = TestClient(create_app(api_settings=ApiSettings(rate_limit_storage="memory://"), client=client))
