@@ -39,6 +39,7 @@ from llmos.logs import event
 from llmos.notify import READY_WAIT_S, DoneListener, ping, publish_done, redis_client
 from llmos.priority import parse_priority
 from llmos.registry import ModelSpec, Registry
+from llmos.scheduling import shares
 from llmos.settings import Settings, get_settings, redact
 from llmos.tasks import (DialogueTask, Task, TaskResult, TranslationTask, ensure_task,
                          task_class)
@@ -179,6 +180,7 @@ class Client:
         tasks = _task_list(tasks)
         prio = parse_priority(priority)
         tenant = self._tenant(tenant)
+        prio = self._db(shares.adjusted_priority, self.settings, spec.name, tenant, prio) if shares.weights(self.settings) else prio
         keys = _keys(idempotency_key, len(tasks))
         batch_id = _name("batch_id", batch_id, MAX_BATCH_ID_CHARS)
         webhook_url = webhook_url_of(webhook_url)
