@@ -773,8 +773,10 @@ def age_queued(engine: sa.Engine, model: str, *, step_s: float, ceiling: int,
         now = db_now(conn)
         # the due time of the next step, by the steps already taken (aged 0–9): a CASE of
         # literals, so the same statement works on SQLite and Postgres (no interval arithmetic)
-        due = sa.case(*[(jobs.c.aged == k, now - timedelta(seconds=(k + 1) * step_s)) for k in range(10)],
-                      else_=now - timedelta(seconds=11 * step_s))
+        def ago(steps: int) -> Any:
+            return sa.literal(now - timedelta(seconds=steps * step_s), jobs.c.queued_at.type)
+
+        due = sa.case(*[(jobs.c.aged == k, ago(k + 1)) for k in range(10)], else_=ago(11))
         first = now - timedelta(seconds=step_s)
         for level in range(min(ceiling, 10) - 1, -1, -1):
             room = limit - len(promoted)

@@ -39,8 +39,9 @@ from llmos.jobs import JobStatus
 from llmos.manager import db_now
 from llmos.settings import Settings
 
-CACHE_S = 3.0
-"""How long one model's compute and queued tenants are reused by a process's submits."""
+CACHE_S = 2.0
+"""How long one model's compute and queued tenants are reused by a process's submits (at most a
+twentieth of the window: a stale read is a lag, and lag pulls the shares toward equal ones)."""
 
 DEFAULT_WEIGHT = 1.0
 """The weight of a tenant [shares] does not list."""
@@ -137,7 +138,7 @@ def usage(engine: sa.Engine, model: str, window_s: float) -> Usage:
         return hit[1]
     found = read_usage(engine, model, window_s)
     with _lock:
-        _usage_cache[key] = (now + CACHE_S, found)
+        _usage_cache[key] = (now + min(CACHE_S, window_s / 20), found)
     return found
 
 
