@@ -156,7 +156,7 @@ def test_a_priority_1_job_under_a_stream_of_priority_9_finishes_within_the_aging
     # one chunk message of 32), at the service rate measured over the run. Doubled, for a loaded
     # 2-core machine (every term is measured or set, none tuned to pass).
     period = interval + max(passes)
-    reach = (settings.aging_ceiling - 1) * max(settings.aging_s, period) + period
+    reach = aging.bound_s(1, settings, interval_s=period)  # (C - p) * max(S, I') + I'
     rate = _service_rate(stream)
     drain = (keep + 8 + 32) / rate
     bound = 2 * (reach + drain)
