@@ -758,6 +758,49 @@ def stale_queued(engine: sa.Engine, model: str, older_than_s: float, limit: int 
     return [QueuedRef(str(i), m, p, as_utc(at)) for i, m, p, at in rows]
 
 
+def age_queued(engine: sa.Engine, model: str, *, step_s: float, ceiling: int,
+               limit: int = 1000) -> list[Job]:
+    """Aging (llmos.scheduling.aging): queued, due jobs of `model` below `ceiling` that have waited
+    over (aged + 1) × `step_s` since `queued_at` go up one priority step (priority + 1, aged + 1,
+    dispatched_at = now: the caller sends their new message at once). Returns the promoted rows.
+
+    One conditional UPDATE per priority level, from the ceiling down, in one transaction: a job
+    moves at most one step per call, and one claimed (or cancelled) meanwhile is left alone.
+    Each level's candidates are an ordered range of ix_jobs_queued_order (model = m,
+    priority = p, queued_at < now - step_s), oldest first, at most `limit` in all per call; the
+    rows it reads and skips are those promoted into that level within the last step (not due
+    again yet), so a call reads about `limit` rows, not the backlog.
+    """
+    if step_s <= 0 or limit <= 0:
+        return []
+    promoted: list[Job] = []
+    with engine.begin() as conn:
+        now = db_now(conn)
+        # the due time of the next step, by the steps already taken (aged 0–9): a CASE of
+        # literals, so the same statement works on SQLite and Postgres (no interval arithmetic)
+        def ago(steps: int) -> Any:
+            return sa.literal(now - timedelta(seconds=steps * step_s), jobs.c.queued_at.type)
+
+        due = sa.case(*[(jobs.c.aged == k, ago(k + 1)) for k in range(10)], else_=ago(11))
+        first = now - timedelta(seconds=step_s)
+        for level in range(min(ceiling, 10) - 1, -1, -1):
+            room = limit - len(promoted)
+            if room <= 0:
+                break
+            queued = [_status_in(jobs.c.status, JobStatus.QUEUED), jobs.c.model == model,
+                      jobs.c.priority == level]
+            pick = (sa.select(jobs.c.id)
+                    .where(*queued, jobs.c.queued_at < first, jobs.c.queued_at < due,
+                           sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
+                    .order_by(jobs.c.queued_at).limit(room))
+            stmt = (jobs.update()
+                    .where(jobs.c.id.in_(pick), *queued)
+                    .values(priority=jobs.c.priority + 1, aged=jobs.c.aged + 1, dispatched_at=now)
+                    .returning(*jobs.c))
+            promoted.extend(_jobs_from(conn.execute(stmt)))
+    return promoted
+
+
 def mark_dispatched(engine: sa.Engine, job_ids: Sequence[str]) -> None:
     with engine.begin() as conn:
         now = db_now(conn)

@@ -39,7 +39,7 @@ from llmos.logs import event
 from llmos.notify import READY_WAIT_S, DoneListener, ping, publish_done, redis_client
 from llmos.priority import parse_priority
 from llmos.registry import ModelSpec, Registry
-from llmos.scheduling import eta
+from llmos.scheduling import eta, shares
 from llmos.settings import Settings, get_settings, redact
 from llmos.tasks import (DialogueTask, Task, TaskResult, TranslationTask, ensure_task,
                          task_class)
@@ -194,6 +194,9 @@ class Client:
         checked = [validate_for(spec, t, _conversation_for(tenant, k)) for t, k in zip(tasks, keys)]
         if not checked:
             return [], False
+        # tenant shares (llmos.scheduling.shares, only with [shares] in llmos.toml): a tenant over its
+        # share of the model's compute queues one step lower; the ETA below counts that priority
+        prio = self._db(shares.adjusted_priority, self.settings, spec.name, tenant, prio) if shares.weights(self.settings) else prio
         # ETA and admission (llmos.scheduling.eta): one read per submit call; refuses a model that
         # fits on no device, and a deadline the measured ETA cannot meet, before anything is written
         admission = eta.admit(self.engine, spec, priority=prio, n=len(checked), deadline=deadline,
