@@ -24,7 +24,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmos.errors import ConfigError, UnknownModelError, UnsupportedTaskError
-from llmos.settings import Settings
+from llmos.settings import Settings, config_path
 from llmos.tasks import TASK_TYPES
 
 PACKAGE_SOURCE_PREFIX = "package:"
@@ -227,10 +227,8 @@ class Registry:
     @classmethod
     def load(cls, settings: Settings) -> "Registry":
         specs = builtin_models(settings)  # a configured entry of the same name replaces one
-        path = settings.config or (Path.cwd() / "llmos.toml")
-        if settings.config and not path.is_file():
-            raise ConfigError(f"LLMOS_CONFIG points at {path}, which is not a file")
-        if path.is_file():
+        path = config_path(settings)
+        if path is not None:
             specs.update(read_config(path))
         return cls(specs)
 

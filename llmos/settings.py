@@ -116,6 +116,19 @@ def redact(url: str) -> str:
         return url
 
 
+def config_path(settings: Settings) -> Path | None:
+    """The file the registry and every `[section]` reader read: LLMOS_CONFIG (ConfigError if it
+    is not a file), else ./llmos.toml if there is one, else None."""
+    if settings.config:
+        if not settings.config.is_file():
+            from llmos.errors import ConfigError
+
+            raise ConfigError(f"LLMOS_CONFIG points at {settings.config}, which is not a file")
+        return settings.config
+    path = Path.cwd() / "llmos.toml"
+    return path if path.is_file() else None
+
+
 def get_settings() -> Settings:
     """Fresh settings from the current environment."""
     return Settings()

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llmos.errors import ConfigError
-from llmos.settings import Settings
+from llmos.settings import Settings, config_path
 
 WAIT_MAX_S = 60.0
 """Longest one long-poll call (`GET /v1/jobs/{id}/wait`) blocks."""
@@ -141,16 +141,6 @@ def get_api_settings(settings: Settings | None = None) -> ApiSettings:
         return api
     tenants, max_queue = read_api_config(path, api, settings)
     return api.model_copy(update={"tenants": tenants, "model_max_queue": max_queue})
-
-
-def config_path(settings: Settings) -> Path | None:
-    """The file the registry reads: LLMOS_CONFIG, else ./llmos.toml if there is one."""
-    if settings.config:
-        if not settings.config.is_file():
-            raise ConfigError(f"LLMOS_CONFIG points at {settings.config}, which is not a file")
-        return settings.config
-    path = Path.cwd() / "llmos.toml"
-    return path if path.is_file() else None
 
 
 SHEDDING_KEYS = ("max_queue",)

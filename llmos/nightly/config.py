@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.errors import ConfigError, LLMOSError
-from llmos.settings import Settings
+from llmos.settings import Settings, config_path
 
 KEYS = ("name", "cron", "every_s", "input_dir", "pattern", "task", "model", "output_dir", "priority",
         "options", "tenant", "settle_s")
@@ -70,16 +70,6 @@ class Schedule:
 
     def when(self) -> str:
         return f"cron {self.cron!r}" if self.cron is not None else f"every {self.every_s:g} s"
-
-
-def config_path(settings: Settings) -> Path | None:
-    """The file the registry reads: LLMOS_CONFIG, else ./llmos.toml if there is one."""
-    if settings.config:
-        if not settings.config.is_file():
-            raise ConfigError(f"LLMOS_CONFIG points at {settings.config}, which is not a file")
-        return settings.config
-    path = Path.cwd() / "llmos.toml"
-    return path if path.is_file() else None
 
 
 def load_schedules(settings: Settings) -> list[Schedule]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmos.errors import ConfigError
-from llmos.settings import Settings
+from llmos.settings import Settings, config_path
 
 DeviceKind = Literal["cpu", "cuda"]
 KINDS = ("cpu", "cuda")
@@ -51,12 +51,6 @@ class Device:
     def ref(self) -> str:
         """"host/name": how a plan names a device across hosts."""
         return f"{self.host}/{self.name}"
-
-
-def config_path(settings: Settings) -> Path | None:
-    """LLMOS_CONFIG, else ./llmos.toml, when it is a file."""
-    path = settings.config or (Path.cwd() / "llmos.toml")
-    return path if path.is_file() else None
 
 
 def devices(settings: Settings) -> list[Device]:

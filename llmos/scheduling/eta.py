@@ -298,7 +298,8 @@ def declared_devices(settings: Any) -> tuple:
     or no settings: a submit reads the file at most once per change."""
     if settings is None:
         return ()
-    from llmos.scheduling.devices import config_path, read_devices
+    from llmos.scheduling.devices import read_devices
+    from llmos.settings import config_path
 
     path = config_path(settings)
     if path is None:

@@ -37,7 +37,7 @@ from llmos.db import jobs
 from llmos.errors import ConfigError
 from llmos.jobs import JobStatus
 from llmos.manager import db_now
-from llmos.settings import Settings
+from llmos.settings import Settings, config_path
 
 CACHE_S = 2.0
 """How long one model's compute and queued tenants are reused by a process's submits (at most a
@@ -53,14 +53,6 @@ class Usage:
 
     compute_s: Mapping[str, float]
     queued: frozenset[str]
-
-
-def config_path(settings: Settings) -> Path | None:
-    """The file the registry reads: LLMOS_CONFIG, else ./llmos.toml if there is one."""
-    if settings.config:
-        return settings.config if settings.config.is_file() else None
-    path = Path.cwd() / "llmos.toml"
-    return path if path.is_file() else None
 
 
 def read_weights(path: Path | None) -> dict[str, float]:
