@@ -23,6 +23,7 @@ from llmos.api.cli import api_command, keys_app
 from llmos.batches.cli import batch_app
 from llmos.errors import LLMOSError, NoWorkerWarning
 from llmos.nightly.cli import beat_command
+from llmos.scheduling.cli import capacity_command, plan_command
 from llmos.settings import get_settings
 from llmos.supervise import supervise_command
 from llmos.tasks import PRIMARY_FIELD
@@ -36,6 +37,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.command("api")(api_command)
 app.command("beat")(beat_command)
+app.command("capacity")(capacity_command)
+app.command("plan")(plan_command)
 app.command("supervise")(supervise_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(batch_app, name="batch")

@@ -769,6 +769,18 @@ def register_worker(engine: sa.Engine, *, worker_id: str, host: str, pid: int, m
                                              device=device, started_at=now, last_heartbeat=now))
 
 
+def worker_ready(engine: sa.Engine, worker_id: str, *, load_s: float | None = None) -> None:
+    """The worker's model is loaded and it consumes: `ready_at` = now (database clock). `load_s`:
+    how long it took since the process began to load (its row is written once the model is in
+    memory), so `started_at` moves back by as much and ready_at - started_at is the cold start."""
+    with engine.begin() as conn:
+        now = db_now(conn)
+        values: dict[str, Any] = {"ready_at": now}
+        if load_s is not None and load_s > 0:
+            values["started_at"] = now - timedelta(seconds=load_s)
+        conn.execute(workers.update().where(workers.c.id == worker_id).values(**values))
+
+
 def heartbeat(engine: sa.Engine, worker_id: str) -> None:
     """The worker is alive, by the database's clock (so a worker whose own clock is off is judged right)."""
     with engine.begin() as conn:

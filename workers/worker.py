@@ -103,6 +103,7 @@ class Worker:
         self.transport_takes = self.settings.kombu_url.startswith(transport.SCHEME)
 
     def run(self) -> int:
+        born = time.monotonic()  # the cold start counts from here (workers.ready_at - started_at)
         check_database(self.settings.db_url)
         from workers import model_cache
         from workers.batcher import Batcher
@@ -120,6 +121,7 @@ class Worker:
                                restart=self.restart_clock).start()
         manager.register_worker(self.engine, worker_id=self.worker_id, host=self.host,
                                 pid=os.getpid(), model=self.spec.name, device=self.device)
+        manager.worker_ready(self.engine, self.worker_id, load_s=time.monotonic() - born)
         for target, name in ((self._heartbeat, "llmos-heartbeat"), (self._listen_cancels, "llmos-cancels")):
             threading.Thread(target=target, name=name, daemon=True).start()
         app = make_celery(self.settings)
