@@ -80,10 +80,11 @@ class WorkerHandle(Protocol):
 
 
 class PlanLike(Protocol):
-    placements: tuple
-    evict: tuple
+    """What the supervisor reads of `placement.Plan`: its placements and evictions per host."""
 
-    def for_host(self, host: str) -> "PlanLike": ...
+    def for_host(self, host: str) -> tuple: ...
+
+    def evict_for_host(self, host: str) -> tuple: ...
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,8 @@ class Supervisor:
         decisions: list[Decision] = []
         self._reap(decisions)
         try:
-            plan = self.plan_source().for_host(self.host)
+            plan = self.plan_source()
+            placements, evict = plan.for_host(self.host), plan.evict_for_host(self.host)
         except Exception as exc:  # the database away, a broken llmos.toml: keep what runs, retry next pass
             decisions.append(Decision("error", "-", "-", f"no plan ({type(exc).__name__}: {exc}); "
                                       "keeping the workers as they are"))
@@ -181,11 +183,11 @@ class Supervisor:
             return decisions
         self.last_plan = plan
         targets: dict[Key, int] = {}
-        for p in plan.placements:
+        for p in placements:
             targets[(p.model, p.device)] = targets.get((p.model, p.device), 0) + int(p.workers)
         for key in set(targets) | set(self._keys) | set(self.counts()):
             self._record(key, now, targets.get(key, 0))
-        self._evict(plan, now, decisions)
+        self._evict(evict, now, decisions)
         self._dead(now, decisions)
         for key in sorted(self._keys):
             self._converge(key, now, decisions)
@@ -235,8 +237,8 @@ class Supervisor:
                 decisions.append(Decision("drained", m.model, m.device, "the worker finished its jobs and exited",
                                           self.count(m.model, m.device)))
 
-    def _evict(self, plan: PlanLike, now: float, decisions: list[Decision]) -> None:
-        for p in getattr(plan, "evict", ()):
+    def _evict(self, evict: tuple, now: float, decisions: list[Decision]) -> None:
+        for p in evict:
             key = (p.model, p.device)
             victims = [m for m in self.running if m.key == key][::-1][: max(0, int(p.workers))]
             for m in victims:
@@ -358,8 +360,9 @@ def most_stops(elapsed_s: float, down_window_s: float) -> int:
     return math.ceil(elapsed_s / down_window_s) + 1
 
 
-def plan_source(settings: Settings) -> Callable[[], Any]:
-    """The real plan: `placement.make_plan` over this settings' task table and registry."""
+def plan_source(settings: Settings, **plan_options: Any) -> Callable[[], Any]:
+    """The real plan: `placement.make_plan` over this settings' task table and registry
+    (`plan_options`: its keyword arguments, e.g. `window_s`)."""
     from llmos.db import get_engine
     from llmos.registry import Registry
     from llmos.scheduling.placement import make_plan
@@ -367,6 +370,6 @@ def plan_source(settings: Settings) -> Callable[[], Any]:
     engine = get_engine(settings.db_url)
 
     def source() -> Any:
-        return make_plan(settings, engine, Registry.load(settings))
+        return make_plan(settings, engine, Registry.load(settings), **plan_options)
 
     return source

@@ -1,37 +1,23 @@
 """The supervisor's decisions on a fake clock, with plans built by hand and fake worker processes.
 
-(One layer: the plan source, the clock and the start/stop callables are the test's; the real
-processes and planner are tests/integration/test_supervisor.py's.)
+(One layer: plans are built by hand (`placement.Plan`), the clock and the start/stop callables
+are the test's; the real processes and planner are tests/integration/test_supervisor.py's.)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import pytest
 
+from llmos.scheduling.placement import Placement, Plan
 from llmos.scheduling.supervisor import CRASH_LIFETIME_S, Supervisor, SupervisorSettings, most_stops
 from llmos.settings import Settings
 
 HOST = "node-a"
 
 
-@dataclass(frozen=True)
-class P:  # the shape of placement.Placement
-    model: str
-    device: str
-    workers: int
-
-
-@dataclass
-class FakePlan:  # the shape of placement.Plan the supervisor reads
-    placements: tuple
-    evict: tuple = ()
-    host: str = HOST
-
-    def for_host(self, host: str) -> "FakePlan":
-        return self if host == self.host else FakePlan((), ())
+def P(model: str, device: str, workers: int, host: str = HOST) -> Placement:
+    return Placement(model=model, device=device, workers=workers, host=host)
 
 
 class Clock:
@@ -77,8 +63,9 @@ class Harness:
 
     # A target changed between passes is seen at the next pass, and acted on `span` seconds after.
 
-    def plan(self) -> FakePlan:
-        return FakePlan(tuple(P(m, d, n) for (m, d), n in self.target.items()), self.evict, self.plan_host)
+    def plan(self) -> Plan:
+        return Plan(placements=tuple(P(m, d, n, self.plan_host) for (m, d), n in self.target.items() if n > 0),
+                    evict=self.evict)
 
     def start(self, model: str, device: str) -> Proc:
         p = Proc(model, device)
@@ -106,7 +93,7 @@ def test_settings_defaults_and_env(monkeypatch):
     monkeypatch.setenv("LLMOS_SUPERVISOR_UP_DELAY_S", "12")
     monkeypatch.setenv("LLMOS_SUPERVISOR_DOWN_WINDOW_S", "60")
     monkeypatch.setenv("LLMOS_SUPERVISOR_INTERVAL_S", "0.5")
-    sup = Supervisor(Settings(), host=HOST, plan_source=lambda: FakePlan(()), start_worker=Proc,
+    sup = Supervisor(Settings(), host=HOST, plan_source=lambda: Plan(placements=()), start_worker=Proc,
                      stop_worker=lambda p: None)
     assert (sup.up_delay_s, sup.down_window_s, sup.interval_s) == (12.0, 60.0, 0.5)
 
