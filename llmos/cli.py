@@ -265,6 +265,9 @@ def job(job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="The id sub
     for key in ("queue_wait_ms", "compute_ms"):
         if row[key] is not None:
             row[key] = round(row[key], 1)
+    from llmos.scheduling.eta import eta_vs_actual
+
+    row["eta_vs_actual"] = eta_vs_actual(found)  # predicted start/finish against what happened
     _print_json(row, as_json)
     if found.status == JobStatus.QUEUED and not client.has_worker(found.model):
         _warn(f"{no_worker_message(found.model)}; the job waits queued until one starts")

@@ -94,3 +94,25 @@ class QuotaExceededError(LLMOSError):
         super().__init__(message)
         self.limit = limit
         self.retry_after_s = retry_after_s
+
+
+# Admission at submit (llmos.scheduling.eta): refusals are ValidationErrors (nothing was written;
+# the API answers 422).
+
+
+class DeadlineUnmeetableError(ValidationError):
+    """The job's predicted start is past its deadline; nothing was written."""
+
+    def __init__(self, message: str | None = None, *, eta_start_s: float | None = None,
+                 deadline_in_s: float | None = None) -> None:
+        super().__init__(message)
+        self.eta_start_s = eta_start_s
+        self.deadline_in_s = deadline_in_s
+
+
+class DeadlineUnmeetableWarning(UserWarning):
+    """The job's predicted start is past its deadline; it was accepted (LLMOS_DEADLINE_ADMISSION=warn)."""
+
+
+class ModelTooLargeError(ValidationError):
+    """The model needs more memory than the largest device has; nothing was written."""

@@ -94,6 +94,8 @@ class NewJob:
     timeout_s: float | None = None
     deadline: datetime | None = None
     deadline_in_s: float | None = None  # a deadline relative to the database's clock at insert
+    eta_start_in_s: float | None = None  # predicted start and finish, seconds after insert (llmos.scheduling.eta)
+    eta_finish_in_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -181,7 +183,7 @@ def create_jobs(engine: sa.Engine, new: Sequence[NewJob], _retry: bool = True, *
 
 _NEW_JOB_COLUMNS = ("id", "model", "task_type", "priority", "status", "input", "attempts", "max_attempts",
                     "tenant", "idempotency_key", "batch_id", "conversation_id", "created_at", "queued_at",
-                    "timeout_s", "dispatched_at", "finishes", "deadline")
+                    "timeout_s", "dispatched_at", "finishes", "deadline", "eta_start_at", "eta_finish_at")
 """The columns a new job's row sets (the others are null)."""
 
 _COPY_JOBS = f"COPY jobs ({', '.join(_NEW_JOB_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
@@ -189,7 +191,8 @@ _COPY_JOBS = f"COPY jobs ({', '.join(_NEW_JOB_COLUMNS)}) FROM STDIN (FORMAT BINA
 # id goes as bytea (bytes.fromhex, 7x cheaper than a uuid.UUID); the jsonb is dumped by dump_json,
 # the engine's serializer, as SQLAlchemy's executemany dumps it.
 _COPY_TYPES = ("bytea", "text", "text", "int2", "text", "jsonb", "int4", "int4", "text", "text", "text",
-               "text", "timestamptz", "timestamptz", "float8", "timestamptz", "int4", "timestamptz")
+               "text", "timestamptz", "timestamptz", "float8", "timestamptz", "int4", "timestamptz",
+               "timestamptz", "timestamptz")
 
 
 def _new_jobs(new: Sequence[NewJob], existing: dict[tuple[str, str], Job],
@@ -210,7 +213,9 @@ def _new_jobs(new: Sequence[NewJob], existing: dict[tuple[str, str], Job],
             "idempotency_key": n.idempotency_key, "batch_id": n.batch_id,
             "conversation_id": n.conversation_id, "timeout_s": n.timeout_s,
             "deadline": (now + timedelta(seconds=n.deadline_in_s)) if n.deadline_in_s is not None
-            else n.deadline})
+            else n.deadline,
+            "eta_start_at": None if n.eta_start_in_s is None else now + timedelta(seconds=n.eta_start_in_s),
+            "eta_finish_at": None if n.eta_finish_in_s is None else now + timedelta(seconds=n.eta_finish_in_s)})
         created.append(job)
         out.append((job, True))
         if key is not None:
@@ -243,7 +248,7 @@ def _copy_jobs(conn: sa.Connection, created: list[Job]) -> None:
                        Jsonb(j.input, dump_json), 0, j.max_attempts, j.tenant, j.idempotency_key,
                        j.batch_id, j.conversation_id, j.created_at, j.queued_at,
                        None if j.timeout_s is None else float(j.timeout_s), j.dispatched_at, 0,
-                       as_utc(j.deadline)))
+                       as_utc(j.deadline), j.eta_start_at, j.eta_finish_at))
     except dbapi.Error as exc:
         raise sa.exc.DBAPIError.instance(_COPY_JOBS, None, exc, dbapi.Error) from exc
 
@@ -751,6 +756,49 @@ def stale_queued(engine: sa.Engine, model: str, older_than_s: float, limit: int 
              .order_by(jobs.c.priority.desc(), jobs.c.queued_at).limit(limit))
         rows = conn.execute(q).all()
     return [QueuedRef(str(i), m, p, as_utc(at)) for i, m, p, at in rows]
+
+
+def age_queued(engine: sa.Engine, model: str, *, step_s: float, ceiling: int,
+               limit: int = 1000) -> list[Job]:
+    """Aging (llmos.scheduling.aging): queued, due jobs of `model` below `ceiling` that have waited
+    over (aged + 1) × `step_s` since `queued_at` go up one priority step (priority + 1, aged + 1,
+    dispatched_at = now: the caller sends their new message at once). Returns the promoted rows.
+
+    One conditional UPDATE per priority level, from the ceiling down, in one transaction: a job
+    moves at most one step per call, and one claimed (or cancelled) meanwhile is left alone.
+    Each level's candidates are an ordered range of ix_jobs_queued_order (model = m,
+    priority = p, queued_at < now - step_s), oldest first, at most `limit` in all per call; the
+    rows it reads and skips are those promoted into that level within the last step (not due
+    again yet), so a call reads about `limit` rows, not the backlog.
+    """
+    if step_s <= 0 or limit <= 0:
+        return []
+    promoted: list[Job] = []
+    with engine.begin() as conn:
+        now = db_now(conn)
+        # the due time of the next step, by the steps already taken (aged 0–9): a CASE of
+        # literals, so the same statement works on SQLite and Postgres (no interval arithmetic)
+        def ago(steps: int) -> Any:
+            return sa.literal(now - timedelta(seconds=steps * step_s), jobs.c.queued_at.type)
+
+        due = sa.case(*[(jobs.c.aged == k, ago(k + 1)) for k in range(10)], else_=ago(11))
+        first = now - timedelta(seconds=step_s)
+        for level in range(min(ceiling, 10) - 1, -1, -1):
+            room = limit - len(promoted)
+            if room <= 0:
+                break
+            queued = [_status_in(jobs.c.status, JobStatus.QUEUED), jobs.c.model == model,
+                      jobs.c.priority == level]
+            pick = (sa.select(jobs.c.id)
+                    .where(*queued, jobs.c.queued_at < first, jobs.c.queued_at < due,
+                           sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
+                    .order_by(jobs.c.queued_at).limit(room))
+            stmt = (jobs.update()
+                    .where(jobs.c.id.in_(pick), *queued)
+                    .values(priority=jobs.c.priority + 1, aged=jobs.c.aged + 1, dispatched_at=now)
+                    .returning(*jobs.c))
+            promoted.extend(_jobs_from(conn.execute(stmt)))
+    return promoted
 
 
 def mark_dispatched(engine: sa.Engine, job_ids: Sequence[str]) -> None:

@@ -6,7 +6,8 @@ Each pass, in this order:
    claim) and sends them again; past `max_attempts` they are `failed`, so a poison input cannot
    crash-loop workers forever;
 3. fails running jobs past their timeout (plus a grace) that their worker did not stop;
-4. sends jobs whose retry backoff has passed;
+4. sends jobs whose retry backoff has passed, and (LLMOS_AGING_S > 0) promotes jobs waiting
+   past their aging step one priority step and sends them again (`llmos.scheduling.aging`);
 5. re-sends queued jobs last sent over `resend_after_s` ago that no live worker holds and whose
    message is gone: not in the model's pending set (a FLUSHALL, a Redis restart, a send that
    failed), held by a worker that died, or delivered (kombu's unacked hash) after their last
@@ -47,6 +48,7 @@ from llmos.dispatch import (CeleryDispatcher, Dispatcher, delivered_before, held
 from llmos.jobs import Job, JobStatus
 from llmos.logs import event
 from llmos.notify import publish_done, redis_client
+from llmos.scheduling import aging
 from llmos.settings import Settings
 
 log = logging.getLogger("llmos.reconciler")
@@ -72,6 +74,7 @@ class PassReport:
     timed_out: int = 0
     retried: int = 0
     resent: int = 0
+    aged: int = 0
     pruned_jobs: int = 0
     pruned_workers: int = 0
 
@@ -124,6 +127,7 @@ class Reconciler:
         retries = manager.due_retries(self.engine)
         report.retried = len(retries)
         self._send(retries)
+        report.aged = aging.run_once(self.engine, self.dispatcher, s)  # no-op with LLMOS_AGING_S=0
         report.resent = self._resend_lost(dead_after)
         report.pruned_jobs, report.pruned_workers = self._retain()
         if report.any():
@@ -191,7 +195,7 @@ class Reconciler:
         margin = timedelta(seconds=ORPHAN_MARGIN_S)
         empty = {k for k, (length, _) in tails.items() if length == 0}
         # per list: a job sent before this was popped from it (absent: the list's oldest is no job's)
-        popped_before = {k: _sent_at(oldest[t]) - margin for k, (_, t) in tails.items() if t in oldest}
+        popped_before = {k: _sent_at(oldest[t], k) - margin for k, (_, t) in tails.items() if t in oldest}
         keys = {p: queue_key(model, p) for p in {j.priority for j in pending}}
         found = set()
         for j in pending:
@@ -242,8 +246,12 @@ class Reconciler:
         self.redis.close()
 
 
-def _sent_at(job: Job) -> datetime:
-    """When the job's message was last sent (database clock)."""
+def _sent_at(job: Job, key: str | None = None) -> datetime:
+    """When the job's message was last sent (database clock); for its message in list `key` that
+    is not its priority's list (aging promoted it since: its last send went to another list),
+    the earliest that message can have been sent, `queued_at`."""
+    if key is not None and key != queue_key(job.model, job.priority):
+        return manager.as_utc(job.queued_at)
     return manager.as_utc(job.dispatched_at or job.queued_at)
 
 

@@ -18,7 +18,7 @@ import httpx
 import pydantic
 
 from llmos.errors import (BrokerUnavailableError, ConfigError, DatabaseUnavailableError,
-                          IdempotencyConflictError, JobNotFoundError, LLMOSError, NoWorkerWarning,
+                          DeadlineUnmeetableError, IdempotencyConflictError, ModelTooLargeError, JobNotFoundError, LLMOSError, NoWorkerWarning,
                           UnknownModelError, UnsupportedTaskError, ValidationError)
 from llmos.jobs import Job
 from llmos.registry import ModelSpec
@@ -32,11 +32,13 @@ LONG_POLL_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 """How long a call waits for the server's answer, beyond the long poll it asked for."""
 
-_DATETIME_FIELDS = ("created_at", "started_at", "finished_at", "deadline")
+_DATETIME_FIELDS = ("created_at", "started_at", "finished_at", "deadline", "eta_start_at", "eta_finish_at")
 """The fields of the API's job that are ISO 8601 times."""
 
 _ERRORS: dict[str, type[LLMOSError]] = {
     "idempotency_conflict": IdempotencyConflictError,
+    "deadline_unmeetable": DeadlineUnmeetableError,
+    "model_too_large": ModelTooLargeError,
     "invalid_request": ValidationError,
     "body_too_large": ValidationError,
     "unknown_model": UnknownModelError,
@@ -156,7 +158,8 @@ class HTTPClient:
         served = self.has_worker(model)
         if not served and warn:
             warnings.warn(no_worker_message(model), NoWorkerWarning, stacklevel=4)
-        return [JobHandle(self, j["id"], j["model"], j["task"]) for j in jobs], served
+        return [JobHandle(self, j["id"], j["model"], j["task"], eta_start_at=_time(j.get("eta_start_at")),
+                          eta_finish_at=_time(j.get("eta_finish_at"))) for j in jobs], served
 
     def job(self, job_id: str, *, tenant: str | None = None) -> Job:
         """One of the key's tenant's jobs (JobNotFoundError for another tenant's id, as for none)."""
@@ -247,6 +250,10 @@ def _error(resp: httpx.Response, url: str) -> LLMOSError:
     if code in _ERRORS:
         return _ERRORS[code](message)
     return APIError(message, status_code=resp.status_code, code=code, details=details)
+
+
+def _time(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
 
 
 def job_from_json(data: dict[str, Any]) -> Job:

@@ -39,6 +39,7 @@ from llmos.logs import event
 from llmos.notify import READY_WAIT_S, DoneListener, ping, publish_done, redis_client
 from llmos.priority import parse_priority
 from llmos.registry import ModelSpec, Registry
+from llmos.scheduling import eta, shares
 from llmos.settings import Settings, get_settings, redact
 from llmos.tasks import (DialogueTask, Task, TaskResult, TranslationTask, ensure_task,
                          task_class)
@@ -125,7 +126,8 @@ class Client:
         if epoch is not None and listener is not None and new_ids:
             listener.track(new_ids, epoch, tenant)
             weakref.finalize(group, listener.forget_later, new_ids).atexit = False  # handles gone: forget them
-        return [JobHandle(self, job.id, job.model, job.task_type, tenant, group=group) for job, _ in created]
+        return [JobHandle(self, job.id, job.model, job.task_type, tenant, group=group,
+                          eta_start_at=job.eta_start_at, eta_finish_at=job.eta_finish_at) for job, _ in created]
 
     def close(self) -> None:
         if self._listener is not None:
@@ -190,14 +192,24 @@ class Client:
                 or not 1 <= max_attempts <= MAX_ATTEMPTS:
             raise ValidationError(f"max_attempts must be an integer 1–{MAX_ATTEMPTS}, got {max_attempts!r}")
         checked = [validate_for(spec, t, _conversation_for(tenant, k)) for t, k in zip(tasks, keys)]
+        if not checked:
+            return [], False
+        # tenant shares (llmos.scheduling.shares, only with [shares] in llmos.toml): a tenant over its
+        # share of the model's compute queues one step lower; the ETA below counts that priority
+        prio = self._db(shares.adjusted_priority, self.settings, spec.name, tenant, prio) if shares.weights(self.settings) else prio
+        # ETA and admission (llmos.scheduling.eta): one read per submit call; refuses a model that
+        # fits on no device, and a deadline the measured ETA cannot meet, before anything is written
+        admission = eta.admit(self.engine, spec, priority=prio, n=len(checked), deadline=deadline,
+                              deadline_in_s=deadline_in_s, mode=self.settings.deadline_admission,
+                              dead_after_s=self.settings.dead_after_s,
+                              redis_conn=self.redis if self._uses_redis() else None, settings=self.settings)
         new = [manager.NewJob(model=spec.name, task_type=t.task_type, input=t.model_dump(mode="json"),
                               priority=prio, tenant=tenant, idempotency_key=k,
                               batch_id=batch_id, conversation_id=getattr(t, "conversation_id", None),
                               timeout_s=timeout_s, deadline=deadline, deadline_in_s=deadline_in_s,
-                              max_attempts=max_attempts)
-               for t, k in zip(checked, keys)]
-        if not new:
-            return [], False
+                              max_attempts=max_attempts, eta_start_in_s=admission.start_in_s(i),
+                              eta_finish_in_s=admission.finish_in_s(i))
+               for i, (t, k) in enumerate(zip(checked, keys))]
         if self._dispatcher is None or isinstance(self._dispatcher, CeleryDispatcher):
             ping(self.redis, self.settings)  # fail before writing anything if Redis is down
         epoch = self._listen_before_insert()  # subscribed first: no notice of these jobs is missed
@@ -638,8 +650,12 @@ class JobHandle:
     """A submitted job: its id, and ways to read its status, wait for its result, cancel it."""
 
     def __init__(self, client: Client, job_id: str, model: str, task_type: str,
-                 tenant: str | None = None, *, group: _Group | None = None) -> None:
+                 tenant: str | None = None, *, group: _Group | None = None,
+                 eta_start_at: datetime | None = None, eta_finish_at: datetime | None = None) -> None:
         self.client = client
+        # predicted at submit (llmos.scheduling.eta; database clock); None when not known here
+        self.eta_start_at = eta_start_at
+        self.eta_finish_at = eta_finish_at
         self.id = job_id
         self.model = model
         self.task_type = task_type

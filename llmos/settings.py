@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,7 +43,12 @@ class Settings(BaseSettings):
     db_retry_s: float = Field(default=60.0, ge=0, description="How long workers retry the database before giving up a step.")
     retry_base_s: float = Field(default=1.0, gt=0, description="First backoff of a transient retry (doubles each attempt).")
     model_cpus: str | None = Field(default=None, description="A worker's model thread runs on these cores (e.g. `1` or `2-3`) and everything else of the worker on its other cores (workers/affinity.py; Linux).")
+    deadline_admission: Literal["refuse", "warn", "off"] = Field(default="refuse", description="A submit whose deadline its measured ETA cannot meet: refused with DeadlineUnmeetableError (refuse), accepted with a DeadlineUnmeetableWarning (warn), or not checked (off); see docs/scheduling.md.")
     task_events: bool = Field(default=False, description="Workers send Celery task events (for Flower).")
+    # llmos/scheduling: aging and tenant shares (docs/scheduling.md, "Aging and tenant shares")
+    aging_s: float = Field(default=30.0, ge=0, description="A queued job goes up one priority step per this many seconds waited (the reconciler's pass does it; 0: no aging).")
+    aging_ceiling: int = Field(default=9, ge=0, le=9, description="Aging promotes a job up to this priority, never beyond.")
+    shares_window_s: float = Field(default=300.0, gt=0, description="Tenant shares ([shares] in llmos.toml) compare the compute seconds of this window.")
     openai_base_url: str | None = Field(default=None, description="Endpoint behind the built-in `gpt3` alias.")
     openai_model: str = Field(default="gpt-3.5-turbo-instruct", description="Remote model name for `gpt3`.")
 

@@ -24,6 +24,7 @@ from starlette.routing import Match
 from llmos.batches.errors import (BatchNotFoundError, BatchStateError, FileInUseError,
                                   FileNotFoundInStoreError, FileTooLargeError)
 from llmos.errors import (AuthError, BrokerUnavailableError, ConfigError, DatabaseUnavailableError,  # noqa: F401
+                          DeadlineUnmeetableError, ModelTooLargeError,
                           ForbiddenError, IdempotencyConflictError, JobFinalError, JobNotFoundError, LLMOSError,
                           NoWorkerError, QuotaExceededError, UnknownModelError, UnsupportedTaskError,
                           ValidationError)
@@ -82,6 +83,8 @@ STATUS: list[tuple[type[LLMOSError], int, str]] = [  # first match wins: subclas
     (BatchNotFoundError, 404, "not_found"),
     (BatchStateError, 409, "batch_state"),
     (FileInUseError, 409, "file_in_use"),
+    (DeadlineUnmeetableError, 422, "deadline_unmeetable"),
+    (ModelTooLargeError, 422, "model_too_large"),
     (ValidationError, 422, "invalid_request"),
     (UnknownModelError, 422, "unknown_model"),
     (UnsupportedTaskError, 422, "unsupported_task"),

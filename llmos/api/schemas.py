@@ -96,6 +96,8 @@ class JobOut(_Out):
     tokens_out: int | None = None
     timeout_s: float | None = None
     deadline: datetime | None = None
+    eta_start_at: datetime | None = None  # predicted at submit (llmos.scheduling.eta)
+    eta_finish_at: datetime | None = None
 
     @classmethod
     def of(cls, job: Job) -> "JobOut":
@@ -106,7 +108,8 @@ class JobOut(_Out):
                    started_at=as_utc(job.started_at), finished_at=as_utc(job.finished_at),
                    queue_wait_ms=job.queue_wait_ms, compute_ms=job.compute_ms, batch_size=job.batch_size,
                    tokens_in=job.tokens_in, tokens_out=job.tokens_out, timeout_s=job.timeout_s,
-                   deadline=as_utc(job.deadline))
+                   deadline=as_utc(job.deadline), eta_start_at=as_utc(job.eta_start_at),
+                   eta_finish_at=as_utc(job.eta_finish_at))
 
 
 class BatchOut(_Out):

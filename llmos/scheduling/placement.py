@@ -103,7 +103,7 @@ def memory_need(spec: ModelSpec) -> tuple[float, bool]:
 def fits_anywhere(spec: ModelSpec, devices: Iterable[Device]) -> str | None:
     """None when one worker of `spec` fits on some device, else the refusal (size, largest device)."""
     need, _ = memory_need(spec)
-    devs = list(devices)
+    devs = _eligible(spec, list(devices))
     if not devs:
         return f"model {spec.name!r} needs {need:,.0f} MiB of memory and no device is known"
     largest = max(devs, key=lambda d: d.total_mb)
@@ -111,6 +111,14 @@ def fits_anywhere(spec: ModelSpec, devices: Iterable[Device]) -> str | None:
         return None
     return (f"model {spec.name!r} needs {need:,.0f} MiB of memory; the largest device, "
             f"{largest.name} on {largest.host}, has {largest.total_mb:,.0f} MiB")
+
+
+def _eligible(spec: ModelSpec, devs: list[Device]) -> list[Device]:
+    """The devices a worker of `spec` may use: CUDA ones for a spec set on CUDA when there are
+    any (a model meant for a GPU is not planned on the CPU), else all."""
+    if spec.engine != "openai" and spec.device.startswith("cuda") and any(d.kind == "cuda" for d in devs):
+        return [d for d in devs if d.kind == "cuda"]
+    return devs
 
 
 def desired_workers(d: ModelDemand | None, *, target_wait_s: float, drain_s: float = DRAIN_S) -> int:
@@ -246,9 +254,8 @@ def plan(devices: Iterable[Device], specs: Mapping[str, ModelSpec] | Iterable[Mo
         """Devices that could ever hold one worker of m, best first: its kind, then the most free
         memory (spreading a model's workers), or with `best_fit` the least that still fits
         (packing first workers of many models)."""
-        refs = [r for r, d in st.devices.items() if need[m] <= st.capacity[r] and
-                not (spec_map[m].device.startswith("cuda") and d.kind != "cuda"
-                     and any(x.kind == "cuda" for x in devs))]
+        allowed = {d.ref for d in _eligible(spec_map[m], devs)}
+        refs = [r for r in st.devices if r in allowed and need[m] <= st.capacity[r]]
         if best_fit:
             return sorted(refs, key=lambda r: (kind_rank(m, r), not st.fits(m, r), st.free(r), r))
         return sorted(refs, key=lambda r: (kind_rank(m, r), -st.free(r), r))
@@ -267,11 +274,12 @@ def plan(devices: Iterable[Device], specs: Mapping[str, ModelSpec] | Iterable[Mo
                     st.remove(m, ref)
             reasons.append(f"{m}: {have} → {ceiling} worker(s) ({'idle: one stays warm' if not busy(m) else f'it needs {want[m]}'})")
     # a device over-committed already (its memory shrank): stop the least needed workers on it
-    for ref in st.devices:
-        while st.free(ref) < -1e-9:
+    for ref, device in st.devices.items():
+        while st.free(ref) < -1e-9 or (device.max_workers is not None and st.slots_used(ref) > device.max_workers):
             victim = min((m for (m, r) in st.alloc if r == ref), key=lambda m: (busy(m), want[m] - st.count(m), m))
             st.remove(victim, ref)
-            reasons.append(f"{victim}: a worker on {ref} stops: the device has less memory than its workers need")
+            reasons.append(f"{victim}: a worker on {ref} stops: the device has less memory (or fewer "
+                           "worker slots) than its workers need")
 
     evicted: dict[tuple[str, str], int] = {}
 

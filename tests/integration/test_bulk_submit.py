@@ -46,7 +46,8 @@ def varied(n: int, tenant: str, *, key_prefix: str | None = "k") -> list[manager
             idempotency_key=None if key_prefix is None or i % 2 else f"{key_prefix}{i}",
             batch_id=None if i % 5 == 0 else f"batch-{i % 3}", conversation_id=f"c{i}" if i % 7 == 0 else None,
             max_attempts=1 + i % 3, timeout_s=None if i % 6 else (2.5 if i % 12 else 30),
-            deadline=at if i % 8 == 1 else None, deadline_in_s=3600.0 if i % 8 == 2 else None))
+            deadline=at if i % 8 == 1 else None, deadline_in_s=3600.0 if i % 8 == 2 else None,
+            eta_start_in_s=None if i % 9 == 0 else i / 3, eta_finish_in_s=None if i % 9 == 0 else i / 3 + 0.25))
     return out
 
 
@@ -228,8 +229,11 @@ def test_sqlite_keeps_executemany_and_the_same_jobs(sqlite_settings, tenant):
         stored = got[job.id]
         if "nul" in job.input["text"]:
             continue  # stored replaced, as on Postgres
-        assert stored.evolve(created_at=None, queued_at=None, dispatched_at=None, deadline=None) \
-            == job.evolve(created_at=None, queued_at=None, dispatched_at=None, deadline=None)
+        naive = dict(created_at=None, queued_at=None, dispatched_at=None, deadline=None, eta_start_at=None,
+                     eta_finish_at=None)  # SQLite hands timestamps back naive
+        assert stored.evolve(**naive) == job.evolve(**naive)
         assert manager.as_utc(stored.created_at) == job.created_at
+        assert (manager.as_utc(stored.eta_start_at), manager.as_utc(stored.eta_finish_at)) \
+            == (job.eta_start_at, job.eta_finish_at)
     again = manager.create_jobs(engine, new)
     assert all(not c for (_, c), n in zip(again, new) if n.idempotency_key is not None)

@@ -129,3 +129,52 @@ def test_capacity_report_and_plan_postgres(pg_engine):
                   device_list=[Device("cpu", "cpu", 4000, 4000, "h", max_workers=4)])
     assert p.count("a") == 2  # its two warm workers stay (one needed, one kept: hysteresis)
     assert p.count("b") == 1  # queued work: one worker
+
+
+def test_worker_ready_records_the_cold_start(sqlite_settings):
+    engine = get_engine(sqlite_settings.db_url)
+    manager.register_worker(engine, worker_id="w", host="h", pid=1, model="a", device="cpu")
+    manager.worker_ready(engine, "w", load_s=12.5)
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(workers).where(workers.c.id == "w")).one()
+    assert (manager.as_utc(row.ready_at) - manager.as_utc(row.started_at)).total_seconds() == pytest.approx(12.5)
+    assert model_demand(engine)["a"].cold_start_s == pytest.approx(12.5)
+
+
+def test_plan_and_capacity_commands(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, service_env
+
+    env = service_env(LLMOS_HOME=str(tmp_path / "home"), LLMOS_DATABASE_URL=f"sqlite:///{tmp_path / 'c.db'}",
+                      COLUMNS="200")
+
+    def llmos(*args):
+        return subprocess.run([sys.executable, "-m", "llmos.cli", *args], env=env, capture_output=True,
+                              text=True, timeout=120, cwd=REPO)
+
+    assert llmos("db", "upgrade").returncode == 0
+    engine = get_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    with engine.begin() as conn:  # minilm: 3 queued jobs, no worker
+        conn.execute(jobs.insert(), [_job("minilm", "queued", manager.utcnow(), attempts=0) for _ in range(3)])
+    devices = tmp_path / "devices.toml"
+    devices.write_text('[[device]]\nname = "cpu"\nkind = "cpu"\nmemory_mb = 1000\nhost = "n1"\n')
+    res = llmos("plan", "--devices", str(devices), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["placements"] == [{"model": "minilm", "device": "cpu", "workers": 1, "host": "n1"}]
+    assert "needs" in out["refused"]["distilbart"] and "1,000 MiB" in out["refused"]["distilbart"]
+    res = llmos("plan", "--devices", str(devices))
+    assert res.returncode == 0 and "minilm" in res.stdout and "why: minilm: starts on n1/cpu" in res.stdout
+    res = llmos("capacity", "--json", "--target-wait", "500ms", "--window", "1h")
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)
+    assert row["model"] == "minilm" and row["workers"] == 0 and row["mu_per_s"] is None
+    assert row["lambda_per_s"] == pytest.approx(3 / 3600)
+    res = llmos("capacity", "--target-wait", "soon")
+    assert res.returncode == 2 and "--target-wait must be a positive duration" in res.stderr
+    devices.write_text('[[device]]\nname = "cpu"\nmemory_mb = "lots"\n')
+    res = llmos("plan", "--devices", str(devices))
+    assert res.returncode == 2 and "memory_mb" in res.stderr and "Traceback" not in res.stderr

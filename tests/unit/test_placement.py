@@ -195,3 +195,20 @@ def test_discovered_devices_include_the_cpu(tmp_path):
     ds = devices(Settings(config=None))  # no llmos.toml in the test's working directory
     cpu = [d for d in ds if d.kind == "cpu"]
     assert len(cpu) == 1 and 0 < cpu[0].free_mb <= cpu[0].total_mb and cpu[0].max_workers >= 1
+
+
+def test_a_gpu_model_is_refused_when_only_the_cpu_could_hold_it():
+    devs = [Device("cuda:0", "cuda", 24 * GB, 24 * GB, "n"), Device("cpu", "cpu", 256 * GB, 256 * GB, "n")]
+    msg = fits_anywhere(SPECS["llama70"], devs)
+    assert msg is not None and "cuda:0" in msg  # 70 GB fits the CPU's RAM, but it is a GPU model
+    assert fits_anywhere(_spec("cpu70", 70, "cpu"), devs) is None
+    p = plan(devs, SPECS, _demands(_busy("llama70", backlog=1)), {}, now=NOW)
+    assert "llama70" in p.refused and p.count("llama70") == 0
+
+
+def test_a_device_with_too_many_workers_sheds_the_idle_ones_first():
+    devs = [Device("cpu", "cpu", 64 * GB, 64 * GB, "n", max_workers=2)]
+    running = {("bert", "n/cpu"): 2, ("minilm", "n/cpu"): 1}
+    p = plan(devs, SPECS, _demands(_busy("bert", backlog=5), _idle("minilm")), running, now=NOW)
+    _check_fits(p, devs)
+    assert p.count("bert") == 2 and p.count("minilm") == 0
