@@ -15,6 +15,7 @@ Only starts and stops are counted; no duration is asserted.
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -91,7 +92,9 @@ class Watched:
         self.thread.join(10)
         for h in self.sup.shutdown():
             h.wait(60)
-            assert h.proc.returncode == 0  # drained by SIGTERM: a warm shutdown, not killed
+            # drained by SIGTERM, not killed after the wait: 0 (warm shutdown), or -SIGTERM for a
+            # worker still loading its model (Celery's handlers not installed yet)
+            assert h.proc.returncode in (0, -signal.SIGTERM), h.proc.returncode
 
 
 @pytest.fixture
