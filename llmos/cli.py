@@ -25,6 +25,7 @@ from llmos.errors import LLMOSError, NoWorkerWarning
 from llmos.nightly.cli import beat_command
 from llmos.scheduling.cli import capacity_command, plan_command
 from llmos.settings import get_settings
+from llmos.supervise import supervise_command
 from llmos.tasks import PRIMARY_FIELD
 
 # plain help: typer's rich help labels every flag, --help too, `<bool>`
@@ -38,6 +39,7 @@ app.command("api")(api_command)
 app.command("beat")(beat_command)
 app.command("capacity")(capacity_command)
 app.command("plan")(plan_command)
+app.command("supervise")(supervise_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(batch_app, name="batch")
 out = Console(soft_wrap=True)
@@ -72,7 +74,8 @@ def _warn(message: str) -> None:
 def up(model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model to start a worker for (repeatable); default LLMOS_MODELS.")] = None,
        device: Annotated[Optional[str], typer.Option(help="cpu or cuda:N for the workers.")] = None,
        no_api: Annotated[bool, typer.Option("--no-api", help="Do not start the REST API.")] = False,
-       api_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port of the REST API (default LLMOS_API_PORT, 8000).")] = None) -> None:
+       api_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port of the REST API (default LLMOS_API_PORT, 8000).")] = None,
+       supervise: Annotated[bool, typer.Option("--supervise", help="Workers as the plan says (`llmos plan`), started and stopped by the supervisor, instead of one per model.")] = False) -> None:
     """Start Redis (embedded unless LLMOS_REDIS_URL), the schema, one worker per model and the REST API; stop on Ctrl-C."""
     from llmos.stack import Stack
 
@@ -80,7 +83,7 @@ def up(model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help=
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     settings = get_settings()
-    stack = Stack(settings, model or None, device, api=not no_api, api_port=api_port).start()
+    stack = Stack(settings, model or None, device, api=not no_api, api_port=api_port, supervise=supervise).start()
     try:
         stack.wait_ready(stop=stop)
         from llmos.reconciler import Reconciler
@@ -98,6 +101,8 @@ def up(model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help=
         while not stop.wait(1.0):
             for m in stack.supervise_once():
                 err.print(f"worker for {m} exited; restarted it")
+            for d in stack.supervisor_pass():
+                err.print(f"supervisor: {d.line()}", highlight=False, markup=False)
             if stack.supervise_api():
                 err.print("the API exited; restarted it")
     finally:

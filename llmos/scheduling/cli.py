@@ -82,7 +82,7 @@ def capacity_command(
 def plan_command(
         devices_file: Annotated[Optional[Path], typer.Option("--devices", metavar="FILE", help="A TOML file whose [[device]] entries to plan for (default: llmos.toml's, else this host's).")] = None,
         target_wait: Annotated[str, typer.Option("--target-wait", metavar="DURATION", help="Mean wait the plan sizes workers for.")] = "2s",
-        window: Annotated[str, typer.Option("--window", metavar="DURATION", help="The past demand is measured over.")] = "10m",
+        window: Annotated[Optional[str], typer.Option("--window", metavar="DURATION", help="The past demand is measured over (default LLMOS_PLAN_WINDOW_S, 10m).")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="The plan as JSON.")] = False) -> None:
     """The plan for now: how many workers of which model on which device, what it would evict, the
     models no device can hold, and why."""
@@ -94,7 +94,7 @@ def plan_command(
     from llmos.settings import get_settings
 
     target_s = parse_duration(target_wait, "--target-wait")
-    window_s = parse_duration(window, "--window")
+    window_s = parse_duration(window, "--window") if window is not None else None
     settings = get_settings()
     device_list = None
     if devices_file is not None:

@@ -29,6 +29,9 @@ import math
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from llmos.registry import ModelSpec
 from llmos.scheduling.capacity import needed_for
 from llmos.scheduling.demand import ModelDemand
@@ -40,6 +43,19 @@ IDLE_GUARD_S = 300.0
 """An idle model is evictable once its last job started at least this long ago."""
 DRAIN_S = 60.0
 """The planner wants enough workers to serve a model's standing backlog within this long."""
+DEMAND_WINDOW_S = 600.0
+"""The demand `make_plan` reads: the jobs of this many seconds back."""
+
+
+class PlanSettings(BaseSettings):
+    """The planner's settings (LLMOS_PLAN_*), read by `make_plan` (docs/scheduling.md)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMOS_PLAN_", extra="ignore", frozen=True)
+
+    drain_s: float = Field(default=DRAIN_S, gt=0, le=86_400,
+                           description="Enough workers to serve a model's standing backlog within this long.")
+    window_s: float = Field(default=DEMAND_WINDOW_S, gt=0, le=7 * 86_400,
+                            description="The demand window: arrivals, service times, recent use.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,15 +415,19 @@ def _lru_key(d: ModelDemand) -> tuple[int, float]:
     return (0, 0.0) if d.last_used is None else (1, d.last_used.timestamp())
 
 
-def make_plan(settings: Any, engine: Any, registry: Any, *, window_s: float = 600.0,
+def make_plan(settings: Any, engine: Any, registry: Any, *, window_s: float | None = None,
               target_wait_s: float = 2.0, idle_guard_s: float = IDLE_GUARD_S,
-              device_list: list[Device] | None = None) -> Plan:
+              device_list: list[Device] | None = None, drain_s: float | None = None) -> Plan:
     """The plan for now: the devices (`device_list`, else llmos.toml's or this host's), the
-    demand of the last `window_s` and the live workers (recent heartbeat) of the task table."""
+    demand of the last `window_s` and the live workers (recent heartbeat) of the task table.
+    `window_s` and `drain_s` default to LLMOS_PLAN_WINDOW_S and LLMOS_PLAN_DRAIN_S."""
     from llmos import manager
     from llmos.scheduling.demand import live_worker_counts, model_demand
     from llmos.scheduling.devices import devices as read_devices
 
+    own = PlanSettings()
+    window_s = own.window_s if window_s is None else float(window_s)
+    drain_s = own.drain_s if drain_s is None else float(drain_s)
     devs = device_list if device_list is not None else read_devices(settings)
     within = getattr(settings, "dead_after_s", 30.0)
     demand = model_demand(engine, window_s=window_s, live_within_s=within)
@@ -415,4 +435,5 @@ def make_plan(settings: Any, engine: Any, registry: Any, *, window_s: float = 60
     for (host, device, model), n in live_worker_counts(engine, within_s=within).items():
         running[(model, f"{host}/{device}")] = n
     return plan(devs, {s.name: s for s in registry.all()}, demand, running,
-                idle_guard_s=idle_guard_s, target_wait_s=target_wait_s, now=manager.db_now(engine))
+                idle_guard_s=idle_guard_s, target_wait_s=target_wait_s, drain_s=drain_s,
+                now=manager.db_now(engine))
