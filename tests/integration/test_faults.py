@@ -240,7 +240,9 @@ def test_poison_input_and_raising_input(env, monkeypatch):
 def test_timeout_and_deadline(env):
     settings, e = env
     engine = get_engine(settings.db_url)
-    with Client(settings) as c:
+    # admission off: these jobs are meant to be accepted and then expire while queued (admission
+    # itself, which would refuse them at once, is tests/unit/test_eta.py's)
+    with Client(settings.model_copy(update={"deadline_admission": "off"})) as c:
         m = c.load_model("minilm")
         doomed = [h.id for h in m.submit_many([llmos.SentimentTask(text=t) for t in texts(20, "late")],
                                               deadline=1.0)]
