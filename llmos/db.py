@@ -7,7 +7,6 @@ Nothing here changes job state: that is `llmos.manager`'s job.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 from typing import Any
@@ -361,10 +360,6 @@ def begin_write(engine: sa.Engine):
 
 def check_database(url: str) -> None:
     """Raise DatabaseUnavailableError (saying where) unless the database answers and has tables."""
-    if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
-        raise DatabaseUnavailableError(  # the embedded default before `llmos up` ever ran here
-            f"no LLMOS database at {url}: start the embedded stack with `llmos up`, or set "
-            "LLMOS_DATABASE_URL (and LLMOS_REDIS_URL) to running servers")
     engine = get_engine(url)
     try:
         with engine.connect() as conn:

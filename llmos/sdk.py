@@ -194,6 +194,8 @@ class Client:
         checked = [validate_for(spec, t, _conversation_for(tenant, k)) for t, k in zip(tasks, keys)]
         if not checked:
             return [], False
+        if self._dispatcher is None or isinstance(self._dispatcher, CeleryDispatcher):
+            ping(self.redis, self.settings)  # Redis down: fail before any read or write
         # tenant shares (llmos.scheduling.shares, only with [shares] in llmos.toml): a tenant over its
         # share of the model's compute queues one step lower; the ETA below counts that priority
         prio = self._db(shares.adjusted_priority, self.settings, spec.name, tenant, prio) if shares.weights(self.settings) else prio
@@ -210,8 +212,6 @@ class Client:
                               max_attempts=max_attempts, eta_start_in_s=admission.start_in_s(i),
                               eta_finish_in_s=admission.finish_in_s(i))
                for i, (t, k) in enumerate(zip(checked, keys))]
-        if self._dispatcher is None or isinstance(self._dispatcher, CeleryDispatcher):
-            ping(self.redis, self.settings)  # fail before writing anything if Redis is down
         epoch = self._listen_before_insert()  # subscribed first: no notice of these jobs is missed
         created = self._db(manager.create_jobs, new, webhook_url=webhook_url)
         handles = self._handles(created, tenant, epoch)

@@ -92,7 +92,7 @@ def test_up_then_submit_from_another_terminal(tmp_path):
      "--set stop: the JSON value is nested more than 32 levels deep"),
     (["submit", "writing", "hi", "--set", "stop=" + "[" * 33 + "]" * 33], "nested more than 32 levels deep"),
     (["submit", "sentiment", b"caf\xe9"], "text: Value error, contains U+DCE9 at position 3, which cannot be stored"),
-    (["submit", "sentiment", "hi"], "start the embedded stack with `llmos up`"),
+    (["submit", "sentiment", "hi"], "cannot reach Redis at unix://"),
     (["up", "--model", "nope"], "unknown model 'nope'"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
