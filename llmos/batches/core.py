@@ -214,15 +214,7 @@ def list_batches(client: Any, *, tenant: str, after: str | None = None, limit: i
         cond.append(batches.c.name == name)
     key = (batches.c.created_at, batches.c.id)
     if after is not None:
-        if UNSTORABLE.search(after):
-            raise ValidationError(f"after: no batch with id {after!r}")
-        with engine.connect() as conn:
-            at = conn.execute(sa.select(batches.c.created_at).where(batches.c.id == after,
-                                                                    batches.c.tenant == tenant)).scalar()
-        if at is None:
-            raise ValidationError(f"after: no batch with id {after!r}")
-        cond.append(sa.tuple_(*key) < sa.tuple_(sa.literal(at, batches.c.created_at.type),
-                                                sa.literal(after, batches.c.id.type)))
+        cond.append(store.after_clause(engine, batches, after, tenant=tenant, what="batch"))
     with engine.connect() as conn:
         rows = conn.execute(sa.select(batches).where(*cond).order_by(*(c.desc() for c in key))
                             .limit(limit + 1)).all()

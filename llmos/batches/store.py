@@ -197,6 +197,22 @@ def get_file(engine: sa.Engine, file_id: str, *, tenant: str) -> FileInfo:
     return FileInfo.from_row(row._mapping)
 
 
+def after_clause(engine: sa.Engine, table: sa.Table, after: str, *, tenant: str, what: str,
+                 order: str = "desc") -> Any:
+    """The keyset condition of a page after the row `after` of `table` (`tenant`'s rows ordered by
+    (created_at, id), newest first with order="desc"); ValidationError if `tenant` has no such row."""
+    if UNSTORABLE.search(after):
+        raise ValidationError(f"after: no {what} with id {after!r}")
+    with engine.connect() as conn:
+        at = conn.execute(sa.select(table.c.created_at).where(table.c.id == after,
+                                                              table.c.tenant == tenant)).scalar()
+    if at is None:
+        raise ValidationError(f"after: no {what} with id {after!r}")
+    key = sa.tuple_(table.c.created_at, table.c.id)
+    mark = sa.tuple_(sa.literal(at, table.c.created_at.type), sa.literal(after, table.c.id.type))
+    return key < mark if order == "desc" else key > mark
+
+
 def list_files(engine: sa.Engine, *, tenant: str, purpose: str | None = None, after: str | None = None,
                limit: int = 100, order: str = "desc") -> list[FileInfo]:
     """`tenant`'s processed files by creation (newest first with order="desc"), after the file `after`."""
@@ -205,14 +221,7 @@ def list_files(engine: sa.Engine, *, tenant: str, purpose: str | None = None, af
         cond.append(files.c.purpose == purpose)
     key = (files.c.created_at, files.c.id)
     if after is not None:
-        if UNSTORABLE.search(after):
-            raise ValidationError(f"after: no file with id {after!r}")
-        with engine.connect() as conn:
-            at = conn.execute(sa.select(files.c.created_at).where(files.c.id == after, files.c.tenant == tenant)).scalar()
-        if at is None:
-            raise ValidationError(f"after: no file with id {after!r}")
-        mark = sa.tuple_(sa.literal(at, files.c.created_at.type), sa.literal(after, files.c.id.type))
-        cond.append(sa.tuple_(*key) < mark if order == "desc" else sa.tuple_(*key) > mark)
+        cond.append(after_clause(engine, files, after, tenant=tenant, what="file", order=order))
     by = [c.desc() for c in key] if order == "desc" else list(key)
     with engine.connect() as conn:
         return [FileInfo.from_row(r._mapping) for r in conn.execute(sa.select(files).where(*cond).order_by(*by).limit(limit))]
