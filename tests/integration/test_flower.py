@@ -170,6 +170,7 @@ def test_credentials_required(stack):
             code, _ = get(flower.base, path, headers)
             assert code == 401, (path, headers, code)
     assert get(flower.base, "/api/tasks", GOOD)[0] == 200
+    assert get(flower.base, "/healthcheck")[0] == 200  # the compose file's healthcheck, no credentials
 
 
 def test_admin_api_key_logs_in_as_admin_and_a_tenant_key_does_not(stack):
