@@ -1,4 +1,4 @@
-"""The `llmos` command: up, demo, worker, submit, job, cancel, prune, db, models.
+"""The `llmos` command: up, demo, worker, submit, job, cancel, prune, db, models, flower, ….
 
 LLMOS errors and usage errors print on stderr with exit code 2, never a traceback. `--json`
 prints one line of JSON on stdout; times are ISO 8601 with their UTC offset.
