@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from typing import Any, Protocol, Sequence
@@ -37,6 +38,7 @@ from llmos.priority import broker_priority
 from llmos.settings import Settings, redact
 
 log = logging.getLogger("llmos.dispatch")
+_EVENTS_LOCK = threading.Lock()  # a dispatcher's event sender is made once, whichever thread sends first
 
 def queue_name(model: str) -> str:
     """The Celery queue that carries `model`'s jobs."""
@@ -173,14 +175,15 @@ class CeleryDispatcher:
         Best effort, as Celery's own: a failed event publish is logged, never fails the send
         (the messages are in Redis already)."""
         try:
-            if self._events is None:
-                from celery.events import EventDispatcher
+            with _EVENTS_LOCK:
+                if self._events is None:
+                    from celery.events import EventDispatcher
 
-                self._events_conn = self.app.connection_for_write()
-                self._events = EventDispatcher(self._events_conn, app=self.app, hostname=self.origin,
-                                               buffer_group={"task"}, buffer_limit=len(sent) + 1,
-                                               buffer_while_offline=False)
-            self._events.buffer_limit = max(self._events.buffer_limit, len(sent) + 1)
+                    self._events_conn = self.app.connection_for_write()
+                    self._events = EventDispatcher(self._events_conn, app=self.app, hostname=self.origin,
+                                                   buffer_group={"task"}, buffer_limit=len(sent) + 1,
+                                                   buffer_while_offline=False)
+                self._events.buffer_limit = max(self._events.buffer_limit, len(sent) + 1)
             for group, task_id in sent:
                 queue = queue_name(group[0].model)
                 self._events.send("task-sent", uuid=task_id, root_id=task_id, parent_id=None,
