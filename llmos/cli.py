@@ -1,4 +1,4 @@
-"""The `llmos` command: up, demo, worker, submit, job, cancel, prune, db, models.
+"""The `llmos` command: up, demo, worker, submit, job, cancel, prune, db, models, flower, ….
 
 LLMOS errors and usage errors print on stderr with exit code 2, never a traceback. `--json`
 prints one line of JSON on stdout; times are ISO 8601 with their UTC offset.
@@ -22,6 +22,7 @@ from rich.table import Table
 from llmos.api.cli import api_command, keys_app
 from llmos.batches.cli import batch_app
 from llmos.errors import LLMOSError, NoWorkerWarning
+from llmos.flower import flower_command
 from llmos.nightly.cli import beat_command
 from llmos.scheduling.cli import capacity_command, plan_command
 from llmos.settings import get_settings
@@ -38,6 +39,7 @@ app.add_typer(models_app, name="models")
 app.command("api")(api_command)
 app.command("beat")(beat_command)
 app.command("capacity")(capacity_command)
+app.command("flower")(flower_command)
 app.command("plan")(plan_command)
 app.command("supervise")(supervise_command)
 app.add_typer(keys_app, name="keys")

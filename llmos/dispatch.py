@@ -7,14 +7,21 @@ so Celery's per-message cost (delivery, a pool thread, the ack) is paid once per
 id of a message is pending, held and reconciled on its own, exactly as a one-id message's.
 `Dispatcher` is the narrow interface producers use; `InMemoryDispatcher` is its twin for unit
 tests, `CeleryDispatcher` the real one.
+
+With `LLMOS_TASK_EVENTS` on, producers send Celery's "task-sent" event for each message (Flower
+shows it as sent, then received, started, succeeded by the worker's own events): `args` is the
+message's argsrepr, so the event names the job ids it carries, and `queue`/`routing_key` name
+the model (`llmos.<model>`). The events of one pipelined send go out as one batched publish.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from typing import Any, Protocol, Sequence
@@ -30,6 +37,8 @@ from llmos.jobs import Job, new_ids
 from llmos.priority import broker_priority
 from llmos.settings import Settings, redact
 
+log = logging.getLogger("llmos.dispatch")
+_EVENTS_LOCK = threading.Lock()  # a dispatcher's event sender is made once, whichever thread sends first
 
 def queue_name(model: str) -> str:
     """The Celery queue that carries `model`'s jobs."""
@@ -67,9 +76,10 @@ def make_celery(settings: Settings) -> Celery:
                                    "interval_step": 0.5, "interval_max": 1.0},
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
-        # Task events cost three Redis publishes per job; on only for Flower (LLMOS_TASK_EVENTS=1).
+        # Task events cost three Redis publishes per message; on only for Flower (LLMOS_TASK_EVENTS=1).
         worker_send_task_events=settings.task_events,
-        task_send_sent_event=False,
+        # producers' "task-sent" events: Celery's send_task, and CeleryDispatcher.send (batched)
+        task_send_sent_event=settings.task_events,
         worker_disable_rate_limits=True,
         worker_enable_remote_control=False,  # no pidbox consumer polling beside the model
     )
@@ -103,6 +113,8 @@ class CeleryDispatcher:
         self.redis = redis_client(settings)
         self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
         self.reply_to = str(uuid.uuid4())
+        self._events: Any = None  # the EventDispatcher of "task-sent" events, made on first use
+        self._events_conn: Any = None
 
     def message(self, jobs: Sequence[Job], ids: Sequence[str] | None = None) -> tuple[str, str]:
         """(Redis list key, JSON payload) of the Celery message that wakes a worker for `jobs`
@@ -112,7 +124,7 @@ class CeleryDispatcher:
         task_id, tag = ids or new_ids(2)
         queue = queue_name(first.model)
         pri = broker_priority(first.priority)
-        args: list[Any] = [first.id] if len(jobs) == 1 else [[j.id for j in jobs]]
+        args = message_args(jobs)
         body = json.dumps([args, {}, _EMBED])
         payload = {
             "body": base64.b64encode(body.encode()).decode(),
@@ -152,16 +164,53 @@ class CeleryDispatcher:
                     pipe.sadd(pending_set(group[0].model), *[j.id for j in group])
                     pipe.lpush(key, payload)
                 pipe.execute()
+                if self.app.conf.task_send_sent_event:
+                    self._sent_events([(g, fresh[2 * n]) for n, g in enumerate(part)])
         except (redis.exceptions.RedisError, OSError) as exc:
             raise broker_error(self.settings, exc) from None
 
+    def _sent_events(self, sent: list[tuple[list[Job], str]]) -> None:
+        """Celery's "task-sent" event for each (jobs, task id) message, in one batched publish.
+
+        Best effort, as Celery's own: a failed event publish is logged, never fails the send
+        (the messages are in Redis already)."""
+        try:
+            with _EVENTS_LOCK:
+                if self._events is None:
+                    from celery.events import EventDispatcher
+
+                    self._events_conn = self.app.connection_for_write()
+                    self._events = EventDispatcher(self._events_conn, app=self.app, hostname=self.origin,
+                                                   buffer_group={"task"}, buffer_limit=len(sent) + 1,
+                                                   buffer_while_offline=False)
+                self._events.buffer_limit = max(self._events.buffer_limit, len(sent) + 1)
+            for group, task_id in sent:
+                queue = queue_name(group[0].model)
+                self._events.send("task-sent", uuid=task_id, root_id=task_id, parent_id=None,
+                                  name=RUN_JOB_TASK, args=repr(message_args(group)), kwargs="{}",
+                                  retries=0, eta=None, expires=None, queue=queue, exchange="",
+                                  routing_key=queue)
+            self._events.flush(errors=False)
+        except Exception as exc:  # events are for Flower; the jobs are sent
+            log.warning("task-sent events not published: %r", exc)
+            if self._events is not None:
+                self._events._group_buffer.clear()  # do not resend them with the next batch
+
     def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events_conn.release()
         self.app.close()
         self.redis.close()
 
 
 MAX_CHUNK = 256
 """Most job ids one message carries (a bulk submit packs up to the model's max_batch_size)."""
+
+def message_args(jobs: Sequence[Job]) -> list[Any]:
+    """A message's Celery args: `[id]` for one job, `[[id, ...]]` for several (a chunk)."""
+    return [jobs[0].id] if len(jobs) == 1 else [[j.id for j in jobs]]
+
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 

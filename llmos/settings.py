@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     retry_base_s: float = Field(default=1.0, gt=0, description="First backoff of a transient retry (doubles each attempt).")
     model_cpus: str | None = Field(default=None, description="A worker's model thread runs on these cores (e.g. `1` or `2-3`) and everything else of the worker on its other cores (workers/affinity.py; Linux).")
     deadline_admission: Literal["refuse", "warn", "off"] = Field(default="refuse", description="A submit whose deadline its measured ETA cannot meet: refused with DeadlineUnmeetableError (refuse), accepted with a DeadlineUnmeetableWarning (warn), or not checked (off); see docs/scheduling.md.")
-    task_events: bool = Field(default=False, description="Workers send Celery task events (for Flower).")
+    task_events: bool = Field(default=False, description="Workers send Celery task events, producers task-sent events (for Flower).")
     # llmos/scheduling: aging and tenant shares (docs/scheduling.md, "Aging and tenant shares")
     aging_s: float = Field(default=30.0, ge=0, description="A queued job goes up one priority step per this many seconds waited (the reconciler's pass does it; 0: no aging).")
     aging_ceiling: int = Field(default=9, ge=0, le=9, description="Aging promotes a job up to this priority, never beyond.")
