@@ -1,0 +1,237 @@
+"""The rollup of finished jobs: what `/metrics` counts, without reading the task table's old rows.
+
+`job_rollups` holds, per (UTC day of finished_at, model, task type, tenant, final status): the
+jobs, their retries (attempts - 1), tokens in and out, and for each histogram (queue wait,
+compute, end-to-end latency, batch size) the observations, their sum and the cumulative bucket
+counts (`llmos.db.ROLLUP_HISTOGRAMS`). The one-row `job_rollup_watermark` says how far it goes:
+every job with finished_at < `folded_to` is in it, and no other.
+
+`refresh` folds the jobs with finished_at in [folded_to, now - lag) with one
+INSERT ... SELECT ... GROUP BY ... ON CONFLICT DO UPDATE and moves the watermark in the same
+transaction (a range of the partial index ix_jobs_finished_at_id). Only one process folds at a
+time: on Postgres the watermark row is taken FOR UPDATE SKIP LOCKED (a second caller finds it
+locked and returns at once: the first is folding), on SQLite the transaction is BEGIN IMMEDIATE
+(`llmos.db.begin_write`). A range is folded once: the watermark moves past it in the commit that
+adds it. At most `MAX_STEP_S` of finished_at is folded per transaction (the first fold of a task
+table of months folds it a day at a time).
+
+`totals` answers rollup(< watermark) + the same aggregate over the tail (finished_at >= the
+watermark), read in one snapshot, so the totals are exact at the scrape, the same from every API
+process, and no count goes down when `llmos prune` deletes old jobs (they were folded first: the
+reconciler folds before it prunes, and retention deletes only jobs days old).
+
+The lag: finished_at is stamped inside the finishing transaction (Postgres `now()`, the
+transaction's start; SQLite the writer's clock just before its write), so a job becomes visible
+at its commit, a little after its finished_at. The fold stops at now - `LAG_S`; a finishing
+transaction that commits more than `LAG_S` after its stamp (60 s: a finish, cancel or expiry is
+one short statement, milliseconds; 60 s is far beyond any pause but a stalled server) would land
+behind the watermark and never be counted. The cost of a larger lag is only a longer tail to
+aggregate per scrape (the jobs of the last minute or so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from llmos import manager
+from llmos.db import ROLLUP_HISTOGRAMS, begin_write, job_rollup_watermark, job_rollups, jobs, rollup_bucket_column
+from llmos.jobs import FINAL_STATUSES
+
+LAG_S = 60.0
+"""The fold stops this far behind the database's clock (see the module doc)."""
+
+MAX_STEP_S = 86_400.0
+"""At most this much of finished_at is folded in one transaction."""
+
+LABELS = ("model", "task_type", "tenant", "status")
+"""The rollup's labels (beside its day)."""
+
+SCALE = {"queue_wait": 1000.0, "compute": 1000.0, "latency": 1.0, "batch_size": 1.0}
+"""Each histogram's source unit per reported unit (the task table keeps milliseconds)."""
+
+VALUE_COLUMNS = tuple(c.name for c in job_rollups.c if not c.primary_key)
+"""The additive columns of a rollup row (everything but its key)."""
+
+WATERMARK_ID = 1
+
+
+def _day(dialect: str) -> Any:
+    if dialect == "postgresql":
+        return sa.cast(sa.func.timezone("UTC", jobs.c.finished_at), sa.Date)
+    return sa.func.date(jobs.c.finished_at)
+
+
+def _latency_s(dialect: str) -> Any:
+    """finished_at - created_at in seconds, in SQL."""
+    if dialect == "postgresql":
+        return sa.cast(sa.extract("epoch", jobs.c.finished_at - jobs.c.created_at), sa.Float)
+    return (sa.func.julianday(jobs.c.finished_at) - sa.func.julianday(jobs.c.created_at)) * 86400.0
+
+
+def _sources(dialect: str) -> dict[str, Any]:
+    """Each histogram's observed value per job, in its source unit (NULL: not observed)."""
+    return {"queue_wait": jobs.c.queue_wait_ms, "compute": jobs.c.compute_ms,
+            "latency": _latency_s(dialect), "batch_size": jobs.c.batch_size}
+
+
+def aggregates(dialect: str) -> list[Any]:
+    """The SELECT list of VALUE_COLUMNS over a group of finished jobs (labelled as the columns)."""
+    zero = sa.literal(0)
+    out = [sa.func.count().label("jobs"),
+           sa.func.coalesce(sa.func.sum(sa.case((jobs.c.attempts > 1, jobs.c.attempts - 1), else_=zero)), 0)
+           .label("retries"),
+           sa.func.coalesce(sa.func.sum(jobs.c.tokens_in), 0).label("tokens_in"),
+           sa.func.coalesce(sa.func.sum(jobs.c.tokens_out), 0).label("tokens_out")]
+    for name, x in _sources(dialect).items():
+        bounds, scale = ROLLUP_HISTOGRAMS[name], SCALE[name]
+        out.append(sa.func.count(x).label(f"{name}_n"))
+        out.append(sa.func.coalesce(sa.func.sum(x / scale if scale != 1.0 else x), 0.0).label(f"{name}_sum"))
+        out.extend(sa.func.sum(sa.case((x <= bound * scale, 1), else_=zero)).label(rollup_bucket_column(name, i))
+                   for i, bound in enumerate(bounds))
+    assert tuple(c.name for c in out) == VALUE_COLUMNS, "aggregates() and job_rollups disagree"
+    return out
+
+
+def _finished(since: datetime | None, until: datetime | None) -> list[Any]:
+    """Finished jobs with finished_at in [since, until): a range of ix_jobs_finished_at_id."""
+    cond = [jobs.c.finished_at.is_not(None)]
+    if since is not None:
+        cond.append(jobs.c.finished_at >= since)
+    if until is not None:
+        cond.append(jobs.c.finished_at < until)
+    return cond
+
+
+@dataclasses.dataclass(frozen=True)
+class Refreshed:
+    """What one `refresh` did."""
+
+    jobs: int = 0  # finished jobs folded
+    folded_to: datetime | None = None  # the watermark it left (None: it folded nothing, another held the lock)
+    skipped: bool = False  # another process was folding (Postgres): nothing done here
+
+
+def refresh(engine: sa.Engine, *, lag_s: float = LAG_S, max_step_s: float = MAX_STEP_S,
+            now: datetime | None = None) -> Refreshed:
+    """Fold the finished jobs not yet folded, up to the database's clock (or `now`) - `lag_s`.
+
+    One transaction per `max_step_s` of finished_at, each moving the watermark with the rows it
+    adds. Returns at once when another process holds the watermark (Postgres)."""
+    total, last = 0, None
+    while True:
+        step = _fold_step(engine, lag_s=lag_s, max_step_s=max_step_s, now=now)
+        if step is None:
+            return Refreshed(jobs=total, folded_to=last, skipped=last is None)
+        n, last, more = step
+        total += n
+        if not more:
+            return Refreshed(jobs=total, folded_to=last)
+
+
+def _lock_watermark(conn: sa.Connection) -> Any:
+    """The watermark row, locked for this transaction; None when another transaction holds it."""
+    wm = job_rollup_watermark
+    q = sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)
+    pg = conn.dialect.name == "postgresql"
+    row = conn.execute(q.with_for_update(skip_locked=True) if pg else q).first()
+    if row is not None:
+        return row
+    if conn.execute(q).first() is not None:  # it exists: another transaction has it (Postgres)
+        return None
+    insert = (postgresql.insert(wm) if pg else sqlite.insert(wm)).values(id=WATERMARK_ID)
+    conn.execute(insert.on_conflict_do_nothing())  # (a database made without the migration's row)
+    return conn.execute(q.with_for_update() if pg else q).first()
+
+
+def _fold_step(engine: sa.Engine, *, lag_s: float, max_step_s: float,
+               now: datetime | None) -> tuple[int, datetime, bool] | None:
+    dialect = engine.dialect.name
+    wm = job_rollup_watermark
+    with begin_write(engine) as conn:
+        row = _lock_watermark(conn)
+        if row is None:
+            return None
+        clock = manager.db_now(conn)
+        upper = (manager.as_utc(now) if now is not None else clock) - timedelta(seconds=lag_s)
+        lo = manager.as_utc(row.folded_to)
+        if lo is None:  # never folded: from the oldest finished job (the index's first entry)
+            lo = manager.as_utc(conn.execute(sa.select(sa.func.min(jobs.c.finished_at))
+                                             .where(jobs.c.finished_at.is_not(None))).scalar())
+            if lo is None:
+                lo = upper
+        if upper <= lo:
+            if row.folded_to is None:
+                conn.execute(wm.update().where(wm.c.id == WATERMARK_ID).values(folded_to=lo, refreshed_at=clock))
+            return 0, lo, False
+        hi = min(upper, lo + timedelta(seconds=max_step_s))
+        select = (sa.select(_day(dialect).label("day"), *[jobs.c[c] for c in LABELS], *aggregates(dialect))
+                  .where(*_finished(lo, hi))
+                  .group_by(_day(dialect), *[jobs.c[c] for c in LABELS]))
+        insert = (postgresql.insert(job_rollups) if dialect == "postgresql" else sqlite.insert(job_rollups))
+        insert = insert.from_select(["day", *LABELS, *VALUE_COLUMNS], select)
+        insert = insert.on_conflict_do_update(
+            index_elements=["day", *LABELS],
+            set_={c: job_rollups.c[c] + insert.excluded[c] for c in VALUE_COLUMNS})
+        conn.execute(insert)
+        # the jobs folded: their count by the rows' own sum would need another read; the range's
+        # count is one index-only count over the range just folded
+        n = conn.execute(sa.select(sa.func.count()).where(*_finished(lo, hi))).scalar_one()
+        conn.execute(wm.update().where(wm.c.id == WATERMARK_ID).values(folded_to=hi, refreshed_at=clock))
+        return int(n), hi, hi < upper
+
+
+Key = tuple[str, str, str, str]
+"""(model, task_type, tenant, status)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Totals:
+    """Every finished job's totals per Key (VALUE_COLUMNS → number), and the watermark they used."""
+
+    by_key: dict[Key, dict[str, float]]
+    folded_to: datetime | None
+    tail_jobs: int  # of them, jobs read live from the tail (finished_at >= folded_to)
+
+
+def totals(conn: sa.Connection) -> Totals:
+    """rollup(< watermark) + the live aggregate of finished_at >= watermark, per Key.
+
+    Call inside one snapshot (`snapshot`), so a fold committing meanwhile is seen either wholly
+    or not at all (it moves rows from the tail into the rollup in one commit)."""
+    dialect = conn.dialect.name
+    wm = job_rollup_watermark
+    folded_to = manager.as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
+    out: dict[Key, dict[str, float]] = {}
+    labels = [job_rollups.c[c] for c in LABELS]
+    q = (sa.select(*labels, *[sa.func.sum(job_rollups.c[c]).label(c) for c in VALUE_COLUMNS])
+         .group_by(*labels))
+    if folded_to is not None:
+        for r in conn.execute(q):
+            out[tuple(r[:4])] = {c: float(v or 0) for c, v in zip(VALUE_COLUMNS, r[4:])}
+    tail_q = (sa.select(*[jobs.c[c] for c in LABELS], *aggregates(dialect))
+              .where(*_finished(folded_to, None))
+              .group_by(*[jobs.c[c] for c in LABELS]))
+    tail = 0
+    for r in conn.execute(tail_q):
+        key = tuple(r[:4])
+        values = {c: float(v or 0) for c, v in zip(VALUE_COLUMNS, r[4:])}
+        tail += int(values["jobs"])
+        into = out.setdefault(key, dict.fromkeys(VALUE_COLUMNS, 0.0))
+        for c, v in values.items():
+            into[c] += v
+    return Totals(by_key={k: v for k, v in out.items() if k[3] in FINAL_STATUSES}, folded_to=folded_to,
+                  tail_jobs=tail)
+
+
+def snapshot(engine: sa.Engine) -> sa.Connection:
+    """A connection whose transaction reads one snapshot (Postgres: REPEATABLE READ; SQLite: a
+    deferred read transaction in WAL mode is one already). Use as `with snapshot(e) as c, c.begin():`."""
+    conn = engine.connect()
+    if engine.dialect.name == "postgresql":
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+    return conn
