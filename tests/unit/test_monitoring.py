@@ -1,0 +1,333 @@
+"""The /metrics rollup and collector on SQLite: fold, tail, idempotence, racing folds, prune, the route's auth,
+and the Grafana dashboard's queries against the metric names the collector emits."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+import uuid
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmos import manager
+from llmos.api import create_app
+from llmos.api.settings import ApiSettings
+from llmos.db import DURATION_BUCKETS_S, get_engine, job_rollup_watermark, job_rollups, jobs
+from llmos.dispatch import InMemoryDispatcher
+from llmos.monitoring import rollup
+from llmos.monitoring.metrics import METRIC_NAMES
+from llmos.sdk import Client
+from tests.helpers import REPO
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+FINAL = ("succeeded", "failed", "cancelled", "expired")
+
+
+@pytest.fixture
+def engine(sqlite_settings):
+    return get_engine(sqlite_settings.db_url)
+
+
+def add_jobs(engine, n, *, finished_from, finished_to, seed=0, **fixed):
+    """`n` jobs finished uniformly in [finished_from, finished_to), of random labels and timings."""
+    rng = random.Random(seed)
+    span = (finished_to - finished_from).total_seconds()
+    rows = []
+    for _ in range(n):
+        finished = finished_from + timedelta(seconds=rng.random() * span)
+        started = rng.random() > 0.2
+        row = dict(id=str(uuid.uuid4()), model=rng.choice(["minilm", "gpt2"]), task_type=rng.choice(["embed", "sentiment"]),
+                   tenant=rng.choice(["acme", "globex"]), priority=rng.randint(0, 9),
+                   status=rng.choice(FINAL) if started else rng.choice(["cancelled", "expired"]), input={},
+                   attempts=rng.randint(1, 3) if started else 0,
+                   created_at=finished - timedelta(seconds=rng.choice([0.003, 0.2, 1.7, 40.0, 900.0])),
+                   finished_at=finished,
+                   queue_wait_ms=rng.choice([2.0, 30.0, 700.0, 4000.0]) if started else None,
+                   compute_ms=rng.choice([4.0, 60.0, 1500.0]) if started else None,
+                   batch_size=rng.choice([1, 3, 32]) if started else None,
+                   tokens_in=rng.randint(1, 50) if started else None, tokens_out=rng.randint(0, 9) if started else None)
+        row.update(fixed)
+        rows.append(row)
+    with engine.begin() as conn:
+        conn.execute(jobs.insert(), rows)
+    return rows
+
+
+def expected(rows):
+    """Per (model, task, tenant, status): jobs, retries, tokens, and the queue wait and latency bucket counts."""
+    out: dict = {}
+    for r in rows:
+        key = (r["model"], r["task_type"], r["tenant"], r["status"])
+        e = out.setdefault(key, Counter())
+        e["jobs"] += 1
+        e["retries"] += max(r["attempts"] - 1, 0)
+        e["tokens_in"] += r["tokens_in"] or 0
+        e["tokens_out"] += r["tokens_out"] or 0
+        latency = (r["finished_at"] - r["created_at"]).total_seconds()
+        e["latency_n"] += 1
+        for i, b in enumerate(DURATION_BUCKETS_S):
+            e[f"latency_le_{i:02d}"] += latency <= b
+            if r["queue_wait_ms"] is not None:
+                e[f"queue_wait_le_{i:02d}"] += r["queue_wait_ms"] / 1000 <= b
+        e["queue_wait_n"] += r["queue_wait_ms"] is not None
+        e["batch_size_sum"] += r["batch_size"] or 0
+    return out
+
+
+def read_totals(engine) -> rollup.Totals:
+    with rollup.snapshot(engine) as conn, conn.begin():
+        return rollup.totals(conn)
+
+
+def check(totals: rollup.Totals, rows):
+    want = expected(rows)
+    assert set(totals.by_key) == set(want)
+    for key, e in want.items():
+        got = totals.by_key[key]
+        for c, v in e.items():
+            assert got[c] == pytest.approx(v), (key, c)
+
+
+def rollup_jobs(engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(job_rollups.c.jobs), 0))).scalar())
+
+
+def watermark(engine):
+    with engine.connect() as conn:
+        return manager.as_utc(conn.execute(sa.select(job_rollup_watermark.c.folded_to)).scalar())
+
+
+def test_totals_are_exact_before_and_after_a_fold_and_the_tail_is_only_the_unfolded(engine):
+    old = add_jobs(engine, 300, finished_from=NOW - timedelta(days=3), finished_to=NOW - timedelta(minutes=2), seed=1)
+    recent = add_jobs(engine, 40, finished_from=NOW - timedelta(seconds=50), finished_to=NOW, seed=2)
+    before = read_totals(engine)
+    assert before.folded_to is None and before.tail_jobs == 340
+    check(before, old + recent)
+    done = rollup.refresh(engine, now=NOW)
+    assert done.jobs == 300 and done.folded_to == NOW - timedelta(seconds=rollup.LAG_S)
+    after = read_totals(engine)
+    assert after.tail_jobs == 40 and rollup_jobs(engine) == 300
+    check(after, old + recent)
+    with engine.connect() as conn:  # one row per UTC day and label set: the 3 days are 4 calendar days
+        days = {r[0] for r in conn.execute(sa.select(job_rollups.c.day))}
+    assert len(days) == 4
+
+
+def test_refresh_is_idempotent_and_folds_each_job_once(engine):
+    rows = add_jobs(engine, 200, finished_from=NOW - timedelta(hours=5), finished_to=NOW - timedelta(minutes=5))
+    assert rollup.refresh(engine, now=NOW).jobs == 200
+    assert rollup.refresh(engine, now=NOW).jobs == 0
+    assert rollup.refresh(engine, now=NOW - timedelta(hours=1)).jobs == 0  # a clock behind the watermark: nothing
+    assert rollup_jobs(engine) == 200 and read_totals(engine).tail_jobs == 0
+    check(read_totals(engine), rows)
+    later = add_jobs(engine, 30, finished_from=NOW, finished_to=NOW + timedelta(minutes=1), seed=3)
+    assert rollup.refresh(engine, now=NOW + timedelta(minutes=5)).jobs == 30
+    check(read_totals(engine), rows + later)
+
+
+def test_a_first_fold_of_months_goes_a_day_per_transaction(engine):
+    rows = add_jobs(engine, 500, finished_from=NOW - timedelta(days=40), finished_to=NOW - timedelta(hours=1))
+    steps = []
+    real = rollup._fold_step
+
+    def counted(*args, **kwargs):
+        steps.append(real(*args, **kwargs))
+        return steps[-1]
+
+    rollup._fold_step = counted
+    try:
+        assert rollup.refresh(engine, now=NOW).jobs == 500
+    finally:
+        rollup._fold_step = real
+    assert 40 <= len(steps) <= 42 and all(s is not None for s in steps)
+    check(read_totals(engine), rows)
+
+
+def test_two_refreshes_racing_fold_every_range_once(sqlite_settings):
+    """Four threads, each on its own engine (its own connections), fold hour-sized steps at once while
+    jobs keep finishing: the rollup ends with every job folded exactly once."""
+    engines = [sa.create_engine(sqlite_settings.db_url, connect_args={"timeout": 30, "check_same_thread": False})
+               for _ in range(4)]
+    from llmos.db import _sqlite_begin, _sqlite_pragmas
+    for e in engines:
+        sa.event.listen(e, "connect", _sqlite_pragmas)
+        sa.event.listen(e, "begin", _sqlite_begin)
+    main = get_engine(sqlite_settings.db_url)
+    rows = add_jobs(main, 400, finished_from=NOW - timedelta(days=1), finished_to=NOW - timedelta(minutes=2))
+    errors = []
+
+    def fold(e):
+        try:
+            for _ in range(5):
+                rollup.refresh(e, now=NOW, max_step_s=3600.0)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fold, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    more = add_jobs(main, 50, finished_from=NOW - timedelta(hours=2), finished_to=NOW - timedelta(hours=1), seed=9)
+    for t in threads:
+        t.join()
+    assert errors == []
+    # the 50 jobs landed after some of their range may have been folded: a job written behind the
+    # watermark is the lag's case (never done by real finishes); here count what the rollup holds
+    totals = read_totals(main)
+    with main.connect() as conn:
+        behind = conn.execute(sa.select(sa.func.count()).where(jobs.c.finished_at < watermark(main))).scalar()
+    assert watermark(main) == NOW - timedelta(seconds=rollup.LAG_S)
+    assert rollup_jobs(main) <= behind == 450
+    assert rollup_jobs(main) >= 400  # the first 400 were all there before any fold: each counted once
+    assert sum(v["jobs"] for v in totals.by_key.values()) == rollup_jobs(main) + totals.tail_jobs
+    for e in engines:
+        e.dispose()
+    del rows, more
+
+
+def test_racing_refreshes_without_late_writes_are_exact(sqlite_settings):
+    main = get_engine(sqlite_settings.db_url)
+    rows = add_jobs(main, 400, finished_from=NOW - timedelta(days=2), finished_to=NOW)
+    barrier = threading.Barrier(3)
+
+    def fold():
+        barrier.wait()
+        rollup.refresh(main, now=NOW, max_step_s=1800.0)
+
+    threads = [threading.Thread(target=fold) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with main.connect() as conn:
+        behind = conn.execute(sa.select(sa.func.count()).where(jobs.c.finished_at < watermark(main))).scalar()
+    assert rollup_jobs(main) == behind and behind > 0
+    check(read_totals(main), rows)
+
+
+def test_prune_leaves_the_counters(engine):
+    rows = add_jobs(engine, 120, finished_from=NOW - timedelta(days=60), finished_to=NOW - timedelta(days=31))
+    recent = add_jobs(engine, 30, finished_from=datetime.now(timezone.utc) - timedelta(minutes=30),
+                      finished_to=datetime.now(timezone.utc) - timedelta(minutes=2), seed=5)
+    rollup.refresh(engine)
+    report = manager.prune(engine, timedelta(days=30))
+    assert report.jobs == 120
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar() == 30
+    check(read_totals(engine), rows + recent)
+
+
+def test_jobs_not_final_are_not_counted_as_finished(engine):
+    add_jobs(engine, 20, finished_from=NOW - timedelta(hours=1), finished_to=NOW)
+    manager.create_jobs(engine, [manager.NewJob(model="minilm", task_type="embed", input={"texts": ["x"]}, priority=5)])
+    totals = read_totals(engine)
+    assert sum(v["jobs"] for v in totals.by_key.values()) == 20
+
+
+# -- the collector behind GET /metrics ---------------------------------------------------------
+
+TOKEN = "scrape-token-0123456789"
+
+
+@pytest.fixture
+def api(sqlite_settings):
+    client = Client(sqlite_settings, dispatcher=InMemoryDispatcher())
+    app = create_app(api_settings=ApiSettings(rate_limit_storage="memory://", metrics_token=TOKEN), client=client)
+    engine = get_engine(sqlite_settings.db_url)
+    with TestClient(app) as http:
+        yield http, engine
+
+
+def scrape(http, headers=None):
+    resp = http.get("/metrics", headers=headers or {"Authorization": f"Bearer {TOKEN}"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"].startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(resp.text)}
+
+
+def samples(family, name=None):
+    return {tuple(sorted(s.labels.items())): s.value for s in family.samples if name is None or s.name == name}
+
+
+def test_metrics_auth(api):
+    http, engine = api
+    _, admin = manager.create_api_key(engine, tenant="ops", admin=True)
+    _, tenant = manager.create_api_key(engine, tenant="acme")
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Bearer " + TOKEN[:-1]}):
+        resp = http.get("/metrics", headers=headers)
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthorized", resp.text
+    resp = http.get("/metrics", headers={"Authorization": f"Bearer {tenant}"})
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "forbidden"
+    assert "llmos_up" in scrape(http, {"Authorization": f"Bearer {admin}"})
+    assert "llmos_up" in scrape(http)
+
+
+def test_metrics_match_the_task_table_and_redis_down_is_a_gauge(api):
+    http, engine = api
+    now = datetime.now(timezone.utc)
+    rows = add_jobs(engine, 150, finished_from=now - timedelta(days=2), finished_to=now)
+    manager.create_jobs(engine, [manager.NewJob(model="minilm", task_type="embed", input={"texts": ["x"]},
+                                                priority=7, tenant="acme") for _ in range(3)])
+    families = scrape(http)
+    assert samples(families["llmos_up"]) == {(("component", "database"),): 1.0, (("component", "redis"),): 0.0}
+    with engine.connect() as conn:
+        table = {(m, t, ten, s): n for m, t, ten, s, n in conn.execute(
+            sa.select(jobs.c.model, jobs.c.task_type, jobs.c.tenant, jobs.c.status, sa.func.count())
+            .where(jobs.c.finished_at.is_not(None))
+            .group_by(jobs.c.model, jobs.c.task_type, jobs.c.tenant, jobs.c.status))}
+    got = {(d["model"], d["task"], d["tenant"], d["status"]): v
+           for k, v in samples(families["llmos_jobs"], "llmos_jobs_total").items() for d in [dict(k)]}
+    assert got == table
+    latency = families["llmos_job_latency_seconds"]
+    assert sum(samples(latency, "llmos_job_latency_seconds_count").values()) == len(rows)
+    want = expected(rows)
+    retries = samples(families["llmos_job_retries"], "llmos_job_retries_total")
+    assert sum(retries.values()) == sum(e["retries"] for e in want.values())
+    unfinished = samples(families["llmos_jobs_unfinished"])
+    assert unfinished == {(("model", "minilm"), ("priority", "7"), ("status", "queued"), ("task", "embed"),
+                           ("tenant", "acme")): 3.0}
+    # a fold between two scrapes changes nothing they report
+    rollup.refresh(engine, lag_s=0.0)
+    again = scrape(http)
+    for name in ("llmos_jobs", "llmos_job_latency_seconds", "llmos_job_queue_wait_seconds", "llmos_tokens_in"):
+        assert samples(again[name]) == samples(families[name]), name
+
+
+# -- the Grafana dashboard ---------------------------------------------------------------------
+
+DASHBOARD = Path(REPO) / "deploy" / "grafana" / "llmos.json"
+SUFFIXES = ("_bucket", "_count", "_sum")
+
+
+def exprs(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "expr" and isinstance(v, str):
+                yield v
+            else:
+                yield from exprs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from exprs(v)
+
+
+def test_the_dashboard_queries_only_metrics_the_collector_emits():
+    board = json.loads(DASHBOARD.read_text())
+    assert board["title"] and board["panels"]
+    queries = list(exprs(board))
+    assert len(queries) >= 8
+    for q in queries:
+        names = set(re.findall(r"\bllmos_[a-z_]+", q))
+        assert names, q
+        for name in names:
+            base = next((name[: -len(s)] for s in SUFFIXES if name.endswith(s) and name[: -len(s)] in METRIC_NAMES),
+                        name)
+            assert base in METRIC_NAMES, (name, q)
