@@ -62,7 +62,7 @@ WATERMARK_ID = 1
 
 def _day(dialect: str) -> Any:
     if dialect == "postgresql":
-        return sa.cast(sa.func.timezone("UTC", jobs.c.finished_at), sa.Date)
+        return sa.cast(sa.func.timezone(sa.literal_column("'UTC'"), jobs.c.finished_at), sa.Date)
     return sa.func.date(jobs.c.finished_at)
 
 
@@ -79,20 +79,26 @@ def _sources(dialect: str) -> dict[str, Any]:
             "latency": _latency_s(dialect), "batch_size": jobs.c.batch_size}
 
 
+def _number(x: float) -> Any:
+    return sa.literal_column(repr(float(x)))
+
+
 def aggregates(dialect: str) -> list[Any]:
     """The SELECT list of VALUE_COLUMNS over a group of finished jobs (labelled as the columns)."""
-    zero = sa.literal(0)
+    zero, one = sa.literal_column("0"), sa.literal_column("1")
     out = [sa.func.count().label("jobs"),
-           sa.func.coalesce(sa.func.sum(sa.case((jobs.c.attempts > 1, jobs.c.attempts - 1), else_=zero)), 0)
+           sa.func.coalesce(sa.func.sum(sa.case((jobs.c.attempts > one, jobs.c.attempts - one), else_=zero)), zero)
            .label("retries"),
-           sa.func.coalesce(sa.func.sum(jobs.c.tokens_in), 0).label("tokens_in"),
-           sa.func.coalesce(sa.func.sum(jobs.c.tokens_out), 0).label("tokens_out")]
+           sa.func.coalesce(sa.func.sum(jobs.c.tokens_in), zero).label("tokens_in"),
+           sa.func.coalesce(sa.func.sum(jobs.c.tokens_out), zero).label("tokens_out")]
     for name, x in _sources(dialect).items():
         bounds, scale = ROLLUP_HISTOGRAMS[name], SCALE[name]
         out.append(sa.func.count(x).label(f"{name}_n"))
-        out.append(sa.func.coalesce(sa.func.sum(x / scale if scale != 1.0 else x), 0.0).label(f"{name}_sum"))
-        out.extend(sa.func.sum(sa.case((x <= bound * scale, 1), else_=zero)).label(rollup_bucket_column(name, i))
-                   for i, bound in enumerate(bounds))
+        value = x / _number(scale) if scale != 1.0 else x
+        out.append(sa.func.coalesce(sa.func.sum(value), sa.literal_column("0.0")).label(f"{name}_sum"))
+        # constants as literals: the statement stays one shape (and short) whatever the bounds
+        out.extend(sa.func.sum(sa.case((x <= _number(bound * scale), one), else_=zero))
+                   .label(rollup_bucket_column(name, i)) for i, bound in enumerate(bounds))
     assert tuple(c.name for c in out) == VALUE_COLUMNS, "aggregates() and job_rollups disagree"
     return out
 
