@@ -83,13 +83,13 @@ class LlmosCollector(Collector):
         return []  # no query at registration; names are METRIC_NAMES
 
     def collect(self) -> Iterable[Metric]:
-        engine = self.engine()
         up = GaugeMetricFamily("llmos_up", "Whether the service answered this scrape (1) or not (0).",
                                labels=["component"])
         out: list[Metric] = []
         models = set(self.models())
-        db_ok = True
+        db_ok, engine = True, None
         try:
+            engine = self.engine()
             out.extend(self._database(engine, models))
         except (sa.exc.SQLAlchemyError, LLMOSError) as exc:
             db_ok = False
@@ -102,7 +102,7 @@ class LlmosCollector(Collector):
             redis_ok = False
             event(log, "metrics_redis_unavailable", logging.WARNING, error=type(exc).__name__)
         up.add_metric(["redis"], 1.0 if redis_ok else 0.0)
-        if db_ok:
+        if db_ok and engine is not None:
             try:
                 out.extend(self._capacity_metrics(engine))
             except (sa.exc.SQLAlchemyError, LLMOSError) as exc:

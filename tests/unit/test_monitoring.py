@@ -301,6 +301,33 @@ def test_metrics_match_the_task_table_and_redis_down_is_a_gauge(api):
         assert samples(again[name]) == samples(families[name]), name
 
 
+def test_a_database_that_does_not_answer_is_a_gauge_not_an_error(sqlite_settings):
+    from prometheus_client import generate_latest
+
+    from llmos.errors import DatabaseUnavailableError
+    from llmos.monitoring.metrics import LlmosCollector, make_registry
+
+    def no_database():
+        raise DatabaseUnavailableError("cannot reach the database")
+
+    class FakeRedis:
+        def pipeline(self, transaction=False):
+            return self
+
+        def llen(self, key):
+            self.n = getattr(self, "n", 0) + 1
+
+        def execute(self):
+            return [2] * self.n
+
+    registry = make_registry(LlmosCollector(no_database, FakeRedis, lambda: ["minilm"]))
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert samples(families["llmos_up"]) == {(("component", "database"),): 0.0, (("component", "redis"),): 1.0}
+    queue = samples(families["llmos_queue_messages"])
+    assert len(queue) == 10 and queue[(("model", "minilm"), ("priority", "9"))] == 2.0
+    assert "llmos_jobs" not in families
+
+
 # -- the Grafana dashboard ---------------------------------------------------------------------
 
 DASHBOARD = Path(REPO) / "deploy" / "grafana" / "llmos.json"
