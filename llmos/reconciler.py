@@ -42,6 +42,7 @@ from datetime import datetime, timedelta
 from typing import Any, Sequence
 
 import redis
+import sqlalchemy as sa
 
 from llmos import manager
 from llmos.db import get_engine
@@ -136,20 +137,27 @@ class Reconciler:
         self._send(retries)
         report.aged = aging.run_once(self.engine, self.dispatcher, s)  # no-op with LLMOS_AGING_S=0
         report.resent = self._resend_lost(dead_after)
-        self._fold()
-        report.pruned_jobs, report.pruned_workers = self._retain()
+        folded = self._fold()
+        report.pruned_jobs, report.pruned_workers = self._retain() if folded else (0, 0)
         if report.any():
             event(log, "reconcile", **dataclasses.asdict(report))
         return report
 
-    def _fold(self) -> None:
-        """Fold finished jobs into the /metrics rollup when due (and always before retention runs)."""
+    def _fold(self) -> bool:
+        """Fold finished jobs into the /metrics rollup when due, and always before retention runs;
+        False when the fold failed (then retention waits: it must not delete a job not yet counted).
+        A failed fold is logged, not raised: the job-state steps of the pass do not depend on it."""
         now = time.monotonic()
         retention_due = bool(self.settings.retention_days) and now >= self._prune_from
         if now < self._rollup_from and not retention_due:
-            return
-        rollup.refresh(self.engine)
+            return True
+        try:
+            rollup.refresh(self.engine)
+        except sa.exc.SQLAlchemyError as exc:
+            event(log, "rollup_refresh_failed", logging.WARNING, error=type(exc).__name__)
+            return False
         self._rollup_from = now + ROLLUP_EVERY_S
+        return True
 
     def _retain(self) -> tuple[int, int]:
         """One bounded batch of retention when it is due: (jobs, worker rows) deleted."""

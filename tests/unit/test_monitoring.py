@@ -225,6 +225,27 @@ def test_prune_leaves_the_counters(engine):
     check(read_totals(engine), rows + recent)
 
 
+def test_the_reconciler_folds_before_retention_and_retention_waits_for_a_failed_fold(sqlite_settings, monkeypatch):
+    from llmos.reconciler import Reconciler
+
+    settings = sqlite_settings.model_copy(update={"retention_days": 30})
+    engine = get_engine(settings.db_url)
+    rows = add_jobs(engine, 80, finished_from=NOW - timedelta(days=90), finished_to=NOW - timedelta(days=40))
+    real = rollup.refresh
+
+    def failing(*args, **kwargs):
+        raise sa.exc.OperationalError("fold", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(rollup, "refresh", failing)
+    report = Reconciler(settings, dispatcher=InMemoryDispatcher(), redis_conn=object()).run_once()
+    assert report.pruned_jobs == 0  # not folded: not deleted
+    monkeypatch.setattr(rollup, "refresh", real)
+    report = Reconciler(settings, dispatcher=InMemoryDispatcher(), redis_conn=object()).run_once()
+    assert report.pruned_jobs == 80
+    assert watermark(engine) is not None and rollup_jobs(engine) == 80
+    check(read_totals(engine), rows)
+
+
 def test_jobs_not_final_are_not_counted_as_finished(engine):
     add_jobs(engine, 20, finished_from=NOW - timedelta(hours=1), finished_to=NOW)
     manager.create_jobs(engine, [manager.NewJob(model="minilm", task_type="embed", input={"texts": ["x"]}, priority=5)])
