@@ -152,7 +152,7 @@ class Reconciler:
         if now < self._rollup_from and not retention_due:
             return True
         try:
-            rollup.refresh(self.engine)
+            rollup.refresh(self.engine, wait=retention_due)
         except sa.exc.SQLAlchemyError as exc:
             event(log, "rollup_refresh_failed", logging.WARNING, error=type(exc).__name__)
             return False

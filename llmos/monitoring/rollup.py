@@ -130,14 +130,16 @@ class Refreshed:
 
 
 def refresh(engine: sa.Engine, *, lag_s: float = LAG_S, max_step_s: float = MAX_STEP_S,
-            now: datetime | None = None) -> Refreshed:
+            now: datetime | None = None, wait: bool = False) -> Refreshed:
     """Fold the finished jobs not yet folded, up to the database's clock (or `now`) - `lag_s`.
 
     One transaction per `max_step_s` of finished_at, each moving the watermark with the rows it
-    adds. Returns at once when another process holds the watermark (Postgres)."""
+    adds. Returns at once when another process holds the watermark (Postgres), unless `wait`:
+    then it waits for that fold and goes on from where it ended (retention, which must not delete
+    a job before it is folded)."""
     total, last = 0, None
     while True:
-        step = _fold_step(engine, lag_s=lag_s, max_step_s=max_step_s, now=now)
+        step = _fold_step(engine, lag_s=lag_s, max_step_s=max_step_s, now=now, wait=wait)
         if step is None:
             return Refreshed(jobs=total, folded_to=last, skipped=last is None)
         n, last, more = step
@@ -146,12 +148,13 @@ def refresh(engine: sa.Engine, *, lag_s: float = LAG_S, max_step_s: float = MAX_
             return Refreshed(jobs=total, folded_to=last)
 
 
-def _lock_watermark(conn: sa.Connection) -> Any:
-    """The watermark row, locked for this transaction; None when another transaction holds it."""
+def _lock_watermark(conn: sa.Connection, wait: bool) -> Any:
+    """The watermark row, locked for this transaction; None when another transaction holds it
+    (and not `wait`)."""
     wm = job_rollup_watermark
     q = sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)
     pg = conn.dialect.name == "postgresql"
-    row = conn.execute(q.with_for_update(skip_locked=True) if pg else q).first()
+    row = conn.execute(q.with_for_update(skip_locked=not wait) if pg else q).first()
     if row is not None:
         return row
     if conn.execute(q).first() is not None:  # it exists: another transaction has it (Postgres)
@@ -162,11 +165,11 @@ def _lock_watermark(conn: sa.Connection) -> Any:
 
 
 def _fold_step(engine: sa.Engine, *, lag_s: float, max_step_s: float,
-               now: datetime | None) -> tuple[int, datetime, bool] | None:
+               now: datetime | None, wait: bool) -> tuple[int, datetime, bool] | None:
     dialect = engine.dialect.name
     wm = job_rollup_watermark
     with begin_write(engine) as conn:
-        row = _lock_watermark(conn)
+        row = _lock_watermark(conn, wait)
         if row is None:
             return None
         clock = manager.db_now(conn)

@@ -254,6 +254,17 @@ def test_the_reconciler_folds_before_retention_and_retention_waits_for_a_failed_
     check(read_totals(engine), rows)
 
 
+def test_llmos_prune_folds_first_even_inside_the_lag(engine):
+    from llmos.retention import prune_all
+
+    now = datetime.now(timezone.utc)
+    rows = add_jobs(engine, 40, finished_from=now - timedelta(days=3), finished_to=now - timedelta(seconds=30))
+    assert watermark(engine) is None  # nothing folded yet: no scrape, no reconciler
+    report = prune_all(engine, timedelta(seconds=10))
+    assert report.jobs == 40
+    check(read_totals(engine), rows)
+
+
 def test_jobs_not_final_are_not_counted_as_finished(engine):
     add_jobs(engine, 20, finished_from=NOW - timedelta(hours=1), finished_to=NOW)
     manager.create_jobs(engine, [manager.NewJob(model="minilm", task_type="embed", input={"texts": ["x"]}, priority=5)])
