@@ -37,6 +37,7 @@ only a longer tail to aggregate per scrape (the jobs of the last minute or so).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -90,8 +91,10 @@ def _number(x: float) -> Any:
     return sa.literal_column(repr(float(x)))
 
 
-def aggregates(dialect: str) -> list[Any]:
-    """The SELECT list of VALUE_COLUMNS over a group of finished jobs (labelled as the columns)."""
+@functools.lru_cache(maxsize=4)
+def aggregates(dialect: str) -> tuple[Any, ...]:
+    """The SELECT list of VALUE_COLUMNS over a group of finished jobs (labelled as the columns);
+    built once per dialect (about 90 expressions: building them cost ~10 ms a statement)."""
     zero, one = sa.literal_column("0"), sa.literal_column("1")
     out = [sa.func.count().label("jobs"),
            sa.func.coalesce(sa.func.sum(sa.case((jobs.c.attempts > one, jobs.c.attempts - one), else_=zero)), zero)
@@ -107,7 +110,7 @@ def aggregates(dialect: str) -> list[Any]:
         out.extend(sa.func.sum(sa.case((x <= _number(bound * scale), one), else_=zero))
                    .label(rollup_bucket_column(name, i)) for i, bound in enumerate(bounds))
     assert tuple(c.name for c in out) == VALUE_COLUMNS, "aggregates() and job_rollups disagree"
-    return out
+    return tuple(out)
 
 
 def _finished(since: datetime | None, until: datetime | None) -> list[Any]:
@@ -214,6 +217,13 @@ class Totals:
     tail_jobs: int  # of them, jobs read live from the tail (finished_at >= folded_to)
 
 
+@functools.lru_cache(maxsize=1)
+def _rollup_sums() -> sa.Select:
+    """The rollup's sums per label set (every day): a read of the whole (small) table."""
+    labels = [job_rollups.c[c] for c in LABELS]
+    return sa.select(*labels, *[sa.func.sum(job_rollups.c[c]).label(c) for c in VALUE_COLUMNS]).group_by(*labels)
+
+
 def totals(conn: sa.Connection) -> Totals:
     """rollup(< watermark) + the live aggregate of finished_at >= watermark, per Key.
 
@@ -223,11 +233,8 @@ def totals(conn: sa.Connection) -> Totals:
     wm = job_rollup_watermark
     folded_to = manager.as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
     out: dict[Key, dict[str, float]] = {}
-    labels = [job_rollups.c[c] for c in LABELS]
-    q = (sa.select(*labels, *[sa.func.sum(job_rollups.c[c]).label(c) for c in VALUE_COLUMNS])
-         .group_by(*labels))
     if folded_to is not None:
-        for r in conn.execute(q):
+        for r in conn.execute(_rollup_sums()):
             out[tuple(r[:4])] = {c: float(v or 0) for c, v in zip(VALUE_COLUMNS, r[4:])}
     tail_q = (sa.select(*[jobs.c[c] for c in LABELS], *aggregates(dialect))
               .where(*_finished(folded_to, None))
