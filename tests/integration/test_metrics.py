@@ -180,3 +180,54 @@ def test_tail_and_unfinished_queries_use_indexes(services):
         plans["unfinished"] = "\n".join(r[0] for r in conn.execute(sa.text("EXPLAIN " + sql)))
     assert "ix_jobs_finished_at_id" in plans["tail"] and "Seq Scan on jobs" not in plans["tail"], plans["tail"]
     assert "Seq Scan on jobs" not in plans["unfinished"], plans["unfinished"]
+
+
+def test_folds_racing_on_postgres_fold_each_job_exactly_once(services):
+    """Four threads, each with its own engine, fold hour-sized steps of two days of jobs at once,
+    some waiting for the lock (wait=True) and some skipping it: every job is folded exactly once."""
+    import threading
+    from datetime import timedelta
+
+    settings, _ = services
+    engine = get_engine(settings.db_url)
+    with engine.begin() as conn:
+        conn.execute(jobs.delete())
+        conn.execute(job_rollups.delete())
+        conn.execute(job_rollup_watermark.update().values(folded_to=None))
+        conn.execute(sa.text("""
+            INSERT INTO jobs (id, model, task_type, priority, status, input, tenant, created_at, finished_at, attempts)
+            SELECT gen_random_uuid(), 'm' || (i % 3), 'embed', 5, (ARRAY['succeeded','failed'])[1 + i % 2], '{}'::jsonb,
+                   't' || (i % 4), now() - interval '2 days' + i * interval '17 seconds',
+                   now() - interval '2 days' + i * interval '17 seconds' + interval '1 second', 2
+            FROM generate_series(1, 10000) AS i"""))
+    engines = [sa.create_engine(settings.db_url) for _ in range(4)]
+    results, errors = [], []
+
+    def fold(e, wait):
+        try:
+            for _ in range(3):
+                results.append(rollup.refresh(e, max_step_s=3600.0, wait=wait))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fold, args=(e, i % 2 == 0)) for i, e in enumerate(engines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for e in engines:
+        e.dispose()
+    assert errors == []
+    with engine.connect() as conn:
+        folded_to = conn.execute(sa.select(job_rollup_watermark.c.folded_to)).scalar()
+        behind = conn.execute(sa.select(sa.func.count()).where(jobs.c.finished_at < folded_to)).scalar()
+        in_rollup = conn.execute(sa.select(sa.func.sum(job_rollups.c.jobs))).scalar()
+        by_key = dict(((m, t, s), n) for m, t, s, n in conn.execute(
+            sa.select(jobs.c.model, jobs.c.tenant, jobs.c.status, sa.func.count())
+            .where(jobs.c.finished_at < folded_to).group_by(jobs.c.model, jobs.c.tenant, jobs.c.status)))
+        rolled = dict(((m, t, s), n) for m, t, s, n in conn.execute(
+            sa.select(job_rollups.c.model, job_rollups.c.tenant, job_rollups.c.status, sa.func.sum(job_rollups.c.jobs))
+            .group_by(job_rollups.c.model, job_rollups.c.tenant, job_rollups.c.status)))
+    assert behind == in_rollup == sum(r.jobs for r in results) and behind > 9000
+    assert rolled == by_key
+    assert folded_to is not None and timedelta(0) < (manager.db_now(engine) - folded_to) < timedelta(minutes=5)
