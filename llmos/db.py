@@ -163,6 +163,10 @@ webhook_deliveries = sa.Table(
 Written in the submit's transaction, so an accepted job's webhook survives any crash.
 """
 
+for _ended in ("delivered_at", "given_up_at"):  # the /metrics rollup folds ended deliveries by time
+    sa.Index(f"ix_webhook_deliveries_{_ended}", webhook_deliveries.c[_ended],
+             postgresql_where=sa.text(f"{_ended} IS NOT NULL"), sqlite_where=sa.text(f"{_ended} IS NOT NULL"))
+
 webhook_secrets = sa.Table(
     "webhook_secrets", metadata,
     sa.Column("tenant", sa.String(128), primary_key=True),
@@ -298,14 +302,29 @@ job_rollups = sa.Table(
 """Finished jobs folded per (UTC day of finished_at, model, task, tenant, status): counts, sums
 and cumulative histogram buckets. Written only by `llmos.monitoring.rollup.refresh`."""
 
+WEBHOOK_OUTCOMES = ("delivered", "given_up")
+"""The ends of a webhook delivery (`delivered_at` or `given_up_at` set)."""
+
+webhook_rollups = sa.Table(
+    "webhook_rollups", metadata,
+    sa.Column("day", sa.Date, primary_key=True),  # UTC day of delivered_at / given_up_at
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("outcome", sa.String(16), primary_key=True),  # WEBHOOK_OUTCOMES
+    sa.Column("deliveries", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("attempts", sa.BigInteger, nullable=False, server_default="0"),
+)
+"""Ended webhook deliveries folded per (UTC day of their end, tenant, outcome), behind the same
+watermark as `job_rollups`. Written only by `llmos.monitoring.rollup.refresh`."""
+
 job_rollup_watermark = sa.Table(
     "job_rollup_watermark", metadata,
     sa.Column("id", sa.SmallInteger, primary_key=True),  # always 1: one row
-    sa.Column("folded_to", Timestamp),  # jobs with finished_at < this are in job_rollups; null: none yet
+    # jobs with finished_at < this are in job_rollups, deliveries ended before it in webhook_rollups
+    sa.Column("folded_to", Timestamp),  # null: nothing folded yet
     sa.Column("refreshed_at", Timestamp),
     sa.CheckConstraint("id = 1", name="one_row"),
 )
-"""One row: how far the rollup has folded the task table's finished jobs."""
+"""One row: how far the rollups have folded finished jobs and ended webhook deliveries."""
 
 
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")

@@ -2,9 +2,9 @@
 
 Nothing is kept per process (no counter incremented in memory): each scrape reads the shared
 state, so every API process answers the same numbers. Finished jobs come from
-`llmos.monitoring.rollup` (the rollup below its watermark + the live tail, one snapshot); the
-jobs not final, the workers and the webhook deliveries from the task table's small partial
-indexes; queue depths from Redis; capacity from `llmos.scheduling.capacity` (cached a few
+`llmos.monitoring.rollup` (the rollup below its watermark + the live tail, one snapshot; ended
+webhook deliveries likewise); the jobs not final, the pending deliveries and the workers from
+small partial indexes; queue depths from Redis; capacity from `llmos.scheduling.capacity` (cached a few
 seconds). docs/monitoring.md lists every metric, its labels and the index that serves it.
 
 A scrape never fails for a service that does not answer: `llmos_up{component}` says which one
@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from llmos import manager
 from llmos.constants import MAX_PRIORITY
-from llmos.db import ROLLUP_HISTOGRAMS, jobs, rollup_bucket_column, webhook_deliveries
+from llmos.db import ROLLUP_HISTOGRAMS, jobs, rollup_bucket_column
 from llmos.dispatch import queue_keys
 from llmos.errors import LLMOSError
 from llmos.jobs import JobStatus
@@ -120,13 +120,12 @@ class LlmosCollector(Collector):
         with rollup.snapshot(engine) as conn, conn.begin():
             totals = rollup.totals(conn)
             unfinished = _unfinished(conn)
-            hooks = _webhooks(conn)
         alive = manager.live_workers(engine, within_s=self.live_within_s)
         models.update(k[0] for k in totals.by_key)
         models.update(r[0] for r in unfinished)
         models.update(w["model"] for w in alive)
         return [*_finished_metrics(totals), _unfinished_metric(unfinished), _workers_metric(alive),
-                *_webhook_metrics(hooks), *_rollup_metrics(totals)]
+                *_webhook_metrics(totals.webhooks), *_rollup_metrics(totals)]
 
     # -- Redis ------------------------------------------------------------------------------
 
@@ -235,21 +234,7 @@ def _workers_metric(alive: list[dict]) -> Metric:
     return g
 
 
-def _webhooks(conn: sa.Connection) -> list[tuple[str, int, int, int, int]]:
-    """(tenant, failed attempts, given up, delivered, pending) per tenant: one aggregate over
-    webhook_deliveries (its rows are one per job or batch that asked for a webhook)."""
-    d = webhook_deliveries
-    one, zero = sa.literal(1), sa.literal(0)
-    delivered = sa.func.sum(sa.case((d.c.delivered_at.is_not(None), one), else_=zero))
-    q = (sa.select(d.c.tenant, sa.func.coalesce(sa.func.sum(d.c.attempts), 0) - delivered,
-                   sa.func.sum(sa.case((d.c.given_up_at.is_not(None), one), else_=zero)), delivered,
-                   sa.func.sum(sa.case((sa.and_(d.c.delivered_at.is_(None), d.c.given_up_at.is_(None)), one),
-                                       else_=zero)))
-         .group_by(d.c.tenant))
-    return [(t, int(f or 0), int(g or 0), int(dl or 0), int(p or 0)) for t, f, g, dl, p in conn.execute(q)]
-
-
-def _webhook_metrics(rows: list[tuple[str, int, int, int, int]]) -> list[Metric]:
+def _webhook_metrics(hooks: dict[str, rollup.Webhooks]) -> list[Metric]:
     failures = CounterMetricFamily("llmos_webhook_failures", "Webhook POSTs that failed (no answer or not 2xx).",
                                    labels=["tenant"])
     given_up = CounterMetricFamily("llmos_webhook_given_up", "Webhooks given up after failing for "
@@ -258,11 +243,11 @@ def _webhook_metrics(rows: list[tuple[str, int, int, int, int]]) -> list[Metric]
                                     labels=["tenant"])
     pending = GaugeMetricFamily("llmos_webhook_pending", "Webhooks not yet delivered nor given up.",
                                 labels=["tenant"])
-    for tenant, f, g, dl, p in sorted(rows):
-        failures.add_metric([tenant], float(f))
-        given_up.add_metric([tenant], float(g))
-        delivered.add_metric([tenant], float(dl))
-        pending.add_metric([tenant], float(p))
+    for tenant, w in sorted(hooks.items()):
+        failures.add_metric([tenant], float(w.failures))
+        given_up.add_metric([tenant], float(w.given_up))
+        delivered.add_metric([tenant], float(w.delivered))
+        pending.add_metric([tenant], float(w.pending))
     return [failures, given_up, delivered, pending]
 
 

@@ -1,10 +1,15 @@
-"""The rollup of finished jobs: what `/metrics` counts, without reading the task table's old rows.
+"""The rollup of finished jobs (and ended webhook deliveries): what `/metrics` counts, without reading
+the task table's old rows.
 
 `job_rollups` holds, per (UTC day of finished_at, model, task type, tenant, final status): the
 jobs, their retries (attempts - 1), tokens in and out, and for each histogram (queue wait,
 compute, end-to-end latency, batch size) the observations, their sum and the cumulative bucket
 counts (`llmos.db.ROLLUP_HISTOGRAMS`). The one-row `job_rollup_watermark` says how far it goes:
 every job with finished_at < `folded_to` is in it, and no other.
+
+`webhook_rollups` holds, per (UTC day of the end, tenant, outcome delivered | given_up), the ended
+webhook deliveries and their attempts, folded in the same transaction and range (by delivered_at
+and given_up_at: a partial index each); pending deliveries are read live (few rows, a partial index).
 
 `refresh` folds the jobs with finished_at in [folded_to, now - lag) with one
 INSERT ... SELECT ... GROUP BY ... ON CONFLICT DO UPDATE and moves the watermark in the same
@@ -45,7 +50,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from llmos import manager
-from llmos.db import ROLLUP_HISTOGRAMS, begin_write, job_rollup_watermark, job_rollups, jobs, rollup_bucket_column
+from llmos.db import (ROLLUP_HISTOGRAMS, begin_write, job_rollup_watermark, job_rollups, jobs, rollup_bucket_column,
+                      webhook_deliveries, webhook_rollups)
 from llmos.jobs import FINAL_STATUSES
 
 LAG_S = 60.0
@@ -66,10 +72,11 @@ VALUE_COLUMNS = tuple(c.name for c in job_rollups.c if not c.primary_key)
 WATERMARK_ID = 1
 
 
-def _day(dialect: str) -> Any:
+def _day(dialect: str, column: Any = jobs.c.finished_at) -> Any:
+    """The UTC day of a timestamp column, in SQL."""
     if dialect == "postgresql":
-        return sa.cast(sa.func.timezone(sa.literal_column("'UTC'"), jobs.c.finished_at), sa.Date)
-    return sa.func.date(jobs.c.finished_at)
+        return sa.cast(sa.func.timezone(sa.literal_column("'UTC'"), column), sa.Date)
+    return sa.func.date(column)
 
 
 def _latency_s(dialect: str) -> Any:
@@ -178,11 +185,10 @@ def _fold_step(engine: sa.Engine, *, lag_s: float, max_step_s: float,
         clock = manager.db_now(conn)
         upper = (manager.as_utc(now) if now is not None else clock) - timedelta(seconds=lag_s)
         lo = manager.as_utc(row.folded_to)
-        if lo is None:  # never folded: from the oldest finished job (the index's first entry)
-            lo = manager.as_utc(conn.execute(sa.select(sa.func.min(jobs.c.finished_at))
-                                             .where(jobs.c.finished_at.is_not(None))).scalar())
-            if lo is None:
-                lo = upper
+        if lo is None:  # never folded: from the oldest finished job or ended delivery (first index entries)
+            firsts = [manager.as_utc(conn.execute(sa.select(sa.func.min(c)).where(c.is_not(None))).scalar())
+                      for c in (jobs.c.finished_at, *_ENDED.values())]
+            lo = min((t for t in firsts if t is not None), default=upper)
         if upper <= lo:
             if row.folded_to is None:
                 conn.execute(wm.update().where(wm.c.id == WATERMARK_ID).values(folded_to=lo, refreshed_at=clock))
@@ -200,8 +206,83 @@ def _fold_step(engine: sa.Engine, *, lag_s: float, max_step_s: float,
         # the jobs folded: their count by the rows' own sum would need another read; the range's
         # count is one index-only count over the range just folded
         n = conn.execute(sa.select(sa.func.count()).where(*_finished(lo, hi))).scalar_one()
+        _fold_webhooks(conn, lo, hi)
         conn.execute(wm.update().where(wm.c.id == WATERMARK_ID).values(folded_to=hi, refreshed_at=clock))
         return int(n), hi, hi < upper
+
+
+_ENDED = {"delivered": webhook_deliveries.c.delivered_at, "given_up": webhook_deliveries.c.given_up_at}
+"""Each end of a delivery and its time column (a partial index each: ix_webhook_deliveries_<column>)."""
+
+
+def _ended_in(column: Any, since: datetime | None, until: datetime | None) -> list[Any]:
+    cond = [column.is_not(None)]
+    if since is not None:
+        cond.append(column >= since)
+    if until is not None:
+        cond.append(column < until)
+    return cond
+
+
+def _fold_webhooks(conn: sa.Connection, lo: datetime, hi: datetime) -> None:
+    """Deliveries that ended (delivered or given up) in [lo, hi) into webhook_rollups."""
+    d, dialect = webhook_deliveries, conn.dialect.name
+    for outcome, column in _ENDED.items():
+        day = _day(dialect, column)
+        select = (sa.select(day.label("day"), d.c.tenant, sa.literal_column(f"'{outcome}'"), sa.func.count(),
+                            sa.func.coalesce(sa.func.sum(d.c.attempts), sa.literal_column("0")))
+                  .where(*_ended_in(column, lo, hi)).group_by(day, d.c.tenant))
+        insert = postgresql.insert(webhook_rollups) if dialect == "postgresql" else sqlite.insert(webhook_rollups)
+        insert = insert.from_select(["day", "tenant", "outcome", "deliveries", "attempts"], select)
+        conn.execute(insert.on_conflict_do_update(
+            index_elements=["day", "tenant", "outcome"],
+            set_={c: webhook_rollups.c[c] + insert.excluded[c] for c in ("deliveries", "attempts")}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Webhooks:
+    """One tenant's webhook deliveries: ended ones (rollup + tail) and those still pending (live)."""
+
+    delivered: int = 0
+    given_up: int = 0
+    ended_attempts: int = 0  # attempts of the delivered and given-up deliveries
+    pending: int = 0
+    pending_attempts: int = 0  # failed attempts so far of the pending ones
+
+    @property
+    def failures(self) -> int:
+        """Failed POSTs: every attempt but the one that delivered."""
+        return self.ended_attempts + self.pending_attempts - self.delivered
+
+
+def webhook_totals(conn: sa.Connection, folded_to: datetime | None) -> dict[str, Webhooks]:
+    """Per tenant: webhook_rollups (ended before `folded_to`) + the ended deliveries at or after it
+    (ix_webhook_deliveries_delivered_at / _given_up_at) + the pending ones (the partial index
+    ix_webhook_deliveries_next_attempt_at, over exactly the pending rows)."""
+    d, r = webhook_deliveries, webhook_rollups
+    acc: dict[str, dict[str, int]] = {}
+
+    def add(tenant: str, **values: int) -> None:
+        into = acc.setdefault(tenant, dict.fromkeys(("delivered", "given_up", "ended_attempts", "pending",
+                                                     "pending_attempts"), 0))
+        for k, v in values.items():
+            into[k] += int(v or 0)
+
+    if folded_to is not None:
+        q = sa.select(r.c.tenant, r.c.outcome, sa.func.sum(r.c.deliveries), sa.func.sum(r.c.attempts)).group_by(
+            r.c.tenant, r.c.outcome)
+        for tenant, outcome, n, attempts in conn.execute(q):
+            add(tenant, **{outcome: n, "ended_attempts": attempts})
+    for outcome, column in _ENDED.items():
+        q = (sa.select(d.c.tenant, sa.func.count(), sa.func.sum(d.c.attempts))
+             .where(*_ended_in(column, folded_to, None)).group_by(d.c.tenant))
+        for tenant, n, attempts in conn.execute(q):
+            add(tenant, **{outcome: n, "ended_attempts": attempts})
+    q = (sa.select(d.c.tenant, sa.func.count(), sa.func.sum(d.c.attempts))
+         .where(d.c.delivered_at.is_(None), d.c.given_up_at.is_(None)).group_by(d.c.tenant))
+    for tenant, n, attempts in conn.execute(q):
+        add(tenant, pending=n, pending_attempts=attempts)
+    return {t: Webhooks(**v) for t, v in acc.items()}
 
 
 Key = tuple[str, str, str, str]
@@ -215,6 +296,7 @@ class Totals:
     by_key: dict[Key, dict[str, float]]
     folded_to: datetime | None
     tail_jobs: int  # of them, jobs read live from the tail (finished_at >= folded_to)
+    webhooks: dict[str, Webhooks] = dataclasses.field(default_factory=dict)  # per tenant
 
 
 @functools.lru_cache(maxsize=1)
@@ -248,7 +330,7 @@ def totals(conn: sa.Connection) -> Totals:
         for c, v in values.items():
             into[c] += v
     return Totals(by_key={k: v for k, v in out.items() if k[3] in FINAL_STATUSES}, folded_to=folded_to,
-                  tail_jobs=tail)
+                  tail_jobs=tail, webhooks=webhook_totals(conn, folded_to))
 
 
 def snapshot(engine: sa.Engine) -> sa.Connection:

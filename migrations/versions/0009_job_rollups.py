@@ -1,9 +1,12 @@
-"""job rollups: finished jobs folded per (UTC day, model, task, tenant, status) for /metrics, and
-the one-row watermark that says how far the fold has gone
+"""job rollups: finished jobs folded per (UTC day, model, task, tenant, status) for /metrics, ended
+webhook deliveries per (UTC day, tenant, outcome), the one-row watermark that says how far the
+fold has gone, and a partial index each on webhook_deliveries' delivered_at and given_up_at
 
-Two new tables only: nothing is read or rewritten in `jobs`. The first fold after the upgrade
-(a scrape of /metrics or a reconciler pass) folds the jobs already there, one day of finished_at
-per transaction (llmos/monitoring/rollup.py).
+New tables, and two indexes over the ended deliveries (built in the migration's transaction: the
+deliveries table, one row per job that asked for a webhook, is written to only by submits with a
+webhook and by the deliverer, which wait for the build); nothing is read or rewritten in `jobs`.
+The first fold after the upgrade (a scrape of /metrics or a reconciler pass) folds the jobs and
+deliveries already there, one day per transaction (llmos/monitoring/rollup.py).
 
 Revision ID: 0009
 Revises: 0008
@@ -19,6 +22,9 @@ revision: str = '0009'
 down_revision: Union[str, None] = '0008'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
+
+ENDED = ('delivered_at', 'given_up_at')
+"""The columns of webhook_deliveries a partial index each gets (the fold of ended deliveries)."""
 
 HISTOGRAMS = {'queue_wait': 18, 'compute': 18, 'latency': 18, 'batch_size': 9}
 """Each histogram and its number of buckets (llmos.db.ROLLUP_HISTOGRAMS at this revision)."""
@@ -58,8 +64,23 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('id', name=op.f('pk_job_rollup_watermark')),
     )
     op.execute("INSERT INTO job_rollup_watermark (id) VALUES (1)")
+    op.create_table(
+        'webhook_rollups',
+        sa.Column('day', sa.Date(), nullable=False),
+        sa.Column('tenant', sa.String(length=128), nullable=False),
+        sa.Column('outcome', sa.String(length=16), nullable=False),
+        sa.Column('deliveries', sa.BigInteger(), server_default='0', nullable=False),
+        sa.Column('attempts', sa.BigInteger(), server_default='0', nullable=False),
+        sa.PrimaryKeyConstraint('day', 'tenant', 'outcome', name=op.f('pk_webhook_rollups')),
+    )
+    for ended in ENDED:
+        op.create_index(f'ix_webhook_deliveries_{ended}', 'webhook_deliveries', [ended], unique=False,
+                        postgresql_where=sa.text(f'{ended} IS NOT NULL'), sqlite_where=sa.text(f'{ended} IS NOT NULL'))
 
 
 def downgrade() -> None:
+    for ended in ENDED:
+        op.drop_index(f'ix_webhook_deliveries_{ended}', table_name='webhook_deliveries')
+    op.drop_table('webhook_rollups')
     op.drop_table('job_rollup_watermark')
     op.drop_table('job_rollups')

@@ -11,11 +11,11 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmos import manager
-from llmos.db import get_engine, job_rollup_watermark, job_rollups, jobs
+from llmos.db import get_engine, job_rollup_watermark, job_rollups, jobs, webhook_deliveries, webhook_rollups
 from llmos.dispatch import CeleryDispatcher
 from llmos.monitoring import rollup
 from tests import helpers
-from tests.integration.test_api import ApiProcess, new_key
+from tests.integration.test_api import ApiProcess, free_port, new_key
 
 pytestmark = pytest.mark.integration
 
@@ -29,8 +29,12 @@ def apis(services, request):
     settings, env = services
     with get_engine(settings.db_url).begin() as conn:
         conn.execute(job_rollups.delete())
+        conn.execute(webhook_rollups.delete())
+        conn.execute(webhook_deliveries.delete())
         conn.execute(job_rollup_watermark.update().values(folded_to=None, refreshed_at=None))
-    procs = [ApiProcess(env, LLMOS_API_METRICS_TOKEN=TOKEN) for _ in range(2)]
+    # webhooks to a closed local port fail at once and, past 1 s of failing, are given up
+    procs = [ApiProcess(env, LLMOS_API_METRICS_TOKEN=TOKEN, LLMOS_API_WEBHOOK_ALLOW_PRIVATE="true",
+                        LLMOS_API_WEBHOOK_GIVE_UP_AFTER_S="1") for _ in range(2)]
     try:
         request.getfixturevalue("pg_worker")
         yield [p.wait_ready() for p in procs]
@@ -51,11 +55,11 @@ def samples(family, name: str | None = None) -> dict:
             if name is None or s.name == name}
 
 
-def submit(url, headers, model, task, inputs) -> list[str]:
+def submit(url, headers, model, task, inputs, **options) -> list[str]:
     ids = []
     for body in inputs:
-        resp = httpx.post(url + "/v1/jobs", json={"model": model, "task": task, "input": body}, headers=headers,
-                          timeout=30)
+        resp = httpx.post(url + "/v1/jobs", json={"model": model, "task": task, "input": body, **options},
+                          headers=headers, timeout=30)
         assert resp.status_code == 201, resp.text
         ids.append(resp.json()["id"])
     return ids
@@ -84,7 +88,18 @@ def test_two_api_processes_report_the_task_tables_counts(apis, services):
         manager.NewJob(model="minilm", task_type="sentiment", input={"wrong": 1}, priority=5, tenant="globex")])
     CeleryDispatcher(settings).send([j for j, _ in poison])
     ids += [j.id for j, _ in poison]
+    # a webhook nobody answers (a free port: connection refused): one failed POST, then given up
+    ids += submit(a.url, acme, "minilm", "sentiment", [{"text": "hooked"}],
+                  webhook_url=f"http://127.0.0.1:{free_port()}/hook")
     helpers.wait_all_final(engine, ids, timeout=120)
+    deadline = time.monotonic() + 60
+    while True:
+        with engine.connect() as conn:
+            hook = conn.execute(sa.select(webhook_deliveries)).one()
+        if hook.given_up_at is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert hook.given_up_at is not None and hook.attempts == 1, hook
     # fold everything so far into the rollup: the scrapes then add the rollup and the live tail
     folded = rollup.refresh(engine, lag_s=0.0)
     assert folded.jobs == len(ids)
@@ -135,6 +150,11 @@ def test_two_api_processes_report_the_task_tables_counts(apis, services):
     assert alive == {("llmos_workers_alive", (("device", "cpu"), ("model", "minilm"))): 1.0}
     assert samples(first["llmos_up"]) == {("llmos_up", (("component", "database"),)): 1.0,
                                           ("llmos_up", (("component", "redis"),)): 1.0}
+    hooks = {name: samples(first[name]) for name in ("llmos_webhook_failures", "llmos_webhook_given_up",
+                                                       "llmos_webhook_pending")}
+    assert hooks == {"llmos_webhook_failures": {("llmos_webhook_failures_total", (("tenant", "acme"),)): 1.0},
+                     "llmos_webhook_given_up": {("llmos_webhook_given_up_total", (("tenant", "acme"),)): 1.0},
+                     "llmos_webhook_pending": {("llmos_webhook_pending", (("tenant", "acme"),)): 0.0}}
     assert waiting
 
 

@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmos import manager
 from llmos.api import create_app
 from llmos.api.settings import ApiSettings
-from llmos.db import DURATION_BUCKETS_S, get_engine, job_rollup_watermark, job_rollups, jobs
+from llmos.db import (DURATION_BUCKETS_S, get_engine, job_rollup_watermark, job_rollups, jobs, webhook_deliveries,
+                      webhook_rollups)
 from llmos.dispatch import InMemoryDispatcher
 from llmos.monitoring import rollup
 from llmos.monitoring.metrics import METRIC_NAMES
@@ -263,6 +264,51 @@ def test_llmos_prune_folds_first_even_inside_the_lag(engine):
     report = prune_all(engine, timedelta(seconds=10))
     assert report.jobs == 40
     check(read_totals(engine), rows)
+
+
+def add_deliveries(engine, n, *, ended=None, outcome="delivered", attempts=1, tenant="acme"):
+    now = datetime.now(timezone.utc)
+    rows = [dict(id=str(uuid.uuid4()), tenant=tenant, kind="job", job_id=str(uuid.uuid4()), url="https://example.com/h",
+                 created_at=(ended or now) - timedelta(minutes=1), next_attempt_at=now, attempts=attempts + i % 3,
+                 delivered_at=ended if outcome == "delivered" else None,
+                 given_up_at=ended if outcome == "given_up" else None) for i in range(n)]
+    with engine.begin() as conn:
+        conn.execute(webhook_deliveries.insert(), rows)
+    return rows
+
+
+def webhook_expected(rows):
+    out = {}
+    for r in rows:
+        e = out.setdefault(r["tenant"], Counter())
+        e["delivered"] += r["delivered_at"] is not None
+        e["given_up"] += r["given_up_at"] is not None
+        e["pending"] += r["delivered_at"] is None and r["given_up_at"] is None
+        e["failures"] += r["attempts"] - (r["delivered_at"] is not None)
+    return out
+
+
+def check_webhooks(engine, rows):
+    got = read_totals(engine).webhooks
+    assert {t: dict(delivered=w.delivered, given_up=w.given_up, pending=w.pending, failures=w.failures)
+            for t, w in got.items()} == {t: {k: e[k] for k in ("delivered", "given_up", "pending", "failures")}
+                                         for t, e in webhook_expected(rows).items()}
+
+
+def test_webhook_counters_fold_and_survive_prune(engine):
+    now = datetime.now(timezone.utc)
+    rows = add_deliveries(engine, 30, ended=now - timedelta(days=40))
+    rows += add_deliveries(engine, 10, ended=now - timedelta(days=35), outcome="given_up", attempts=5, tenant="globex")
+    rows += add_deliveries(engine, 6, outcome="pending", attempts=0)  # one to two failed attempts so far, or none
+    rows += add_deliveries(engine, 4, ended=now - timedelta(seconds=5), tenant="globex")  # in the tail
+    check_webhooks(engine, rows)
+    rollup.refresh(engine)
+    check_webhooks(engine, rows)
+    with engine.connect() as conn:
+        folded = conn.execute(sa.select(sa.func.sum(webhook_rollups.c.deliveries))).scalar()
+    assert folded == 40  # the 4 of the last minute are still the tail's
+    assert manager.prune(engine, timedelta(days=30)).deliveries == 40
+    check_webhooks(engine, rows)
 
 
 def test_jobs_not_final_are_not_counted_as_finished(engine):
