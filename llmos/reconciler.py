@@ -14,8 +14,9 @@ Each pass, in this order:
    send to a worker that died before taking it, or popped from its list by a worker that died
    before recording it (found from each priority list's length and oldest message, O(1)); and
    any queued job last sent over `lost_after_s` ago, whatever Redis says;
-6. every ROLLUP_EVERY_S, folds finished jobs into the /metrics rollup (`llmos.monitoring.rollup`,
-   one statement), always before retention, so a pruned job was counted first;
+6. every ROLLUP_EVERY_S, folds finished jobs and ended webhook deliveries into the /metrics rollup
+   (`llmos.monitoring.rollup`, a few statements), always before retention, so whatever retention
+   deletes was counted first;
 7. with LLMOS_RETENTION_DAYS set, once a day: deletes finished jobs and stopped worker rows older
    than that (`manager.prune`), one bounded batch per pass until none is left.
 Each step reads only the rows it may act on, through partial indexes over the queued rows and
