@@ -163,6 +163,10 @@ webhook_deliveries = sa.Table(
 Written in the submit's transaction, so an accepted job's webhook survives any crash.
 """
 
+for _ended in ("delivered_at", "given_up_at"):  # the /metrics rollup folds ended deliveries by time
+    sa.Index(f"ix_webhook_deliveries_{_ended}", webhook_deliveries.c[_ended],
+             postgresql_where=sa.text(f"{_ended} IS NOT NULL"), sqlite_where=sa.text(f"{_ended} IS NOT NULL"))
+
 webhook_secrets = sa.Table(
     "webhook_secrets", metadata,
     sa.Column("tenant", sa.String(128), primary_key=True),
@@ -258,6 +262,69 @@ batch_lines = sa.Table(
     sa.Column("error", JSONType),  # a refused line: {"code", "message"}
 )
 """One row per non-blank input line of a batch: its job, or why it was refused (output in input order)."""
+
+
+# The rollup of finished jobs (llmos/monitoring/rollup.py): what /metrics reports for jobs that
+# finished before the watermark, so a scrape never reads the task table's finished rows.
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                      120.0, 300.0, 600.0, 1800.0, 3600.0)
+"""Upper bounds (seconds, `le`) of the queue wait, compute and end-to-end latency histograms.
+Changing them needs a migration (one column each) and a re-fold of the rollup."""
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Upper bounds (`le`) of the batch size histogram (at most 256 ids a message)."""
+ROLLUP_HISTOGRAMS = {"queue_wait": DURATION_BUCKETS_S, "compute": DURATION_BUCKETS_S,
+                     "latency": DURATION_BUCKETS_S, "batch_size": BATCH_SIZE_BUCKETS}
+"""Each histogram of the rollup and its bucket bounds: columns `<name>_n` (observations),
+`<name>_sum` and `<name>_le_<i>` (cumulative: observations <= the i-th bound)."""
+
+
+def rollup_bucket_column(name: str, i: int) -> str:
+    return f"{name}_le_{i:02d}"
+
+
+job_rollups = sa.Table(
+    "job_rollups", metadata,
+    sa.Column("day", sa.Date, primary_key=True),  # UTC day of finished_at
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("task_type", sa.String(32), primary_key=True),
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("status", sa.String(16), primary_key=True),  # a final status
+    sa.Column("jobs", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("retries", sa.BigInteger, nullable=False, server_default="0"),  # sum of attempts - 1
+    sa.Column("tokens_in", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("tokens_out", sa.BigInteger, nullable=False, server_default="0"),
+    *[col for name, bounds in ROLLUP_HISTOGRAMS.items() for col in (
+        sa.Column(f"{name}_n", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column(f"{name}_sum", sa.Float, nullable=False, server_default="0"),
+        *[sa.Column(rollup_bucket_column(name, i), sa.BigInteger, nullable=False, server_default="0")
+          for i in range(len(bounds))])],
+)
+"""Finished jobs folded per (UTC day of finished_at, model, task, tenant, status): counts, sums
+and cumulative histogram buckets. Written only by `llmos.monitoring.rollup.refresh`."""
+
+WEBHOOK_OUTCOMES = ("delivered", "given_up")
+"""The ends of a webhook delivery (`delivered_at` or `given_up_at` set)."""
+
+webhook_rollups = sa.Table(
+    "webhook_rollups", metadata,
+    sa.Column("day", sa.Date, primary_key=True),  # UTC day of delivered_at / given_up_at
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("outcome", sa.String(16), primary_key=True),  # WEBHOOK_OUTCOMES
+    sa.Column("deliveries", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("attempts", sa.BigInteger, nullable=False, server_default="0"),
+)
+"""Ended webhook deliveries folded per (UTC day of their end, tenant, outcome), behind the same
+watermark as `job_rollups`. Written only by `llmos.monitoring.rollup.refresh`."""
+
+job_rollup_watermark = sa.Table(
+    "job_rollup_watermark", metadata,
+    sa.Column("id", sa.SmallInteger, primary_key=True),  # always 1: one row
+    # jobs with finished_at < this are in job_rollups, deliveries ended before it in webhook_rollups
+    sa.Column("folded_to", Timestamp),  # null: nothing folded yet
+    sa.Column("refreshed_at", Timestamp),
+    sa.CheckConstraint("id = 1", name="one_row"),
+)
+"""One row: how far the rollups have folded finished jobs and ended webhook deliveries."""
 
 
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")

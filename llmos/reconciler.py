@@ -14,7 +14,10 @@ Each pass, in this order:
    send to a worker that died before taking it, or popped from its list by a worker that died
    before recording it (found from each priority list's length and oldest message, O(1)); and
    any queued job last sent over `lost_after_s` ago, whatever Redis says;
-6. with LLMOS_RETENTION_DAYS set, once a day: deletes finished jobs and stopped worker rows older
+6. every ROLLUP_EVERY_S, folds finished jobs and ended webhook deliveries into the /metrics rollup
+   (`llmos.monitoring.rollup`, a few statements), always before retention, so whatever retention
+   deletes was counted first;
+7. with LLMOS_RETENTION_DAYS set, once a day: deletes finished jobs and stopped worker rows older
    than that (`manager.prune`), one bounded batch per pass until none is left.
 Each step reads only the rows it may act on, through partial indexes over the queued rows and
 the workers seen within `manager.FORGET_WORKER_AFTER_S`: a pass costs the same beside ten
@@ -40,6 +43,7 @@ from datetime import datetime, timedelta
 from typing import Any, Sequence
 
 import redis
+import sqlalchemy as sa
 
 from llmos import manager
 from llmos.db import get_engine
@@ -47,6 +51,7 @@ from llmos.dispatch import (CeleryDispatcher, Dispatcher, delivered_before, held
                             queue_key, queue_tails)
 from llmos.jobs import Job, JobStatus
 from llmos.logs import event
+from llmos.monitoring import rollup
 from llmos.notify import publish_done, redis_client
 from llmos.scheduling import aging
 from llmos.settings import Settings
@@ -59,6 +64,9 @@ before the job counts as popped from that list (absorbs the gap between a send a
 
 RETENTION_EVERY_S = 86_400.0
 """Retention (LLMOS_RETENTION_DAYS) starts once a day, and at the reconciler's start."""
+
+ROLLUP_EVERY_S = 15.0
+"""How often a pass folds finished jobs into the /metrics rollup (scrapes fold too)."""
 
 RETENTION_BATCH = 2000
 """Finished jobs (and worker rows) one pass deletes at most while retention runs."""
@@ -94,6 +102,7 @@ class Reconciler:
         self._judge_from = -math.inf  # monotonic time from which heartbeat ages are judged
         self._prune_from = -math.inf  # monotonic time of the next retention run
         self._prune_cursor: tuple[datetime, str] | None = None  # where the running one is
+        self._rollup_from = -math.inf  # monotonic time of the next rollup fold
 
     def run_once(self) -> PassReport:
         """One pass; while it must not judge heartbeats (see the module doc), only stopped
@@ -129,10 +138,27 @@ class Reconciler:
         self._send(retries)
         report.aged = aging.run_once(self.engine, self.dispatcher, s)  # no-op with LLMOS_AGING_S=0
         report.resent = self._resend_lost(dead_after)
-        report.pruned_jobs, report.pruned_workers = self._retain()
+        folded = self._fold()
+        report.pruned_jobs, report.pruned_workers = self._retain() if folded else (0, 0)
         if report.any():
             event(log, "reconcile", **dataclasses.asdict(report))
         return report
+
+    def _fold(self) -> bool:
+        """Fold finished jobs into the /metrics rollup when due, and always before retention runs;
+        False when the fold failed (then retention waits: it must not delete a job not yet counted).
+        A failed fold is logged, not raised: the job-state steps of the pass do not depend on it."""
+        now = time.monotonic()
+        retention_due = bool(self.settings.retention_days) and now >= self._prune_from
+        if now < self._rollup_from and not retention_due:
+            return True
+        try:
+            rollup.refresh(self.engine, wait=retention_due)
+        except sa.exc.SQLAlchemyError as exc:
+            event(log, "rollup_refresh_failed", logging.WARNING, error=type(exc).__name__)
+            return False
+        self._rollup_from = now + ROLLUP_EVERY_S
+        return True
 
     def _retain(self) -> tuple[int, int]:
         """One bounded batch of retention when it is due: (jobs, worker rows) deleted."""

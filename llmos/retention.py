@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from llmos import manager
 from llmos.errors import ValidationError
+from llmos.monitoring import rollup
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 """Units an age may be given in: seconds, minutes, hours, days, weeks."""
@@ -38,8 +39,11 @@ def prune_all(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 500
               every_s: float = 5.0) -> manager.PruneReport:
     """`manager.prune` batch after batch until nothing old enough is left; the totals.
 
+    First the /metrics rollup folds every job old enough to go (`llmos.monitoring.rollup`: a lag
+    of at most `older_than`), so no deleted job is missing from the counters.
     `progress` is called with the running totals every `every_s` seconds of a long prune.
     """
+    rollup.refresh(engine, lag_s=min(rollup.LAG_S, older_than.total_seconds()), wait=True)
     total = manager.PruneReport()
     cursor, shown = None, time.monotonic()
     while True:

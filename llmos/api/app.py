@@ -1,4 +1,5 @@
-"""The app factory: routers, error handlers, the body limit, the shared SDK client and the webhook deliverer."""
+"""The app factory: routers, error handlers, the body limit, the shared SDK client, the webhook deliverer
+and the /metrics registry."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fastapi import FastAPI
 from llmos import __version__
 from llmos.api import errors
 from llmos.api.quotas import BodyLimit, RateLimiter, storage_uri
-from llmos.api.routes import batches, files, health, jobs, keys, models, webhooks
+from llmos.api.routes import batches, files, health, jobs, keys, metrics, models, webhooks
 from llmos.api.routes import openai as openai_routes
 from llmos.api.settings import ApiSettings, get_api_settings
 from llmos.api.webhooks import Deliverer
@@ -57,11 +58,12 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
                               "Every /v1 route needs `Authorization: Bearer <API key>`.")
     app.state.client = client
     app.state.api_settings = api_settings
+    app.state.metrics = metrics.registry(client)
     app.state.rate_limiter = RateLimiter(api_settings.rate_limit, storage_uri(settings, api_settings))
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=api_settings.max_body_bytes,
                        routes={("POST", files.UPLOAD_PATH): files.upload_limit()})
-    for module in (health, jobs, models, keys, webhooks):
+    for module in (health, jobs, models, keys, webhooks, metrics):
         app.include_router(module.router)
     app.include_router(files.router)
     app.include_router(batches.router)

@@ -13,7 +13,7 @@ from typing import Any
 
 import limits
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictInt, StrictStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llmos.errors import ConfigError
@@ -104,6 +104,9 @@ class ApiSettings(BaseSettings):
     webhook_backoff_max_s: float = Field(default=3600.0, gt=0, description="Longest wait between webhook retries.")
     webhook_give_up_after_s: float = Field(
         default=86_400.0, gt=0, description="A webhook failing this long after its first attempt is given up.")
+    metrics_token: SecretStr | None = Field(
+        default=None, min_length=16, description="A bearer token that may scrape GET /metrics (besides admin keys); "
+        "unset: admin keys only. At least 16 characters.")
 
     @field_validator("rate_limit")
     @classmethod
