@@ -22,7 +22,7 @@ from rich.table import Table
 from llmos.api.cli import api_command, keys_app
 from llmos.batches.cli import batch_app
 from llmos.errors import LLMOSError, NoWorkerWarning
-from llmos.flower import flower_command
+from llmos.monitoring.flower import flower_command
 from llmos.nightly.cli import beat_command
 from llmos.scheduling.cli import capacity_command, plan_command
 from llmos.settings import get_settings

@@ -4,7 +4,9 @@ Owns (one module each):
 - `rollup`: the fold of finished jobs into `job_rollups` (per UTC day, model, task, tenant and
   status: counts, sums, histogram buckets) behind a watermark, and the exact totals a scrape
   reports (the rollup below the watermark + a live aggregate of the small tail above it);
-- `metrics`: the `prometheus_client` collector that `GET /metrics` renders (docs/monitoring.md).
+- `metrics`: the `prometheus_client` collector that `GET /metrics` renders (docs/monitoring.md);
+- `flower`: the `llmos flower` command, Flower on LLMOS's Celery app behind credentials
+  (docs/operations.md).
 
 May import llmos.manager, llmos.dispatch, llmos.transport, llmos.scheduling, llmos.db,
 llmos.jobs, llmos.settings, llmos.constants, llmos.errors, llmos.logs; never llmos.api.

@@ -1,4 +1,4 @@
-"""llmos.flower's credentials: parsing, static pairs, admin keys (SQLite), refusal without any."""
+"""llmos.monitoring.flower's credentials: parsing, static pairs, admin keys (SQLite), refusal without any."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from llmos import manager
 from llmos.db import get_engine
 from llmos.errors import ConfigError
-from llmos.flower import Credentials, broker_url_for_flower, build, parse_basic_auth
+from llmos.monitoring.flower import Credentials, broker_url_for_flower, build, parse_basic_auth
 from llmos.settings import Settings
 
 
