@@ -35,13 +35,6 @@ class TenantQuota(BaseModel):
     max_queued_jobs: StrictInt | None = Field(default=None, gt=0)
     max_body_bytes: StrictInt | None = Field(default=None, gt=0)
 
-    dashboard_secret: str = Field(
-        default="", description="Mixed into the dashboard's session signatures: with it set, forging a "
-        "session needs it as well as the key's stored hash. Changing it ends every session.")
-    dashboard_session_s: int = Field(default=8 * 3600, gt=0, le=30 * 86_400,
-                                     description="How long a dashboard login lasts (the cookie's Max-Age).")
-    dashboard_refresh_s: float = Field(default=5.0, ge=1.0, description="How often the dashboard refreshes itself.")
-
     @field_validator("rate_limit")
     @classmethod
     def _parses(cls, value: str | None) -> str | None:
@@ -111,6 +104,13 @@ class ApiSettings(BaseSettings):
     webhook_backoff_max_s: float = Field(default=3600.0, gt=0, description="Longest wait between webhook retries.")
     webhook_give_up_after_s: float = Field(
         default=86_400.0, gt=0, description="A webhook failing this long after its first attempt is given up.")
+    dashboard_secret: str = Field(
+        default="", description="Mixed into the dashboard's session signatures: with it set, forging a "
+        "session needs it as well as the key's stored hash. Changing it ends every session.")
+    dashboard_session_s: int = Field(default=8 * 3600, gt=0, le=30 * 86_400,
+                                     description="How long a dashboard login lasts (the cookie's Max-Age).")
+    dashboard_refresh_s: float = Field(default=5.0, ge=1.0, description="How often the dashboard refreshes itself.")
+
 
     @field_validator("rate_limit")
     @classmethod
