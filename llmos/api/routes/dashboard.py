@@ -49,7 +49,7 @@ HEADERS = {
                                 "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # (no-referrer would make a form POST's Origin "null")
 }
 """Headers of every dashboard answer: nothing cached, nothing loaded or framed from elsewhere."""
 

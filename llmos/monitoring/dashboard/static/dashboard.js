@@ -36,7 +36,7 @@
 
   function fill(id, ...nodes) {
     const box = document.getElementById(id);
-    box.replaceChildren(...nodes);
+    box.replaceChildren(...nodes.filter((n) => n !== null && n !== undefined));
   }
 
   const fmtMs = (v) => (v === null || v === undefined ? "–" : v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${v.toFixed(1)} ms`);
@@ -114,7 +114,7 @@
   function drawThroughput(t) {
     const W = 900, H = 180, L = 40, B = 24, T = 8;
     const mins = t.minutes || [];
-    const max = Math.max(1, ...mins.map((m) => m.succeeded + m.other));
+    const max = 4 * Math.ceil(Math.max(1, ...mins.map((m) => m.succeeded + m.other)) / 4);  // whole ticks
     const bw = (W - L) / Math.max(1, mins.length);
     const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "throughput", role: "img",
       "data-total": t.total, "aria-label": `${t.total} jobs finished in the last hour` });
@@ -122,7 +122,7 @@
       const y = T + (H - B - T) * (1 - i / 4);
       chart.append(svg("line", { x1: L, x2: W, y1: y, y2: y, class: "grid" }));
       const label = svg("text", { x: L - 4, y: y + 4, class: "axis", "text-anchor": "end" });
-      label.textContent = String(Math.round((max * i) / 4));
+      label.textContent = String((max * i) / 4);
       chart.append(label);
     }
     mins.forEach((m, i) => {
@@ -137,7 +137,7 @@
       if (m.other) chart.append(svg("rect", { x: x + 1, width: Math.max(1, bw - 2), y: H - B - hs - ho, height: ho, class: "bad" }));
       if (i % 10 === 0) {
         const lab = svg("text", { x: x, y: H - 6, class: "axis" });
-        lab.textContent = new Date(m.t).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+        lab.textContent = new Date(m.t).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hour12: false });
         chart.append(lab);
       }
     });

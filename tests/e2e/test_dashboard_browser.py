@@ -1,0 +1,177 @@
+"""The dashboard in a real browser: headless Chromium (Debian's chromium + chromium-driver, through
+Selenium) on a real API process, Postgres, Redis and a real minilm worker.
+
+It logs in through the form, checks the numbers the page shows against the task table, cancels a
+queued job (of a model no worker serves) from the page, and saves a screenshot of the page:
+under pytest's tmp folder always, and to docs/dashboard.png with LLMOS_TEST_UPDATE_SCREENSHOT=1:
+
+    LLMOS_TEST_UPDATE_SCREENSHOT=1 tests/run.sh tests/e2e/test_dashboard_browser.py
+
+Without Chromium the test skips, except where CI=true: there it fails (tests/run.sh installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from llmos import manager
+from llmos.db import get_engine, jobs
+from tests import helpers
+from tests.integration.test_api import ApiProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+SCREENSHOT = helpers.REPO / "docs" / "dashboard.png"
+
+
+def _browser(profile: Path):
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    if missing:
+        why = f"{' and '.join(missing)} missing: apt-get install chromium chromium-driver (tests/run.sh does, as root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is not installed: pip install -e '.[test]'", pytrace=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM  # with the driver's path given, Selenium Manager downloads nothing
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1000", "--lang=en-GB",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def wait_for(what, fn, timeout=60.0, every=0.2, driver=None):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            seen = "" if driver is None else (f"\npage: {driver.current_url}\n{driver.find_element('tag name', 'body').text[:2000]}"
+                                              f"\nconsole: {driver.get_log('browser')}")
+            raise AssertionError(f"timed out waiting for {what}{seen}")
+        time.sleep(every)
+
+
+def table_counts(engine):
+    """What the counts panel must show, read straight from the task table (the database's clock)."""
+    with engine.connect() as conn:
+        open_ = dict(conn.execute(sa.text(
+            "SELECT status, count(*) FROM jobs WHERE status IN ('queued', 'running') GROUP BY status")).all())
+        hour = dict(conn.execute(sa.text(
+            "SELECT status, count(*) FROM jobs WHERE finished_at >= now() - interval '1 hour' GROUP BY status")).all())
+        day = dict(conn.execute(sa.text(
+            "SELECT status, count(*) FROM jobs WHERE finished_at >= now() - interval '1 day' GROUP BY status")).all())
+    return {"open": open_, "hour": hour, "day": day}
+
+
+@pytest.fixture(scope="module")
+def stack(services, pg_worker):
+    settings, env = services
+    api = ApiProcess(env).wait_ready()
+    try:
+        yield settings, env, api
+    finally:
+        api.stop()
+
+
+def test_dashboard_in_chromium(stack, tmp_path):
+    settings, env, api = stack
+    engine = get_engine(settings.db_url)
+    _, admin = manager.create_api_key(engine, tenant="ops", admin=True)
+    _, acme = manager.create_api_key(engine, tenant="acme")
+    auth = {"Authorization": f"Bearer {acme}"}
+    with httpx.Client(base_url=api.url, timeout=60, headers=auth) as http:
+        done = [http.post("/v1/jobs", json={"model": "minilm", "task": "sentiment",
+                                            "input": {"text": f"review {i}: {'great' if i % 2 else 'awful'}"}}).json()["id"]
+                for i in range(8)]
+        waiting = [http.post("/v1/jobs", json={"model": "gpt2", "task": "writing", "priority": p,
+                                               "input": {"prompt": f"Once upon a time {p}"}}).json()["id"]
+                   for p in (7, 5, 3)]
+    helpers.wait_all_final(engine, done)
+    # one failure for the failures panel: a gpt2 job taken by a worker that hit an error
+    claimed, _ = manager.claim(engine, [waiting[2]], worker_id="gpt2@elsewhere:1", device="cpu")
+    manager.finish(engine, [manager.Outcome(job_id=waiting[2], worker_id="gpt2@elsewhere:1", attempt=claimed[0].attempts,
+                                            error="CUDA out of memory (simulated)", compute_ms=12.0, queue_wait_ms=30.0)])
+    target = waiting[1]
+
+    from selenium.webdriver.common.by import By
+
+    driver = _browser(tmp_path / "profile")
+    try:
+        driver.get(api.url + "/dashboard")
+        driver.find_element(By.ID, "key").send_keys(admin)
+        driver.find_element(By.ID, "login-submit").click()
+        wait_for("the panels", lambda: driver.execute_script("return document.body.dataset.loaded === 'true'"),
+                 driver=driver)
+        cookie = driver.get_cookie("llmos_dashboard")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/dashboard"
+        assert admin not in cookie["value"]
+        assert driver.execute_script("return document.cookie") == ""  # HttpOnly: no script reads it
+
+        def shown(win, status):
+            return int(driver.find_element(By.ID, f"count-{win}-{status}").get_attribute("data-value"))
+
+        expected = table_counts(engine)
+        for win, statuses in (("open", ("queued", "running")),
+                              ("hour", ("succeeded", "failed", "cancelled", "expired")),
+                              ("day", ("succeeded", "failed", "cancelled", "expired"))):
+            for status in statuses:
+                assert shown(win, status) == expected[win].get(status, 0), (win, status, expected)
+        assert shown("hour", "succeeded") == 8 and shown("open", "queued") == 2 and shown("hour", "failed") == 1
+        total = int(driver.find_element(By.ID, "throughput-total").get_attribute("data-value"))
+        assert total == sum(expected["hour"].values())
+        depth = {(r.get_attribute("data-model"), int(r.get_attribute("data-priority"))): int(r.get_attribute("data-queued"))
+                 for r in driver.find_elements(By.CSS_SELECTOR, "#queue tr[data-model]")}
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs.c.model, jobs.c.priority, sa.func.count())
+                                .where(jobs.c.status == "queued").group_by(jobs.c.model, jobs.c.priority)).all()
+        assert depth == {(m, p): n for m, p, n in rows} == {("gpt2", 7): 1, ("gpt2", 5): 1}
+        failures = driver.find_elements(By.CSS_SELECTOR, "#failures tr[data-job-id]")
+        assert [f.get_attribute("data-job-id") for f in failures] == [waiting[2]]
+        assert "CUDA out of memory" in failures[0].text
+        workers = driver.find_elements(By.CSS_SELECTOR, "#workers tr[data-worker]")
+        assert any("minilm" in w.text for w in workers)
+
+        # cancel the queued job from the page (its confirm dialog accepted)
+        before = int(driver.find_element(By.ID, "refreshed").get_attribute("data-count"))
+        driver.find_element(By.CSS_SELECTOR, f'#queued-jobs tr[data-job-id="{target}"] button[data-action="cancel"]').click()
+        driver.switch_to.alert.accept()
+        wait_for("the job cancelled in the table",
+                 lambda: manager.get_job(engine, target, tenant="acme").status.value == "cancelled")
+        wait_for("a refresh after the cancel",
+                 lambda: int(driver.find_element(By.ID, "refreshed").get_attribute("data-count")) > before)
+        wait_for("the row gone", lambda: not driver.find_elements(
+            By.CSS_SELECTOR, f'#queued-jobs tr[data-job-id="{target}"]'))
+        assert manager.get_job(engine, waiting[0], tenant="acme").status.value == "queued"  # only that one
+        assert shown("open", "queued") == 1 and shown("hour", "cancelled") == 1
+
+        # a job's timeline, then the picture
+        driver.find_element(By.CSS_SELECTOR, f'#queued-jobs a[data-job="{waiting[0]}"]').click()
+        wait_for("the timeline", lambda: driver.find_elements(By.ID, "timeline-status"))
+        assert driver.find_element(By.ID, "timeline-status").get_attribute("data-status") == "queued"
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1400, min(4000, height + 40))
+        time.sleep(0.5)
+        shot = tmp_path / "dashboard.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        if os.environ.get("LLMOS_TEST_UPDATE_SCREENSHOT") == "1":
+            shutil.copyfile(shot, SCREENSHOT)
+        errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        assert not errors, errors  # no script error, nothing refused by the page's CSP
+    finally:
+        driver.quit()
