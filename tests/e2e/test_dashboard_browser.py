@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from llmos import manager
 from llmos.db import get_engine, jobs
+from llmos.jobs import JobStatus
 from tests import helpers
 from tests.integration.test_api import ApiProcess
 
@@ -82,6 +83,9 @@ def table_counts(engine):
 @pytest.fixture(scope="module")
 def stack(services, pg_worker):
     settings, env = services
+    with get_engine(settings.db_url).begin() as conn:  # (the services fixture empties jobs and workers only)
+        for table in ("batch_lines", "batches", "file_parts", "files", "api_keys"):
+            conn.execute(sa.text(f"DELETE FROM {table}"))
     api = ApiProcess(env).wait_ready()
     try:
         yield settings, env, api
@@ -101,12 +105,25 @@ def test_dashboard_in_chromium(stack, tmp_path):
                 for i in range(8)]
         waiting = [http.post("/v1/jobs", json={"model": "gpt2", "task": "writing", "priority": p,
                                                "input": {"prompt": f"Once upon a time {p}"}}).json()["id"]
-                   for p in (7, 5, 3)]
+                   for p in (7, 5, 3, 2)]
+        batch_ids = {}
+        for name, model, task, n in (("reviews-nightly", "minilm", "sentiment", 6), ("stories", "gpt2", "writing", 4)):
+            lines = "".join(f'{{"id": "{name}-{i}", "text": "line {i} of {name}"}}\n' for i in range(n))
+            up = http.post("/v1/files", files={"file": (f"{name}.jsonl", lines.encode())}, data={"purpose": "batch"})
+            assert up.status_code == 200, up.text
+            made = http.post("/v1/batches", json={"input_file_id": up.json()["id"], "endpoint": "/v1/jobs", "name": name,
+                                                  "completion_window": "24h", "task": task, "model": model})
+            assert made.status_code == 200, made.text
+            batch_ids[name] = made.json()["id"]
+        wait_for("the minilm batch completed", lambda: http.get(
+            f"/v1/batches/{batch_ids['reviews-nightly']}").json()["status"] == "completed", timeout=120, every=0.5)
     helpers.wait_all_final(engine, done)
-    # one failure for the failures panel: a gpt2 job taken by a worker that hit an error
-    claimed, _ = manager.claim(engine, [waiting[2]], worker_id="gpt2@elsewhere:1", device="cpu")
-    manager.finish(engine, [manager.Outcome(job_id=waiting[2], worker_id="gpt2@elsewhere:1", attempt=claimed[0].attempts,
-                                            error="CUDA out of memory (simulated)", compute_ms=12.0, queue_wait_ms=30.0)])
+    # two failures for the failures panel: gpt2 jobs taken by a worker elsewhere that hit errors
+    for job_id, error in ((waiting[2], "CUDA out of memory (simulated)"),
+                          (waiting[3], "RuntimeError: the runner raised on this input (simulated)")):
+        claimed, _ = manager.claim(engine, [job_id], worker_id="gpt2@elsewhere:1", device="cuda:0")
+        manager.finish(engine, [manager.Outcome(job_id=job_id, worker_id="gpt2@elsewhere:1", attempt=claimed[0].attempts,
+                                                error=error, compute_ms=12.0, queue_wait_ms=30.0)])
     target = waiting[1]
 
     from selenium.webdriver.common.by import By
@@ -132,7 +149,7 @@ def test_dashboard_in_chromium(stack, tmp_path):
                               ("day", ("succeeded", "failed", "cancelled", "expired"))):
             for status in statuses:
                 assert shown(win, status) == expected[win].get(status, 0), (win, status, expected)
-        assert shown("hour", "succeeded") == 8 and shown("open", "queued") == 2 and shown("hour", "failed") == 1
+        assert shown("hour", "succeeded") == 8 + 6 and shown("open", "queued") == 2 + 4 and shown("hour", "failed") == 2
         total = int(driver.find_element(By.ID, "throughput-total").get_attribute("data-value"))
         assert total == sum(expected["hour"].values())
         depth = {(r.get_attribute("data-model"), int(r.get_attribute("data-priority"))): int(r.get_attribute("data-queued"))
@@ -140,32 +157,53 @@ def test_dashboard_in_chromium(stack, tmp_path):
         with engine.connect() as conn:
             rows = conn.execute(sa.select(jobs.c.model, jobs.c.priority, sa.func.count())
                                 .where(jobs.c.status == "queued").group_by(jobs.c.model, jobs.c.priority)).all()
-        assert depth == {(m, p): n for m, p, n in rows} == {("gpt2", 7): 1, ("gpt2", 5): 1}
+        assert depth == {(m, p): n for m, p, n in rows} == {("gpt2", 7): 1, ("gpt2", 5): 1, ("gpt2", 1): 4}
+        progress = {r.get_attribute("data-batch-id"): (r.get_attribute("data-status"), int(r.get_attribute("data-done")),
+                                                       int(r.get_attribute("data-total")))
+                    for r in driver.find_elements(By.CSS_SELECTOR, "#batches tr[data-batch-id]")}
+        assert progress == {batch_ids["reviews-nightly"]: ("completed", 6, 6), batch_ids["stories"]: ("in_progress", 0, 4)}
         failures = driver.find_elements(By.CSS_SELECTOR, "#failures tr[data-job-id]")
-        assert [f.get_attribute("data-job-id") for f in failures] == [waiting[2]]
-        assert "CUDA out of memory" in failures[0].text
+        assert [f.get_attribute("data-job-id") for f in failures] == [waiting[3], waiting[2]]  # newest first
+        assert "CUDA out of memory" in failures[1].text
         workers = driver.find_elements(By.CSS_SELECTOR, "#workers tr[data-worker]")
         assert any("minilm" in w.text for w in workers)
 
-        # cancel the queued job from the page (its confirm dialog accepted)
-        before = int(driver.find_element(By.ID, "refreshed").get_attribute("data-count"))
-        driver.find_element(By.CSS_SELECTOR, f'#queued-jobs tr[data-job-id="{target}"] button[data-action="cancel"]').click()
-        driver.switch_to.alert.accept()
-        wait_for("the job cancelled in the table",
-                 lambda: manager.get_job(engine, target, tenant="acme").status.value == "cancelled")
-        wait_for("a refresh after the cancel",
-                 lambda: int(driver.find_element(By.ID, "refreshed").get_attribute("data-count")) > before)
-        wait_for("the row gone", lambda: not driver.find_elements(
-            By.CSS_SELECTOR, f'#queued-jobs tr[data-job-id="{target}"]'))
-        assert manager.get_job(engine, waiting[0], tenant="acme").status.value == "queued"  # only that one
-        assert shown("open", "queued") == 1 and shown("hour", "cancelled") == 1
+        def click(selector, then_what, done):
+            """Click an action button, accept its confirm dialog, wait for the table and the next refresh."""
+            before = int(driver.find_element(By.ID, "refreshed").get_attribute("data-count"))
+            driver.find_element(By.CSS_SELECTOR, selector).click()
+            driver.switch_to.alert.accept()
+            wait_for(then_what, done)
+            wait_for("a refresh after it", lambda: int(driver.find_element(By.ID, "refreshed").get_attribute("data-count")) > before)
+
+        def status(job_id):
+            return manager.get_job(engine, job_id, tenant="acme").status.value
+
+        # retry the failed job, cancel the open batch, cancel a queued job: from the page
+        click(f'#failures tr[data-job-id="{waiting[2]}"] button[data-action="retry"]', "the failed job queued again",
+              lambda: status(waiting[2]) == "queued")
+        stories = batch_ids["stories"]
+        click(f'#batches tr[data-batch-id="{stories}"] button[data-action="cancel-batch"]', "the batch's jobs cancelled",
+              lambda: manager.batch_open_jobs(engine, stories, tenant="acme") == 0)
+        click(f'#queued-jobs tr[data-job-id="{target}"] button[data-action="cancel"]', "the job cancelled in the table",
+              lambda: status(target) == "cancelled")
+        wait_for("the row gone", lambda: not driver.find_elements(By.CSS_SELECTOR, f'#queued-jobs tr[data-job-id="{target}"]'))
+        assert status(waiting[0]) == "queued"  # only the one clicked
+        assert manager.batch_status_counts(engine, stories, tenant="acme") == {JobStatus.CANCELLED: 4}
+        wait_for("the batch cancelled on the page", lambda: driver.find_element(
+            By.CSS_SELECTOR, f'#batches tr[data-batch-id="{stories}"]').get_attribute("data-status") == "cancelled", timeout=30)
+        expected = table_counts(engine)
+        assert shown("open", "queued") == expected["open"]["queued"] == 2  # waiting[0] and the retried one
+        assert shown("hour", "cancelled") == expected["hour"]["cancelled"] == 5
+        assert shown("hour", "failed") == expected["hour"]["failed"] == 1
 
         # a job's timeline, then the picture
         driver.find_element(By.CSS_SELECTOR, f'#queued-jobs a[data-job="{waiting[0]}"]').click()
         wait_for("the timeline", lambda: driver.find_elements(By.ID, "timeline-status"))
         assert driver.find_element(By.ID, "timeline-status").get_attribute("data-status") == "queued"
         height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1400, min(4000, height + 40))
+        driver.set_window_size(1400, min(4000, height + 200))
+        driver.execute_script("window.scrollTo(0, 0)")
         time.sleep(0.5)
         shot = tmp_path / "dashboard.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

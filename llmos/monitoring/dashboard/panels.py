@@ -129,7 +129,7 @@ def latency(conn: sa.Connection, scope: Scope, now: datetime) -> dict[str, Any]:
     models = [{"model": model, "jobs": len(v["wait"]) or len(v["compute"]),
                "wait_p50_ms": _percentile(v["wait"], 50), "wait_p95_ms": _percentile(v["wait"], 95),
                "compute_p50_ms": _percentile(v["compute"], 50), "compute_p95_ms": _percentile(v["compute"], 95)}
-              for model, v in sorted(per.items())]
+              for model, v in sorted(per.items()) if v["wait"] or v["compute"]]  # (not models whose jobs never ran)
     return {"models": models, "sampled": len(rows), "sample_limit": LATENCY_SAMPLE, "window_s": WINDOW_S}
 
 
