@@ -226,3 +226,48 @@ def test_percentile():
     assert panels._percentile([], 50) is None
     assert panels._percentile([1, 2, 3, 4], 50) == 2.5
     assert panels._percentile(list(range(101)), 95) == 95
+
+
+def make_batch(http, key, n=3):
+    lines = "".join(f'{{"id": "r{i}", "text": "line {i}"}}\n' for i in range(n)).encode()
+    up = http.post("/v1/files", files={"file": ("b.jsonl", lines)}, data={"purpose": "batch"}, headers=bearer(key))
+    assert up.status_code == 200, up.text
+    made = http.post("/v1/batches", json={"input_file_id": up.json()["id"], "endpoint": "/v1/jobs", "task": "sentiment",
+                                          "model": "minilm", "completion_window": "24h"}, headers=bearer(key))
+    assert made.status_code == 200, made.text
+    return made.json()["id"]
+
+
+def test_batches_panel_and_cancel(dash):
+    http, engine, keys, _ = dash
+    batch = make_batch(http, keys["a"])
+    view = http.get("/dashboard/api/overview", headers=bearer(keys["a"])).json()
+    (row,) = view["batches"]
+    assert row["id"] == batch and row["status"] == "in_progress" and row["total"] == 3 and row["queued"] == 3
+    assert row["done"] == 0
+    assert http.get("/dashboard/api/overview", headers=bearer(keys["b"])).json()["batches"] == []
+    assert http.post(f"/dashboard/api/batches/{batch}/cancel", headers=bearer(keys["b"])).status_code == 404
+    csrf = {session.CSRF_HEADER: login(http, keys["a"])}
+    assert http.post(f"/dashboard/api/batches/{batch}/cancel").status_code == 403  # no CSRF header
+    resp = http.post(f"/dashboard/api/batches/{batch}/cancel", headers=csrf)
+    assert resp.status_code == 200 and resp.json()["status"] in ("cancelling", "cancelled"), resp.text
+    assert manager.batch_open_jobs(engine, batch, tenant="acme") == 0
+    view = http.get("/dashboard/api/overview").json()
+    assert view["batches"][0]["status"] == "cancelled" and view["batches"][0]["done"] == 3
+    again = http.post(f"/dashboard/api/batches/{batch}/cancel", headers=csrf)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "batch_state"
+
+
+def test_login_from_another_site_is_refused_and_logout_clears_the_cookie(dash):
+    http, _, keys, _ = dash
+    resp = http.post("/dashboard/login", data={"key": keys["a"]}, headers={"Origin": "https://evil.example"},
+                     follow_redirects=False)
+    assert resp.status_code == 403 and "set-cookie" not in resp.headers
+    login(http, keys["a"])
+    out = http.post("/dashboard/logout", follow_redirects=False)
+    assert out.status_code == 303 and 'llmos_dashboard=""' in out.headers["set-cookie"]
+    assert "max-age=0" in out.headers["set-cookie"].lower()
+    assert http.get("/dashboard/api/overview").status_code == 401
+    assert http.get("/dashboard/static/dashboard.js").headers["content-type"].startswith("text/javascript")
+    assert http.get("/dashboard/static/../../db.py").status_code == 404
+    assert http.get("/dashboard/static/login.html").status_code == 404  # only the page's assets
