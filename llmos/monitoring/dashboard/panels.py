@@ -1,7 +1,7 @@
 """The dashboard's panels: one read-only, bounded, indexed query (or a few) each, scoped by tenant.
 
 Every panel is a function in `PANELS` taking (conn, scope, now) and answering JSON-ready data;
-`overview` runs them all in one read transaction. A panel's query reads rows in a window of time
+`overview` runs them all on one connection. A panel's query reads rows in a window of time
 or a fixed number of rows through an index, never the whole task table, so the page costs the
 same with ten million finished jobs as with a hundred (tests/integration/test_dashboard_plans.py
 EXPLAINs every statement the panels run and fails on a sequential scan of `jobs`).
@@ -283,7 +283,7 @@ def placement_plan(settings: Any, engine: Any, registry: Any) -> dict[str, Any]:
 
 def overview(engine: sa.Engine, scope: Scope, *, settings: Any = None, registry: Any = None,
              redis_conn: Any = None) -> dict[str, Any]:
-    """Every panel: the task table's in one read transaction; for an admin, the Redis queue
+    """Every panel: the task table's on one connection; for an admin, the Redis queue
     lengths, the capacity report and the plan too (each `{"error": ...}` if it cannot be made)."""
     with engine.connect() as conn:
         now = db_now(conn)
