@@ -55,6 +55,17 @@ def _browser(profile: Path):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+def test_chromium_missing_fails_under_ci(monkeypatch, tmp_path):
+    """Where CI=true a missing browser is a failure, not a skip (elsewhere: a skip)."""
+    monkeypatch.setitem(globals(), "CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no-chromium missing"):
+        _browser(tmp_path / "profile")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception):
+        _browser(tmp_path / "profile")
+
+
 def wait_for(what, fn, timeout=60.0, every=0.2, driver=None):
     deadline = time.monotonic() + timeout
     while True:
@@ -166,7 +177,8 @@ def test_dashboard_in_chromium(stack, tmp_path):
         assert [f.get_attribute("data-job-id") for f in failures] == [waiting[3], waiting[2]]  # newest first
         assert "CUDA out of memory" in failures[1].text
         workers = driver.find_elements(By.CSS_SELECTOR, "#workers tr[data-worker]")
-        assert any("minilm" in w.text for w in workers)
+        assert [w.find_element(By.CSS_SELECTOR, "td:nth-child(2)").text for w in workers] == ["minilm"]
+        assert workers[0].find_element(By.CSS_SELECTOR, "td:nth-child(8)").text == "32"  # the registry's max_batch_size
 
         def click(selector, then_what, done):
             """Click an action button, accept its confirm dialog, wait for the table and the next refresh."""
@@ -201,6 +213,16 @@ def test_dashboard_in_chromium(stack, tmp_path):
         driver.find_element(By.CSS_SELECTOR, f'#queued-jobs a[data-job="{waiting[0]}"]').click()
         wait_for("the timeline", lambda: driver.find_elements(By.ID, "timeline-status"))
         assert driver.find_element(By.ID, "timeline-status").get_attribute("data-status") == "queued"
+        # ... and a finished one's, asked for by id: its steps, and the ETA predicted at submit against them
+        box = driver.find_element(By.ID, "timeline-id")
+        box.clear()
+        box.send_keys(done[-1])
+        driver.find_element(By.CSS_SELECTOR, "#timeline-form button").click()
+        wait_for("the finished job's timeline", lambda: driver.find_element(By.ID, "timeline-status")
+                 .get_attribute("data-status") == "succeeded")
+        steps = {li.get_attribute("data-step"): li.get_attribute("class")
+                 for li in driver.find_elements(By.CSS_SELECTOR, "#timeline li[data-step]")}
+        assert steps == {"created": "done", "queued": "done", "started": "done", "finished": "done"}
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(1400, min(4000, height + 200))
         driver.execute_script("window.scrollTo(0, 0)")

@@ -290,6 +290,10 @@ def overview(engine: sa.Engine, scope: Scope, *, settings: Any = None, registry:
         out: dict[str, Any] = {"now": _iso(now), "scope": {"tenant": scope.tenant, "admin": scope.admin}}
         for name, panel in PANELS.items():
             out[name] = panel(conn, scope, now)
+    if scope.admin and registry is not None and out["workers"]:
+        limits = {spec.name: spec.max_batch_size for spec in registry.all()}
+        for w in out["workers"]:  # the batch size the registry allows beside the sizes it ran
+            w["max_batch_size"] = limits.get(w["model"])
     if scope.admin:
         models = sorted({q["model"] for q in out["queue_depth"]}
                         | ({s.name for s in registry.all()} if registry is not None else set()))

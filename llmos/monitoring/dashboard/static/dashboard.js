@@ -40,7 +40,8 @@
   }
 
   const fmtMs = (v) => (v === null || v === undefined ? "–" : v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${v.toFixed(1)} ms`);
-  const fmtS = (v) => (v === null || v === undefined ? "–" : Math.abs(v) >= 120 ? `${(v / 60).toFixed(1)} min` : `${v.toFixed(1)} s`);
+  const fmtS = (v) => (v === null || v === undefined ? "–" : Math.abs(v) >= 120 ? `${(v / 60).toFixed(1)} min`
+    : `${v.toFixed(Math.abs(v) < 10 ? 2 : 1)} s`);
   const fmtNum = (v) => (v === null || v === undefined ? "–" : typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(3) : String(v));
   const fmtTime = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
   const short = (id) => (id ? id.slice(0, 8) : "");
@@ -212,9 +213,10 @@
       return el("tr", { "data-worker": w.id, class: state },
         el("td", { text: w.id }), el("td", { text: w.model }), el("td", { text: w.device }), el("td", { text: state }),
         el("td", { class: "num", text: w.jobs_1h }), el("td", { class: "num", text: fmtNum(w.batch_mean) }),
-        el("td", { class: "num", text: fmtNum(w.batch_max) }), el("td", { text: `${fmtTime(w.last_heartbeat)} (${fmtS(w.silent_s)} ago)` }));
+        el("td", { class: "num", text: fmtNum(w.batch_max) }), el("td", { class: "num", text: fmtNum(w.max_batch_size) }),
+        el("td", { text: `${fmtTime(w.last_heartbeat)} (${fmtS(w.silent_s)} ago)` }));
     });
-    fill("workers", table(["worker", "model", "device", "state", "jobs 1 h", "mean batch", "max batch", "last heartbeat"], trs, "no worker in the last hour"));
+    fill("workers", table(["worker", "model", "device", "state", "jobs 1 h", "mean batch", "max batch", "batch limit", "last heartbeat"], trs, "no worker in the last hour"));
   }
 
   function drawCapacity(rows) {
