@@ -271,3 +271,13 @@ def test_login_from_another_site_is_refused_and_logout_clears_the_cookie(dash):
     assert http.get("/dashboard/static/dashboard.js").headers["content-type"].startswith("text/javascript")
     assert http.get("/dashboard/static/../../db.py").status_code == 404
     assert http.get("/dashboard/static/login.html").status_code == 404  # only the page's assets
+
+
+def test_monitoring_never_imports_the_api():
+    import subprocess
+    import sys
+
+    code = ("import sys, llmos.monitoring.dashboard.panels, llmos.monitoring.dashboard.session; "
+            "print(sorted(m for m in sys.modules if m.startswith(('llmos.api', 'llmos.batches'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
