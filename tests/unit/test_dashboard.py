@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -281,3 +282,15 @@ def test_monitoring_never_imports_the_api():
             "print(sorted(m for m in sys.modules if m.startswith(('llmos.api', 'llmos.batches'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_retry_refuses_a_job_whose_deadline_passed(dash):
+    http, engine, keys, _ = dash
+    (job,) = submit(http, keys["a"])
+    fail(engine, job)
+    with engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == job).values(deadline=manager.utcnow() - timedelta(seconds=5)))
+    resp = http.post(f"/v1/jobs/{job}/retry", headers=bearer(keys["a"]))
+    assert resp.status_code == 409 and "deadline" in resp.json()["error"]["message"], resp.text
+    assert manager.get_job(engine, job, tenant="acme").status.value == "failed"
+    assert manager.retry_failed(engine, job, tenant="globex") is None  # and another tenant's is none
