@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -281,6 +283,28 @@ def placement_plan(settings: Any, engine: Any, registry: Any) -> dict[str, Any]:
     return make_plan(settings, engine, registry).to_json()
 
 
+SLOW_PANEL_S = 30.0
+"""The capacity report and the plan (each a few hundred ms on a million-job table) are made at
+most this often per API process; every other panel is read on every refresh."""
+
+_slow: dict[tuple[str, str], tuple[float, Any]] = {}
+_slow_lock = threading.Lock()
+
+
+def _every(kind: str, engine: sa.Engine, fn: Callable[[], Any]) -> Any:
+    """`fn()`, or its answer of less than SLOW_PANEL_S ago for the same database."""
+    key = (kind, str(engine.url))
+    now = time.monotonic()
+    with _slow_lock:
+        hit = _slow.get(key)
+    if hit is not None and now - hit[0] < SLOW_PANEL_S:
+        return hit[1]
+    value = fn()
+    with _slow_lock:
+        _slow[key] = (now, value)
+    return value
+
+
 def overview(engine: sa.Engine, scope: Scope, *, settings: Any = None, registry: Any = None,
              redis_conn: Any = None) -> dict[str, Any]:
     """Every panel: the task table's on one connection; for an admin, the Redis queue
@@ -299,8 +323,9 @@ def overview(engine: sa.Engine, scope: Scope, *, settings: Any = None, registry:
                         | ({s.name for s in registry.all()} if registry is not None else set()))
         out["redis"] = _guard(lambda: redis_depth(redis_conn, models)) if redis_conn is not None else None
         if registry is not None:
-            out["capacity"] = _guard(lambda: capacity(engine, registry))
-            out["plan"] = _guard(lambda: placement_plan(settings, engine, registry)) if settings is not None else None
+            out["capacity"] = _every("capacity", engine, lambda: _guard(lambda: capacity(engine, registry)))
+            out["plan"] = (_every("plan", engine, lambda: _guard(lambda: placement_plan(settings, engine, registry)))
+                           if settings is not None else None)
     return out
 
 
