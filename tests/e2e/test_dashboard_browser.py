@@ -151,77 +151,94 @@ def test_dashboard_in_chromium(stack, tmp_path):
         assert admin not in cookie["value"]
         assert driver.execute_script("return document.cookie") == ""  # HttpOnly: no script reads it
 
+        # every read is one script run: the page re-renders between two WebDriver commands
+        def rows(selector, *names):
+            return driver.execute_script(
+                "return [...document.querySelectorAll(arguments[0])].map(e => arguments[1].map("
+                "n => n === 'text' ? e.textContent : e.getAttribute(n)))", selector, list(names))
+
         def shown(win, status):
-            return int(driver.find_element(By.ID, f"count-{win}-{status}").get_attribute("data-value"))
+            found = rows(f"#count-{win}-{status}", "data-value")
+            return int(found[0][0]) if found else None
 
-        expected = table_counts(engine)
-        for win, statuses in (("open", ("queued", "running")),
-                              ("hour", ("succeeded", "failed", "cancelled", "expired")),
-                              ("day", ("succeeded", "failed", "cancelled", "expired"))):
-            for status in statuses:
-                assert shown(win, status) == expected[win].get(status, 0), (win, status, expected)
+        def click(selector, confirm=True):
+            """Click an element (again if a re-render replaced it meanwhile); accept its confirm dialog."""
+            from selenium.common.exceptions import StaleElementReferenceException
+
+            for _ in range(10):
+                try:
+                    driver.find_element(By.CSS_SELECTOR, selector).click()
+                    break
+                except StaleElementReferenceException:
+                    time.sleep(0.1)
+            else:
+                raise AssertionError(f"{selector} kept going stale")
+            if confirm:
+                driver.switch_to.alert.accept()
+
+        def counts_match():
+            expected = table_counts(engine)
+            return all(shown(win, st) == expected[win].get(st, 0)
+                       for win, statuses in (("open", ("queued", "running")),
+                                             ("hour", ("succeeded", "failed", "cancelled", "expired")),
+                                             ("day", ("succeeded", "failed", "cancelled", "expired")))
+                       for st in statuses)
+
+        # it refreshes itself
+        first = int(rows("#refreshed", "data-count")[0][0])
+        wait_for("a refresh of its own", lambda: int(rows("#refreshed", "data-count")[0][0]) > first, timeout=30)
+
+        # the numbers shown are the task table's
+        assert counts_match(), (table_counts(engine), rows("#counts td[data-value]", "id", "data-value"))
         assert shown("hour", "succeeded") == 8 + 6 and shown("open", "queued") == 2 + 4 and shown("hour", "failed") == 2
-        total = int(driver.find_element(By.ID, "throughput-total").get_attribute("data-value"))
-        assert total == sum(expected["hour"].values())
-        depth = {(r.get_attribute("data-model"), int(r.get_attribute("data-priority"))): int(r.get_attribute("data-queued"))
-                 for r in driver.find_elements(By.CSS_SELECTOR, "#queue tr[data-model]")}
+        expected = table_counts(engine)
+        assert int(rows("#throughput-total", "data-value")[0][0]) == sum(expected["hour"].values())
+        depth = {(m, int(p)): int(n) for m, p, n in rows("#queue tr[data-model]", "data-model", "data-priority", "data-queued")}
         with engine.connect() as conn:
-            rows = conn.execute(sa.select(jobs.c.model, jobs.c.priority, sa.func.count())
-                                .where(jobs.c.status == "queued").group_by(jobs.c.model, jobs.c.priority)).all()
-        assert depth == {(m, p): n for m, p, n in rows} == {("gpt2", 7): 1, ("gpt2", 5): 1, ("gpt2", 1): 4}
-        progress = {r.get_attribute("data-batch-id"): (r.get_attribute("data-status"), int(r.get_attribute("data-done")),
-                                                       int(r.get_attribute("data-total")))
-                    for r in driver.find_elements(By.CSS_SELECTOR, "#batches tr[data-batch-id]")}
+            queued = conn.execute(sa.select(jobs.c.model, jobs.c.priority, sa.func.count())
+                                  .where(jobs.c.status == "queued").group_by(jobs.c.model, jobs.c.priority)).all()
+        assert depth == {(m, p): n for m, p, n in queued} == {("gpt2", 7): 1, ("gpt2", 5): 1, ("gpt2", 1): 4}
+        progress = {b: (st, int(d), int(t)) for b, st, d, t in rows(
+            "#batches tr[data-batch-id]", "data-batch-id", "data-status", "data-done", "data-total")}
         assert progress == {batch_ids["reviews-nightly"]: ("completed", 6, 6), batch_ids["stories"]: ("in_progress", 0, 4)}
-        failures = driver.find_elements(By.CSS_SELECTOR, "#failures tr[data-job-id]")
-        assert [f.get_attribute("data-job-id") for f in failures] == [waiting[3], waiting[2]]  # newest first
-        assert "CUDA out of memory" in failures[1].text
-        workers = driver.find_elements(By.CSS_SELECTOR, "#workers tr[data-worker]")
-        assert [w.find_element(By.CSS_SELECTOR, "td:nth-child(2)").text for w in workers] == ["minilm"]
-        assert workers[0].find_element(By.CSS_SELECTOR, "td:nth-child(8)").text == "32"  # the registry's max_batch_size
-
-        def click(selector, then_what, done):
-            """Click an action button, accept its confirm dialog, wait for the table and the next refresh."""
-            before = int(driver.find_element(By.ID, "refreshed").get_attribute("data-count"))
-            driver.find_element(By.CSS_SELECTOR, selector).click()
-            driver.switch_to.alert.accept()
-            wait_for(then_what, done)
-            wait_for("a refresh after it", lambda: int(driver.find_element(By.ID, "refreshed").get_attribute("data-count")) > before)
+        failures = rows("#failures tr[data-job-id]", "data-job-id", "text")
+        assert [f[0] for f in failures] == [waiting[3], waiting[2]]  # newest first
+        assert "CUDA out of memory" in failures[1][1]
+        assert rows("#workers tr[data-worker] td:nth-child(2)", "text") == [["minilm"]]
+        assert rows("#workers tr[data-worker] td:nth-child(8)", "text") == [["32"]]  # the registry's max_batch_size
 
         def status(job_id):
             return manager.get_job(engine, job_id, tenant="acme").status.value
 
         # retry the failed job, cancel the open batch, cancel a queued job: from the page
-        click(f'#failures tr[data-job-id="{waiting[2]}"] button[data-action="retry"]', "the failed job queued again",
-              lambda: status(waiting[2]) == "queued")
+        click(f'#failures tr[data-job-id="{waiting[2]}"] button[data-action="retry"]')
+        wait_for("the failed job queued again", lambda: status(waiting[2]) == "queued")
+        wait_for("the failure gone from the page", lambda: [f[0] for f in rows("#failures tr[data-job-id]", "data-job-id")]
+                 == [waiting[3]])
         stories = batch_ids["stories"]
-        click(f'#batches tr[data-batch-id="{stories}"] button[data-action="cancel-batch"]', "the batch's jobs cancelled",
-              lambda: manager.batch_open_jobs(engine, stories, tenant="acme") == 0)
-        click(f'#queued-jobs tr[data-job-id="{target}"] button[data-action="cancel"]', "the job cancelled in the table",
-              lambda: status(target) == "cancelled")
-        wait_for("the row gone", lambda: not driver.find_elements(By.CSS_SELECTOR, f'#queued-jobs tr[data-job-id="{target}"]'))
+        click(f'#batches tr[data-batch-id="{stories}"] button[data-action="cancel-batch"]')
+        wait_for("the batch's jobs cancelled", lambda: manager.batch_open_jobs(engine, stories, tenant="acme") == 0)
+        wait_for("the batch cancelled on the page", lambda: rows(
+            f'#batches tr[data-batch-id="{stories}"]', "data-status") == [["cancelled"]], timeout=30)
+        click(f'#queued-jobs tr[data-job-id="{target}"] button[data-action="cancel"]')
+        wait_for("the job cancelled in the table", lambda: status(target) == "cancelled")
+        wait_for("the row gone", lambda: not rows(f'#queued-jobs tr[data-job-id="{target}"]', "data-job-id"))
         assert status(waiting[0]) == "queued"  # only the one clicked
         assert manager.batch_status_counts(engine, stories, tenant="acme") == {JobStatus.CANCELLED: 4}
-        wait_for("the batch cancelled on the page", lambda: driver.find_element(
-            By.CSS_SELECTOR, f'#batches tr[data-batch-id="{stories}"]').get_attribute("data-status") == "cancelled", timeout=30)
+        wait_for("the counts shown to match the table again", counts_match, timeout=30)
         expected = table_counts(engine)
-        assert shown("open", "queued") == expected["open"]["queued"] == 2  # waiting[0] and the retried one
-        assert shown("hour", "cancelled") == expected["hour"]["cancelled"] == 5
-        assert shown("hour", "failed") == expected["hour"]["failed"] == 1
+        assert expected["open"]["queued"] == 2 and expected["hour"]["cancelled"] == 5 and expected["hour"]["failed"] == 1
 
         # a job's timeline, then the picture
-        driver.find_element(By.CSS_SELECTOR, f'#queued-jobs a[data-job="{waiting[0]}"]').click()
-        wait_for("the timeline", lambda: driver.find_elements(By.ID, "timeline-status"))
-        assert driver.find_element(By.ID, "timeline-status").get_attribute("data-status") == "queued"
+        click(f'#queued-jobs a[data-job="{waiting[0]}"]', confirm=False)
+        wait_for("the timeline", lambda: rows("#timeline-status", "data-status") == [["queued"]])
         # ... and a finished one's, asked for by id: its steps, and the ETA predicted at submit against them
-        box = driver.find_element(By.ID, "timeline-id")
+        box = driver.find_element(By.ID, "timeline-id")  # (the form is not re-rendered)
         box.clear()
         box.send_keys(done[-1])
         driver.find_element(By.CSS_SELECTOR, "#timeline-form button").click()
-        wait_for("the finished job's timeline", lambda: driver.find_element(By.ID, "timeline-status")
-                 .get_attribute("data-status") == "succeeded")
-        steps = {li.get_attribute("data-step"): li.get_attribute("class")
-                 for li in driver.find_elements(By.CSS_SELECTOR, "#timeline li[data-step]")}
+        wait_for("the finished job's timeline", lambda: rows("#timeline-status", "data-status") == [["succeeded"]])
+        steps = dict(rows("#timeline li[data-step]", "data-step", "class"))
         assert steps == {"created": "done", "queued": "done", "started": "done", "finished": "done"}
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(1400, min(4000, height + 200))
