@@ -291,18 +291,18 @@ _slow: dict[tuple[str, str], tuple[float, Any]] = {}
 _slow_lock = threading.Lock()
 
 
-def _every(kind: str, engine: sa.Engine, fn: Callable[[], Any]) -> Any:
-    """`fn()`, or its answer of less than SLOW_PANEL_S ago for the same database."""
+def _every(kind: str, engine: sa.Engine, fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(`fn()`, 0), or (its answer of less than SLOW_PANEL_S ago for the same database, its age in s)."""
     key = (kind, str(engine.url))
     now = time.monotonic()
     with _slow_lock:
         hit = _slow.get(key)
     if hit is not None and now - hit[0] < SLOW_PANEL_S:
-        return hit[1]
+        return hit[1], now - hit[0]
     value = fn()
     with _slow_lock:
         _slow[key] = (now, value)
-    return value
+    return value, 0.0
 
 
 def overview(engine: sa.Engine, scope: Scope, *, settings: Any = None, registry: Any = None,
@@ -323,9 +323,11 @@ def overview(engine: sa.Engine, scope: Scope, *, settings: Any = None, registry:
                         | ({s.name for s in registry.all()} if registry is not None else set()))
         out["redis"] = _guard(lambda: redis_depth(redis_conn, models)) if redis_conn is not None else None
         if registry is not None:
-            out["capacity"] = _every("capacity", engine, lambda: _guard(lambda: capacity(engine, registry)))
-            out["plan"] = (_every("plan", engine, lambda: _guard(lambda: placement_plan(settings, engine, registry)))
-                           if settings is not None else None)
+            out["capacity"], age = _every("capacity", engine, lambda: _guard(lambda: capacity(engine, registry)))
+            out["slow_age_s"] = {"capacity": age}
+            if settings is not None:
+                out["plan"], out["slow_age_s"]["plan"] = _every(
+                    "plan", engine, lambda: _guard(lambda: placement_plan(settings, engine, registry)))
     return out
 
 

@@ -300,6 +300,10 @@
       drawWorkers(d.workers);
       drawCapacity(d.capacity);
       drawPlan(d.plan);
+      for (const [name, age] of Object.entries(d.slow_age_s || {})) {
+        const note = document.getElementById(`${name}-age`);
+        if (note) note.textContent = age < 1 ? "(just made; made every 30 s)" : `(made ${Math.round(age)} s ago; every 30 s)`;
+      }
       if (shownJob) await showJob(shownJob);
       refreshes += 1;
       const r = document.getElementById("refreshed");
