@@ -297,6 +297,20 @@ def cancel(job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="The id 
     raise typer.Exit(1)
 
 
+@app.command()
+def retry(job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="The id of a failed job.")],
+          as_json: JsonOption = False) -> None:
+    """Run a failed job again: queued and sent anew, with its attempt budget again (an error if it is not failed)."""
+    from llmos.sdk import default_client
+
+    job = default_client().retry(job_id)
+    if as_json:
+        _print_json({"id": job.id, "status": job.status.value, "attempts": job.attempts,
+                     "max_attempts": job.max_attempts}, True)
+        return
+    out.print(f"job {job.id} queued again (up to {job.max_attempts - job.attempts} more attempt(s))", highlight=False)
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Apply migrations to the task table's database."""

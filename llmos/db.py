@@ -84,6 +84,7 @@ jobs = sa.Table(
 # Partial indexes over the few rows that are not final, so that the reconciler's pass, and the
 # retention's open-batch check, cost the same with ten million finished jobs as with none.
 QUEUED_ROWS = "status = 'queued'"
+FAILED_ROWS = "status = 'failed'"
 _partial_jobs_indexes = [  # each attached to `jobs` by its columns
     # the serve order of each model's queued jobs (stale_queued), and which models have any
     sa.Index("ix_jobs_queued_order", jobs.c.model, jobs.c.priority.desc(), jobs.c.queued_at,
@@ -97,6 +98,9 @@ _partial_jobs_indexes = [  # each attached to `jobs` by its columns
     sa.Index("ix_jobs_open_batches", jobs.c.tenant, jobs.c.batch_id,  # retention keeps open batches
              postgresql_where=sa.text("batch_id IS NOT NULL AND status IN ('queued','running')"),
              sqlite_where=sa.text("batch_id IS NOT NULL AND status IN ('queued','running')")),
+    # the dashboard's recent failures, newest first (migration 0010)
+    sa.Index("ix_jobs_failed_finished_at_id", jobs.c.finished_at, jobs.c.id,
+             postgresql_where=sa.text(FAILED_ROWS), sqlite_where=sa.text(FAILED_ROWS)),
 ]
 
 workers = sa.Table(
@@ -245,6 +249,7 @@ batches = sa.Table(
     sa.CheckConstraint("status IN (" + ",".join(f"'{s}'" for s in BATCH_STATUSES) + ")", name="status_valid"),
     sa.UniqueConstraint("tenant", "name"),
     sa.Index(None, "tenant", "created_at", "id"),  # a tenant's batches newest first (API listing)
+    sa.Index(None, "created_at", "id"),  # every tenant's batches newest first (the dashboard; 0010)
     # the batches someone must advance: the few that are not final
     sa.Index("ix_batches_open", "status", postgresql_where=sa.text(
         "status IN ('validating','in_progress','finalizing','cancelling')"),

@@ -87,6 +87,14 @@ class JobFinalError(LLMOSError):
         self.status = status
 
 
+class JobStateError(LLMOSError):
+    """The job is not in a state this action applies to (only a failed job can be retried)."""
+
+    def __init__(self, message: str | None = None, *, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class QuotaExceededError(LLMOSError):
     """The tenant is over a quota; retry after the time given."""
 

@@ -599,6 +599,31 @@ def cancel(engine: sa.Engine, job_id: str, *, tenant: Tenant) -> bool:
         return conn.execute(stmt).rowcount == 1
 
 
+def retry_failed(engine: sa.Engine, job_id: str, *, tenant: Tenant) -> Job | None:
+    """failed → queued for one of `tenant`'s jobs (an operator's retry); the re-queued row, or None
+    if this call did not re-queue it (no such job, not failed, or its deadline has passed).
+
+    The attempt count is kept (a late finish of an old attempt still cannot apply) and
+    `max_attempts` raised by the job's own budget, so the retry gets as many tries as the submit
+    did; the error, result and the last run's timings and prediction are cleared, and `queued_at`
+    and `dispatched_at` are now (its queue wait counts from the retry). The caller sends its
+    message (a lost send is the reconciler's to redo, as for any queued job).
+    """
+    with engine.begin() as conn:
+        now = db_now(conn)
+        cond = [jobs.c.id == str(job_id), jobs.c.status == JobStatus.FAILED.value,
+                sa.or_(jobs.c.deadline.is_(None), jobs.c.deadline > now)]
+        stmt = (jobs.update().where(*_scoped(cond, tenant))
+                .values(status=JobStatus.QUEUED.value, max_attempts=jobs.c.attempts + jobs.c.max_attempts,
+                        error=None, result=sa.null(), started_at=None, finished_at=None, worker_id=None,
+                        device=None, queue_wait_ms=None, compute_ms=None, batch_size=None, tokens_in=None,
+                        tokens_out=None, run_after=None, queued_at=now, dispatched_at=now,
+                        eta_start_at=None, eta_finish_at=None)
+                .returning(*jobs.c))
+        found = _jobs_from(conn.execute(stmt))
+    return found[0] if found else None
+
+
 def retry_later(engine: sa.Engine, outcomes: Sequence[Outcome], delays_s: Sequence[float]) -> int:
     """running → queued after a transient failure, to be sent again once `run_after` passes."""
     if not outcomes:

@@ -200,6 +200,11 @@ class HTTPClient:
             return False
         return True
 
+    def retry(self, job_id: str, *, tenant: str | None = None) -> Job:
+        """Run a failed job again (POST /v1/jobs/{id}/retry); JobStateError if it is not failed."""
+        self._no_tenant(tenant)
+        return job_from_json(self._request("POST", f"/v1/jobs/{_job_id(job_id)}/retry"))
+
     # -- the wire ----------------------------------------------------------------------------
     @staticmethod
     def _no_tenant(tenant: str | None) -> None:
@@ -247,6 +252,10 @@ def _error(resp: httpx.Response, url: str) -> LLMOSError:
                                                     or resp.headers.get("Retry-After", 1)))
     if code == "job_final":
         return JobFinalError(message, status=details.get("status", ""))
+    if code == "job_state":
+        from llmos.errors import JobStateError
+
+        return JobStateError(message, status=details.get("status", ""))
     if code in _ERRORS:
         return _ERRORS[code](message)
     return APIError(message, status_code=resp.status_code, code=code, details=details)

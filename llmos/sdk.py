@@ -32,7 +32,7 @@ from llmos.constants import (CANCEL_CHANNEL, DEFAULT_TENANT, MAX_ATTEMPTS, MAX_B
 from llmos.db import MAX_WEBHOOK_URL_CHARS, UNSTORABLE, check_database, first_line, get_engine
 from llmos.dispatch import CeleryDispatcher, Dispatcher
 from llmos.errors import (DatabaseUnavailableError, JobFailedError, JobNotFoundError,
-                          JobTimeoutError, LLMOSError, NoWorkerError, NoWorkerWarning,
+                          JobStateError, JobTimeoutError, LLMOSError, NoWorkerError, NoWorkerWarning,
                           ValidationError)
 from llmos.jobs import Job, JobStatus
 from llmos.logs import event
@@ -440,6 +440,27 @@ class Client:
             except (redis.exceptions.RedisError, LLMOSError):
                 pass  # the table says cancelled; a running job then just finishes unrecorded
         return done
+
+    def retry(self, job_id: str, *, tenant: str | None = None) -> Job:
+        """Run a failed job again (failed → queued, sent to its model's queue); its row as re-queued.
+
+        JobNotFoundError for no such job of the tenant; JobStateError when it is not failed, or
+        its deadline has passed. The retry gets the job's attempt budget again (`manager.retry_failed`).
+        """
+        tenant = self._tenant(tenant)
+        job_id = _job_id(job_id)
+        job = self._db(manager.retry_failed, job_id, tenant=tenant)
+        if job is None:
+            now = self._db(manager.get_job, job_id, tenant=tenant)
+            if now is None:
+                raise JobNotFoundError(f"no job with id {job_id!r}")
+            why = ("its deadline has passed" if now.status == JobStatus.FAILED
+                   else f"it is {now.status.value}; only a failed job can be retried")
+            raise JobStateError(f"job {job_id} cannot be retried: {why}", status=now.status.value)
+        # the row is queued and dispatched now: a lost send is re-sent by the reconciler
+        self.dispatcher.send([job])
+        event(log, "job_retry", job_id=job.id, tenant=tenant, model=job.model)
+        return job
 
     def _db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from llmos import __version__
 from llmos.api import errors
 from llmos.api.quotas import BodyLimit, RateLimiter, storage_uri
-from llmos.api.routes import batches, files, health, jobs, keys, metrics, models, webhooks
+from llmos.api.routes import batches, dashboard, files, health, jobs, keys, metrics, models, webhooks
 from llmos.api.routes import openai as openai_routes
 from llmos.api.settings import ApiSettings, get_api_settings
 from llmos.api.webhooks import Deliverer
@@ -68,4 +68,5 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(openai_routes.router)  # OpenAI-compatible: docs/openai.md
+    app.include_router(dashboard.router)  # the operator's page: docs/dashboard.md
     return app

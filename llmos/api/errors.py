@@ -25,7 +25,8 @@ from llmos.batches.errors import (BatchNotFoundError, BatchStateError, FileInUse
                                   FileNotFoundInStoreError, FileTooLargeError)
 from llmos.errors import (AuthError, BrokerUnavailableError, ConfigError, DatabaseUnavailableError,  # noqa: F401
                           DeadlineUnmeetableError, ModelTooLargeError,
-                          ForbiddenError, IdempotencyConflictError, JobFinalError, JobNotFoundError, LLMOSError,
+                          ForbiddenError, IdempotencyConflictError, JobFinalError, JobNotFoundError, JobStateError,
+                          LLMOSError,
                           NoWorkerError, QuotaExceededError, UnknownModelError, UnsupportedTaskError,
                           ValidationError)
 from llmos.logs import event
@@ -93,6 +94,7 @@ STATUS: list[tuple[type[LLMOSError], int, str]] = [  # first match wins: subclas
     (AuthError, 401, "unauthorized"),
     (ForbiddenError, 403, "forbidden"),
     (JobFinalError, 409, "job_final"),
+    (JobStateError, 409, "job_state"),
     (QuotaExceededError, 429, "quota_exceeded"),
     (BrokerUnavailableError, 503, "broker_unavailable"),
     (DatabaseUnavailableError, 503, "database_unavailable"),
@@ -142,7 +144,7 @@ def llmos_error_response(exc: LLMOSError) -> JSONResponse:
     if isinstance(exc, QuotaExceededError):
         details = {"limit": exc.limit, "retry_after_s": exc.retry_after_s, **getattr(exc, "details", {})}
         headers["Retry-After"] = str(exc.retry_after_s)
-    elif isinstance(exc, JobFinalError):
+    elif isinstance(exc, (JobFinalError, JobStateError)):
         details = {"status": exc.status}
     elif isinstance(exc, AuthError):
         headers["WWW-Authenticate"] = "Bearer"

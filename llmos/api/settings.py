@@ -107,6 +107,13 @@ class ApiSettings(BaseSettings):
     metrics_token: SecretStr | None = Field(
         default=None, min_length=16, description="A bearer token that may scrape GET /metrics (besides admin keys); "
         "unset: admin keys only. At least 16 characters.")
+    dashboard_secret: str = Field(
+        default="", description="Mixed into the dashboard's session signatures: with it set, forging a "
+        "session needs it as well as the key's stored hash. Changing it ends every session.")
+    dashboard_session_s: int = Field(default=8 * 3600, gt=0, le=30 * 86_400,
+                                     description="How long a dashboard login lasts (the cookie's Max-Age).")
+    dashboard_refresh_s: float = Field(default=5.0, ge=1.0, description="How often the dashboard refreshes itself.")
+
 
     @field_validator("rate_limit")
     @classmethod

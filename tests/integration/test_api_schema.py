@@ -53,13 +53,19 @@ import os
 import schemathesis
 
 PROTECTED = os.environ["LLMOS_SCHEMA_KEY_PREFIX"]
+FAILED, SUCCEEDED = os.environ["LLMOS_SCHEMA_FAILED_JOB"], os.environ["LLMOS_SCHEMA_SUCCEEDED_JOB"]
 
 
 @schemathesis.hook
 def before_call(context, case, kwargs):
-    """Never revoke the key the run authenticates with (GET /v1/keys shows its prefix)."""
-    if (case.path_parameters or {}).get("prefix") == PROTECTED:
-        case.path_parameters["prefix"] = "0" * len(PROTECTED)
+    """Never revoke the key the run authenticates with (GET /v1/keys shows its prefix), and never
+    retry the seeded failed job (queued again, a wait or event stream on it would not end): a
+    retry of it asks for the succeeded one's (a 409) instead."""
+    params = case.path_parameters or {}
+    if params.get("prefix") == PROTECTED:
+        params["prefix"] = "0" * len(PROTECTED)
+    if case.path.endswith("/retry") and params.get("job_id") == FAILED:
+        params["job_id"] = SUCCEEDED
 '''
 """Schemathesis hooks of the run (SCHEMATHESIS_HOOKS), written to a file beside its report."""
 
@@ -156,7 +162,8 @@ def test_every_operation_conforms_to_the_schema(schema_api, tmp_path):
            "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED),
            "--workers", "1", "--request-timeout", "20",
            "--generation-database", "none", "--no-color"]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(hooks), "LLMOS_SCHEMA_KEY_PREFIX": key.prefix}
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(hooks), "LLMOS_SCHEMA_KEY_PREFIX": key.prefix,
+           "LLMOS_SCHEMA_SUCCEEDED_JOB": ids[0], "LLMOS_SCHEMA_FAILED_JOB": ids[1]}
     started = time.monotonic()
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     took = time.monotonic() - started
@@ -185,3 +192,11 @@ def test_what_the_schema_check_found_stays_fixed(schema_api):
         resp = http.get("/v1/jobs", params={"created_since": "0.5"})
         assert resp.status_code == 422 and "created_since" in resp.json()["error"]["message"], resp.text
         assert http.get("/v1/jobs", params={"created_since": "2026-01-01T00:00:00Z"}).status_code == 200
+        # a retry answers the job re-queued (the schema's JobOut), then 409 job_state
+        (failed,) = [j for j in final_jobs(url, engine, auth) if manager.get_job(engine, j, tenant="schema-fixed")
+                     .status.value == "failed"]
+        resp = http.post(f"/v1/jobs/{failed}/retry")
+        assert resp.status_code == 200 and resp.json()["status"] == "queued", resp.text
+        again = http.post(f"/v1/jobs/{failed}/retry")
+        assert again.status_code == 409 and again.json()["error"]["details"] == {"status": "queued"}, again.text
+        assert http.delete(f"/v1/jobs/{failed}").status_code == 200  # (final again)

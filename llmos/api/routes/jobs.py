@@ -168,3 +168,9 @@ def cancel_job(job_id: str, tenant: TenantDep, client: ClientDep) -> JobOut:
         raise JobFinalError(f"job {job.id} is already {job.status.value}; only queued or running jobs "
                             "can be cancelled", status=job.status.value)
     return JobOut.of(client.job(job_id, tenant=tenant))
+
+
+@router.post("/{job_id}/retry", responses=errors(*AUTHENTICATED, 404, 409))
+def retry_job(job_id: str, tenant: TenantDep, client: ClientDep) -> JobOut:
+    """Run a failed job again (it is queued and sent anew); 409 if it is not failed."""
+    return JobOut.of(client.retry(job_id, tenant=tenant))
