@@ -9,7 +9,7 @@ Owns (one module each):
 - `flower`: the `llmos flower` command, Flower on LLMOS's Celery app behind credentials
   (docs/operations.md).
 
-May import llmos.manager, llmos.dispatch, llmos.transport, llmos.scheduling, llmos.db,
+May import llmos.manager, llmos.dispatch, llmos.transport, llmos.scheduling, llmos.registry, llmos.db,
 llmos.jobs, llmos.settings, llmos.constants, llmos.errors, llmos.logs; never llmos.api (the API
 imports it). The only writes here are the rollup's own tables; job state is written through
 llmos.manager only (the dashboard's actions go through the SDK).

@@ -191,7 +191,11 @@ def flower_command(
               "lists no tasks (queue lengths still work)", file=sys.stderr, flush=True)
     flower = build(settings, port=port, address=address, basic_auth=list(basic_auth or []),
                    admin_keys=admin_keys, read_only=read_only)
-    bound = flower.start_http_server()
+    try:
+        bound = flower.start_http_server()
+    except OSError as exc:  # the port is taken, or the address is not this host's
+        raise ConfigError(f"Flower cannot listen on {address}:{port}: {exc.strerror or exc}; "
+                          "pass --port N (or --address)") from None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # as Flower's own command: leave the loop
     print(f"Flower listening on http://{address}:{bound}/ (broker {_redacted(settings)})", flush=True)
     try:

@@ -192,3 +192,15 @@ def test_refuses_to_start_without_credentials(services):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Flower needs credentials" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_taken_port_is_a_clear_error(stack, services):
+    settings, env = services
+    _, _, flower = stack
+    taken = int(flower.base.rsplit(":", 1)[1])  # the running Flower holds it
+    proc = subprocess.run([sys.executable, "-m", "llmos.cli", "flower", "--port", str(taken),
+                           "--basic-auth", f"{USER}:{PASSWORD}"], env=env,
+                          cwd=helpers.REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"cannot listen on 127.0.0.1:{taken}" in proc.stderr and "--port" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -43,10 +43,23 @@ def run_config(tmp_path: Path, env_text: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+SECRETS = {"POSTGRES_PASSWORD": "pg-0c9e1b7a44d2", "REDIS_PASSWORD": "redis-5f3a9d0e81bc",
+           "LLMOS_FLOWER_BASIC_AUTH": "ops:flower-7d2c4e9a1f06"}
+
+
+def filled_env() -> str:
+    """deploy/env.example with its secrets set, as an operator's .env would be."""
+    text = (REPO / "deploy" / "env.example").read_text()
+    for name, value in SECRETS.items():
+        text, n = re.subn(rf"^#? ?{name}=.*$", f"{name}={value}", text, flags=re.M)
+        assert n == 1, f"deploy/env.example has no {name} line"
+    return text
+
+
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("compose")
-    proc = run_config(tmp, (REPO / "deploy" / "env.example").read_text())
+    proc = run_config(tmp, filled_env())
     assert proc.returncode == 0, proc.stderr
     return yaml.safe_load(proc.stdout)
 
@@ -93,14 +106,15 @@ def test_one_worker_reserves_a_gpu(config):
 def test_secrets_come_from_the_env_file(config, tmp_path):
     text = (REPO / "docker-compose.yml").read_text()
     example = (REPO / "deploy" / "env.example").read_text()
-    secrets = dict(re.findall(r"^(\w*(?:PASSWORD|BASIC_AUTH))=(.+)$", example, re.M))
-    assert {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "LLMOS_FLOWER_BASIC_AUTH"} <= set(secrets)
-    for value in secrets.values():
+    for value in SECRETS.values():
         assert value not in text  # no password inline in the compose file
     url = config["services"]["worker-minilm"]["environment"]["LLMOS_DATABASE_URL"]
-    assert secrets["POSTGRES_PASSWORD"] in url  # ... but interpolated from .env
+    assert SECRETS["POSTGRES_PASSWORD"] in url  # ... but interpolated from .env
+    # the example as shipped has no working secret: it is refused until they are set
+    proc = run_config(tmp_path, example)
+    assert proc.returncode != 0 and "PASSWORD" in proc.stderr, proc.stderr
     # an .env without the Postgres password is refused, not run with an empty one
-    proc = run_config(tmp_path, re.sub(r"^POSTGRES_PASSWORD=.*$", "", example, flags=re.M))
+    proc = run_config(tmp_path, re.sub(r"^POSTGRES_PASSWORD=.*$", "", filled_env(), flags=re.M))
     assert proc.returncode != 0 and "POSTGRES_PASSWORD" in proc.stderr, proc.stderr
 
 
