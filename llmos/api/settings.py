@@ -109,7 +109,7 @@ class ApiSettings(BaseSettings):
         default=None, min_length=16, description="A bearer token that may scrape GET /metrics (besides admin keys); "
         "unset: admin keys only. At least 16 characters.")
     dashboard_secret: SecretStr | None = Field(
-        default=None, min_length=32, description="Signs the dashboard's session cookies (at least 32 characters, "
+        default=None, description="Signs the dashboard's session cookies (at least 32 characters, "
         "the same on every API process; e.g. `openssl rand -hex 32`). Unset: the dashboard accepts no login "
         "(`llmos up` makes one under LLMOS_HOME). It is never stored in the database, so a copy of the "
         "database cannot forge a session; changing it ends every session.")
@@ -125,6 +125,14 @@ class ApiSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value  # `NAME=` in an env file (deploy/env.example) leaves it unset
+
+    @field_validator("dashboard_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`), "
+                             f"got {len(value.get_secret_value())}")
+        return value
 
     @field_validator("dashboard_origins")
     @classmethod
@@ -176,7 +184,13 @@ def get_api_settings(settings: Settings | None = None) -> ApiSettings:
     ConfigError (naming the file and the key) for a table or value the API cannot use, so a
     bad file stops the API at start rather than at some tenant's request.
     """
-    api = ApiSettings()
+    try:
+        api = ApiSettings()
+    except pydantic.ValidationError as exc:  # a bad LLMOS_API_* variable: named, not a traceback
+        err = exc.errors()[0]
+        name = f"LLMOS_API_{str(err['loc'][0]).upper()}" if err["loc"] else "an LLMOS_API_ setting"
+        message = " ".join(str(err["msg"]).split()).removeprefix("Value error, ")
+        raise ConfigError(f"{name} is invalid: {message}") from None
     settings = settings or Settings()
     path = config_path(settings)
     if path is None:

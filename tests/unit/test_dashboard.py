@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 
 from llmos import manager
 from llmos.api import create_app
-from llmos.api.settings import ApiSettings
+from llmos.api.settings import ApiSettings, get_api_settings
 from llmos.db import api_keys, get_engine, jobs
 from llmos.dispatch import InMemoryDispatcher
-from llmos.errors import BrokerUnavailableError
+from llmos.errors import BrokerUnavailableError, ConfigError
 from llmos.monitoring.dashboard import STATIC, panels, session
 from llmos.sdk import Client
 
@@ -360,6 +360,9 @@ def test_dashboard_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("LLMOS_API_DASHBOARD_SECRET", "too-short")
     with pytest.raises(pydantic.ValidationError, match="dashboard_secret"):
         ApiSettings()
+    with pytest.raises(ConfigError, match="LLMOS_API_DASHBOARD_SECRET is invalid: must be at least 32 char") as exc:
+        get_api_settings()  # (what `llmos api` and `llmos up` call: one line, not a traceback)
+    assert "too-short" not in str(exc.value)  # the value itself is not shown
     monkeypatch.setenv("LLMOS_API_DASHBOARD_SECRET", SECRET)
     monkeypatch.setenv("LLMOS_API_DASHBOARD_ORIGINS", "https://LLMOS.example.com/, http://10.0.0.5:8080")
     api = ApiSettings()
