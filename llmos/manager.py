@@ -1062,6 +1062,20 @@ def authenticate_key(engine: sa.Engine, presented: str, *, touch_after_s: float 
     return key
 
 
+def live_key_by_id(engine: sa.Engine, key_id: str) -> tuple[ApiKey, str] | None:
+    """(the key with id `key_id`, its stored hash), or None when there is no such key or it is
+    revoked: for credentials that name a key without holding it (the dashboard's session cookie)."""
+    try:
+        key_id = str(uuid.UUID(str(key_id)))
+    except ValueError:
+        return None
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).first()
+    if row is None or row.revoked_at is not None:
+        return None
+    return ApiKey.from_row(row._mapping), row.hash
+
+
 WEBHOOK_JOB, WEBHOOK_BATCH = "job", "batch"
 """The kinds of webhook delivery: one job's final state, or a whole batch's."""
 

@@ -446,6 +446,8 @@ class Client:
 
         JobNotFoundError for no such job of the tenant; JobStateError when it is not failed, or
         its deadline has passed. The retry gets the job's attempt budget again (`manager.retry_failed`).
+        Redis down after the row is re-queued does not undo the retry (as for a submit): the job
+        is returned queued, a warning is logged, and the reconciler sends it once Redis answers.
         """
         tenant = self._tenant(tenant)
         job_id = _job_id(job_id)
@@ -457,9 +459,13 @@ class Client:
             why = ("its deadline has passed" if now.status == JobStatus.FAILED
                    else f"it is {now.status.value}; only a failed job can be retried")
             raise JobStateError(f"job {job_id} cannot be retried: {why}", status=now.status.value)
-        # the row is queued and dispatched now: a lost send is re-sent by the reconciler
-        self.dispatcher.send([job])
         event(log, "job_retry", job_id=job.id, tenant=tenant, model=job.model)
+        try:
+            self.dispatcher.send([job])
+        except LLMOSError as exc:
+            # As in submit: the UPDATE has committed, so the retry stands (a second call would be a
+            # 409). The job is queued; the reconciler sends it once Redis answers again.
+            event(log, "send_deferred", logging.WARNING, jobs=1, job_id=job.id, error=str(exc))
         return job
 
     def _db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -8,12 +8,15 @@ Everything lives under LLMOS_HOME: the SQLite file, Redis's unix socket and appe
 and each process's log, private to the user (folders 0700, files 0600: `llmos.files`). Another process with the same LLMOS_HOME (the SDK, `llmos submit`)
 finds the socket and the database file with no other setting. With LLMOS_REDIS_URL or
 LLMOS_DATABASE_URL set, those servers are used instead and only the workers (and the API) are
-started here. The first start with the API makes a key for tenant `default` and shows it once.
+started here. The first start with the API makes a key for tenant `default` and shows it once;
+the API gets the dashboard's session secret from `<LLMOS_HOME>/dashboard.secret` (made once, 0600)
+unless LLMOS_API_DASHBOARD_SECRET is set.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,7 +33,7 @@ from llmos import manager, migrate
 from llmos.constants import DEFAULT_TENANT
 from llmos.db import get_engine
 from llmos.errors import BrokerUnavailableError, LLMOSError
-from llmos.files import PRIVATE_UMASK, open_private_log, private_dir
+from llmos.files import PRIVATE_UMASK, open_private_log, private_dir, private_file
 from llmos.registry import Registry
 from llmos.settings import Settings, redact
 
@@ -214,6 +217,39 @@ class ApiProcess(ChildProcess):
             return False
 
 
+DASHBOARD_SECRET_ENV = "LLMOS_API_DASHBOARD_SECRET"
+DASHBOARD_SECRET_FILE = "dashboard.secret"
+
+
+def dashboard_secret(home: Path) -> str:
+    """The dashboard's session secret of this LLMOS_HOME (`<home>/dashboard.secret`, 0600), made
+    (random, 64 hex digits) on first use. `llmos up` gives it to its API unless
+    LLMOS_API_DASHBOARD_SECRET is set: the stack's dashboard needs no setting, and its sessions
+    survive restarts; deleting the file ends them."""
+    path = home / DASHBOARD_SECRET_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if len(text) >= 32:
+        private_file(path)
+        return text
+    tmp = home / f".{DASHBOARD_SECRET_FILE}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    try:
+        if text or path.exists():
+            os.replace(tmp, path)  # an empty or cut-short file: made anew
+        else:
+            os.link(tmp, path)  # written whole before it appears; FileExistsError: another made it first
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
 class Stack:
     """Redis (embedded unless configured), the schema, one worker process per model, the API.
 
@@ -276,7 +312,9 @@ class Stack:
                 w.start()
                 self.workers.append(w)
             if self.api_port is not None:
-                self.api = ApiProcess(self.api_host, self.api_port, env, self.log_dir / "api.log")
+                api_env = env if env.get(DASHBOARD_SECRET_ENV) else \
+                    dict(env, **{DASHBOARD_SECRET_ENV: dashboard_secret(home)})  # the dashboard works out of the box
+                self.api = ApiProcess(self.api_host, self.api_port, api_env, self.log_dir / "api.log")
                 self.api.start()
         except BaseException:
             self.stop()

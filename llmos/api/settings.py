@@ -7,6 +7,7 @@ and `[shedding.max_queue]` of the file the model registry reads (LLMOS_CONFIG or
 from __future__ import annotations
 
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,13 +108,47 @@ class ApiSettings(BaseSettings):
     metrics_token: SecretStr | None = Field(
         default=None, min_length=16, description="A bearer token that may scrape GET /metrics (besides admin keys); "
         "unset: admin keys only. At least 16 characters.")
-    dashboard_secret: str = Field(
-        default="", description="Mixed into the dashboard's session signatures: with it set, forging a "
-        "session needs it as well as the key's stored hash. Changing it ends every session.")
+    dashboard_secret: SecretStr | None = Field(
+        default=None, description="Signs the dashboard's session cookies (at least 32 characters, "
+        "the same on every API process; e.g. `openssl rand -hex 32`). Unset: the dashboard accepts no login "
+        "(`llmos up` makes one under LLMOS_HOME). It is never stored in the database, so a copy of the "
+        "database cannot forge a session; changing it ends every session.")
+    dashboard_origins: str = Field(
+        default="", description="Origins (scheme://host[:port], comma-separated) the dashboard's POSTs may come "
+        "from besides the one the Host header names: the public origin behind a proxy that rewrites Host.")
     dashboard_session_s: int = Field(default=8 * 3600, gt=0, le=30 * 86_400,
                                      description="How long a dashboard login lasts (the cookie's Max-Age).")
     dashboard_refresh_s: float = Field(default=5.0, ge=1.0, description="How often the dashboard refreshes itself.")
 
+
+    @field_validator("metrics_token", "dashboard_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # `NAME=` in an env file (deploy/env.example) leaves it unset
+
+    @field_validator("dashboard_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`), "
+                             f"got {len(value.get_secret_value())}")
+        return value
+
+    @field_validator("dashboard_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in allowed_origins(value):
+            parts = urllib.parse.urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query \
+                    or parts.fragment or "@" in parts.netloc:
+                raise ValueError(f"{origin!r} is not an origin such as https://llmos.example.com "
+                                 "(scheme and host, an optional port, no path)")
+        return value
+
+    @property
+    def dashboard_origin_set(self) -> frozenset[str]:
+        """LLMOS_API_DASHBOARD_ORIGINS as a set (no trailing slash, lower case)."""
+        return frozenset(allowed_origins(self.dashboard_origins))
 
     @field_validator("rate_limit")
     @classmethod
@@ -138,13 +173,24 @@ class ApiSettings(BaseSettings):
                 else "LLMOS_API_MAX_MODEL_QUEUE")
 
 
+def allowed_origins(value: str) -> list[str]:
+    """The origins of a comma-separated list, lower case, without a trailing slash."""
+    return [o.strip().rstrip("/").lower() for o in value.split(",") if o.strip()]
+
+
 def get_api_settings(settings: Settings | None = None) -> ApiSettings:
     """Fresh API settings: the environment's, with llmos.toml's [tenants] and [shedding] tables.
 
     ConfigError (naming the file and the key) for a table or value the API cannot use, so a
     bad file stops the API at start rather than at some tenant's request.
     """
-    api = ApiSettings()
+    try:
+        api = ApiSettings()
+    except pydantic.ValidationError as exc:  # a bad LLMOS_API_* variable: named, not a traceback
+        err = exc.errors()[0]
+        name = f"LLMOS_API_{str(err['loc'][0]).upper()}" if err["loc"] else "an LLMOS_API_ setting"
+        message = " ".join(str(err["msg"]).split()).removeprefix("Value error, ")
+        raise ConfigError(f"{name} is invalid: {message}") from None
     settings = settings or Settings()
     path = config_path(settings)
     if path is None:

@@ -97,7 +97,7 @@ def stack(services, pg_worker):
     with get_engine(settings.db_url).begin() as conn:  # (the services fixture empties jobs and workers only)
         for table in ("batch_lines", "batches"):  # earlier modules' batches would show in the panel
             conn.execute(sa.text(f"DELETE FROM {table}"))
-    api = ApiProcess(env).wait_ready()
+    api = ApiProcess(env, LLMOS_API_DASHBOARD_SECRET="browser-test-" + "s" * 32).wait_ready()  # (no secret: off)
     try:
         yield settings, env, api
     finally:

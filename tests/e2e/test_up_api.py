@@ -3,6 +3,7 @@
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -56,6 +57,13 @@ def test_up_serves_the_api_and_shows_the_first_key_once(tmp_path):
                                               "input": {"text": "I love it, wonderful!"}}).json()
             done = http.get(f"/v1/jobs/{job['id']}/wait", params={"timeout": 30}).json()
             assert done["status"] == "succeeded" and done["result"]["label"] == "POSITIVE", done
+        # the dashboard is on with no setting: a secret of this home, 0600, given to the API
+        secret_file = tmp_path / "home" / "dashboard.secret"
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        with httpx.Client(base_url=url, timeout=60) as browser:
+            resp = browser.post("/dashboard/login", data={"key": key}, follow_redirects=False)
+            assert resp.status_code == 303 and "llmos_dashboard=" in resp.headers["set-cookie"], resp.text
+            assert 'id="panel-counts"' in browser.get("/dashboard").text
     finally:
         rest = first.stop()
     assert "stopped" in rest

@@ -2,33 +2,45 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import stat
+import threading
 from datetime import timedelta
 
+import pydantic
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from llmos import manager
 from llmos.api import create_app
-from llmos.api.settings import ApiSettings
-from llmos.db import get_engine, jobs
+from llmos.api.settings import ApiSettings, get_api_settings
+from llmos.db import api_keys, get_engine, jobs
 from llmos.dispatch import InMemoryDispatcher
+from llmos.errors import BrokerUnavailableError, ConfigError
 from llmos.monitoring.dashboard import STATIC, panels, session
 from llmos.sdk import Client
 
 SENTIMENT = {"model": "minilm", "task": "sentiment", "input": {"text": "lovely"}}
+SECRET = "unit-test-dashboard-secret-" + "0" * 16
+
+
+def make_dash(sqlite_settings, **api):
+    dispatcher = InMemoryDispatcher()
+    client = Client(sqlite_settings, dispatcher=dispatcher)
+    app = create_app(api_settings=ApiSettings(rate_limit_storage="memory://", **api), client=client)
+    engine = get_engine(sqlite_settings.db_url)
+    keys = {name: manager.create_api_key(engine, tenant=tenant, admin=admin)[1]
+            for name, tenant, admin in (("a", "acme", False), ("b", "globex", False), ("root", "ops", True))}
+    return TestClient(app, base_url="http://testserver"), engine, keys, dispatcher
 
 
 @pytest.fixture
 def dash(sqlite_settings):
-    dispatcher = InMemoryDispatcher()
-    client = Client(sqlite_settings, dispatcher=dispatcher)
-    app = create_app(api_settings=ApiSettings(rate_limit_storage="memory://"), client=client)
-    engine = get_engine(sqlite_settings.db_url)
-    keys = {name: manager.create_api_key(engine, tenant=tenant, admin=admin)[1]
-            for name, tenant, admin in (("a", "acme", False), ("b", "globex", False), ("root", "ops", True))}
-    with TestClient(app, base_url="http://testserver") as http:
-        yield http, engine, keys, dispatcher
+    http, *rest = make_dash(sqlite_settings, dashboard_secret=SECRET)
+    with http:
+        yield http, *rest
 
 
 def bearer(key):
@@ -106,10 +118,10 @@ def test_api_without_session_is_401_and_forged_or_revoked_sessions_fail(dash):
     assert 'action="/dashboard/login"' in http.get("/dashboard").text
     # expiry
     key = manager.authenticate_key(engine, keys["b"])
-    old = session.make(engine, key, secret="", max_age_s=10, now=0)
-    assert session.verify(engine, old, secret="") is None
-    assert session.verify(engine, session.make(engine, key, secret="", max_age_s=10), secret="") is not None
-    assert session.verify(engine, session.make(engine, key, secret="x", max_age_s=10), secret="y") is None
+    old = session.make(engine, key, secret=SECRET, max_age_s=10, now=0)
+    assert session.verify(engine, old, secret=SECRET) is None
+    assert session.verify(engine, session.make(engine, key, secret=SECRET, max_age_s=10), secret=SECRET) is not None
+    assert session.verify(engine, session.make(engine, key, secret="x" * 32, max_age_s=10), secret="y" * 32) is None
 
 
 def test_actions_need_the_csrf_header(dash):
@@ -294,3 +306,204 @@ def test_retry_refuses_a_job_whose_deadline_passed(dash):
     assert resp.status_code == 409 and "deadline" in resp.json()["error"]["message"], resp.text
     assert manager.get_job(engine, job, tenant="acme").status.value == "failed"
     assert manager.retry_failed(engine, job, tenant="globex") is None  # and another tenant's is none
+
+
+# --- the review's fixes ------------------------------------------------------------------------
+
+def forged_from_the_database(engine, key, secret=""):
+    """A session cookie made from what a copy of the database holds (the key's id and hash), as the
+    first version signed it: sha256("llmos-dashboard|" + secret + "|" + hash) as the HMAC key."""
+    import hashlib
+    import hmac
+    import time
+
+    with engine.connect() as conn:
+        key_hash = conn.execute(sa.select(api_keys.c.hash).where(api_keys.c.id == key.id)).scalar()
+    expires = int(time.time()) + 3600
+    mac_key = hashlib.sha256(f"llmos-dashboard|{secret}|{key_hash}".encode()).digest()
+    return f"{key.id}.{expires}.{hmac.new(mac_key, f'session|{key.id}|{expires}'.encode(), hashlib.sha256).hexdigest()}"
+
+
+def test_without_a_secret_the_dashboard_is_off_and_a_database_copy_forges_nothing(sqlite_settings):
+    http, engine, keys, _ = make_dash(sqlite_settings)  # the default settings: no LLMOS_API_DASHBOARD_SECRET
+    with http:
+        page = http.get("/dashboard")
+        assert page.status_code == 200 and 'id="dashboard-off"' in page.text
+        assert "LLMOS_API_DASHBOARD_SECRET" in page.text and "at least 32" in page.text
+        resp = http.post("/dashboard/login", data={"key": keys["root"]}, follow_redirects=False)
+        assert resp.status_code == 403 and "set-cookie" not in resp.headers and 'id="dashboard-off"' in resp.text
+        root = manager.authenticate_key(engine, keys["root"])
+        http.cookies.set(session.COOKIE, forged_from_the_database(engine, root))
+        assert http.get("/dashboard/api/overview").status_code == 401  # an admin session from a pg_dump: refused
+        assert 'id="dashboard-off"' in http.get("/dashboard").text
+        http.cookies.clear()
+        assert http.get("/dashboard/api/overview", headers=bearer(keys["root"])).status_code == 200  # Bearer still
+    with pytest.raises(ValueError):
+        session.make(engine, root, secret="", max_age_s=10)  # never signs with an empty secret
+
+
+def test_with_the_secret_a_database_copy_still_forges_nothing(dash):
+    http, engine, keys, _ = dash
+    root = manager.authenticate_key(engine, keys["root"])
+    for guess in ("", SECRET[:8]):
+        http.cookies.set(session.COOKIE, forged_from_the_database(engine, root, guess))
+        assert http.get("/dashboard/api/overview").status_code == 401
+    http.cookies.set(session.COOKIE, session.make(engine, root, secret=SECRET, max_age_s=60))
+    assert http.get("/dashboard/api/overview").json()["me"]["admin"] is True
+
+
+def test_dashboard_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LLMOS_API_DASHBOARD_SECRET", "")  # `NAME=` as deploy/env.example has it: unset
+    monkeypatch.setenv("LLMOS_API_METRICS_TOKEN", "")
+    api = ApiSettings()
+    assert api.dashboard_secret is None and api.metrics_token is None
+    monkeypatch.setenv("LLMOS_API_DASHBOARD_SECRET", "too-short")
+    with pytest.raises(pydantic.ValidationError, match="dashboard_secret"):
+        ApiSettings()
+    with pytest.raises(ConfigError, match="LLMOS_API_DASHBOARD_SECRET is invalid: must be at least 32 char") as exc:
+        get_api_settings()  # (what `llmos api` and `llmos up` call: one line, not a traceback)
+    assert "too-short" not in str(exc.value)  # the value itself is not shown
+    monkeypatch.setenv("LLMOS_API_DASHBOARD_SECRET", SECRET)
+    monkeypatch.setenv("LLMOS_API_DASHBOARD_ORIGINS", "https://LLMOS.example.com/, http://10.0.0.5:8080")
+    api = ApiSettings()
+    assert api.dashboard_secret.get_secret_value() == SECRET and SECRET not in repr(api)
+    assert api.dashboard_origin_set == {"https://llmos.example.com", "http://10.0.0.5:8080"}
+    monkeypatch.setenv("LLMOS_API_DASHBOARD_ORIGINS", "https://llmos.example.com/dashboard")
+    with pytest.raises(pydantic.ValidationError, match="not an origin"):
+        ApiSettings()
+
+
+def test_origins_behind_a_proxy_that_rewrites_host(sqlite_settings):
+    http, engine, keys, _ = make_dash(sqlite_settings, dashboard_secret=SECRET,
+                                      dashboard_origins="https://llmos.example.com")
+    public = {"Origin": "https://llmos.example.com"}  # the browser's; Host is the proxy's upstream (testserver)
+    with http:
+        (job,) = submit(http, keys["a"])
+        evil = http.post("/dashboard/login", data={"key": keys["a"]}, headers={"Origin": "https://evil.example"},
+                         follow_redirects=False)
+        assert evil.status_code == 403
+        resp = http.post("/dashboard/login", data={"key": keys["a"]}, headers=public, follow_redirects=False)
+        assert resp.status_code == 303, resp.text
+        csrf = re.search(r'name="llmos-csrf" content="([0-9a-f]+)"', http.get("/dashboard").text).group(1)
+        assert http.post(f"/dashboard/api/jobs/{job}/cancel", headers={session.CSRF_HEADER: csrf,
+                                                                        "Origin": "https://evil.example"}).status_code == 403
+        ok = http.post(f"/dashboard/api/jobs/{job}/cancel", headers={session.CSRF_HEADER: csrf, **public})
+        assert ok.status_code == 200 and ok.json()["status"] == "cancelled"
+        # the Host-derived origin still works beside the listed ones
+        assert http.post("/dashboard/logout", headers={"Origin": "http://testserver"},
+                         follow_redirects=False).status_code == 303
+
+
+def test_logout_from_another_site_is_refused(dash):
+    http, _, keys, _ = dash
+    login(http, keys["a"])
+    resp = http.post("/dashboard/logout", headers={"Origin": "https://evil.example"}, follow_redirects=False)
+    assert resp.status_code == 403 and "set-cookie" not in resp.headers
+    assert http.get("/dashboard/api/overview").status_code == 200  # still logged in
+    assert http.post("/dashboard/logout", headers={"Origin": "http://testserver"},
+                     follow_redirects=False).status_code == 303
+
+
+def test_retry_stands_when_the_broker_is_down_after_the_update(dash, caplog):
+    http, engine, keys, dispatcher = dash
+    (job,) = submit(http, keys["a"])
+    fail(engine, job)
+
+    def down(jobs, chunk=1):
+        raise BrokerUnavailableError("cannot reach Redis at redis://127.0.0.1:1/0: refused")
+
+    dispatcher.send = down
+    with caplog.at_level(logging.WARNING, logger="llmos.sdk"):
+        resp = http.post(f"/v1/jobs/{job}/retry", headers=bearer(keys["a"]))
+    assert resp.status_code == 200 and resp.json()["status"] == "queued", resp.text  # not 503: the retry happened
+    assert manager.get_job(engine, job, tenant="acme").status.value == "queued"
+    assert any("send_deferred" in r.getMessage() for r in caplog.records), caplog.text
+    fail(engine, job)  # (the dashboard's route too, and the SDK)
+    csrf = {session.CSRF_HEADER: login(http, keys["a"])}
+    assert http.post(f"/dashboard/api/jobs/{job}/retry", headers=csrf).json()["status"] == "queued"
+
+
+def test_live_key_by_id(dash):
+    _, engine, keys, _ = dash
+    key = manager.authenticate_key(engine, keys["a"])
+    found, key_hash = manager.live_key_by_id(engine, key.id)
+    assert found.id == key.id and found.tenant == "acme" and not found.admin
+    with engine.connect() as conn:
+        assert key_hash == conn.execute(sa.select(api_keys.c.hash).where(api_keys.c.id == key.id)).scalar()
+    assert manager.live_key_by_id(engine, "00000000-0000-0000-0000-000000000000") is None
+    assert manager.live_key_by_id(engine, "not-a-uuid") is None
+    assert manager.revoke_api_key(engine, key.prefix)
+    assert manager.live_key_by_id(engine, key.id) is None
+    assert not hasattr(session, "api_keys")  # the session module no longer reads the table itself
+
+
+def test_the_dashboard_cancels_with_the_v1_routes_message(dash):
+    http, engine, keys, _ = dash
+    (job,) = submit(http, keys["a"])
+    manager.cancel(engine, job, tenant="acme")
+    v1 = http.delete(f"/v1/jobs/{job}", headers=bearer(keys["a"]))
+    dashboard = http.post(f"/dashboard/api/jobs/{job}/cancel", headers=bearer(keys["a"]))
+    assert v1.status_code == dashboard.status_code == 409
+    assert v1.json()["error"] == dashboard.json()["error"]
+
+
+class FakeEngine:
+    url = "sqlite:///unit-test-slow-panel"
+
+
+def run_together(n, fn):
+    """`fn()` in n threads started at once; their answers."""
+    barrier = threading.Barrier(n)
+    out = [None] * n
+
+    def one(i):
+        barrier.wait()
+        out[i] = fn()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def test_slow_panels_are_made_once_when_requests_arrive_together(monkeypatch):
+    monkeypatch.setattr(panels, "_slow", {})
+    monkeypatch.setattr(panels, "_making", {})
+    calls = []
+    release = threading.Event()
+
+    def make():
+        calls.append(1)
+        release.wait(0.5)  # slow, as the plan is: the other requests arrive meanwhile
+        return {"plan": len(calls)}
+
+    answers = run_together(8, lambda: panels._every("plan", FakeEngine(), make))
+    assert len(calls) == 1 and all(value == {"plan": 1} for value, _ in answers), answers
+    # expired: one request makes it anew, the others answer the stale value meanwhile (never a second run)
+    key = ("plan", FakeEngine.url)
+    stamp, value = panels._slow[key]
+    panels._slow[key] = (stamp - panels.SLOW_PANEL_S - 1, value)
+    answers = run_together(8, lambda: panels._every("plan", FakeEngine(), make))
+    assert len(calls) == 2, len(calls)
+    assert {v["plan"] for v, _ in answers} <= {1, 2} and {"plan": 2} in [v for v, _ in answers]
+    assert all(age == 0.0 for v, age in answers if v == {"plan": 2})
+    assert all(age > panels.SLOW_PANEL_S for v, age in answers if v == {"plan": 1})
+
+
+def test_the_stack_makes_a_private_dashboard_secret_per_home(tmp_path):
+    from llmos.stack import dashboard_secret
+
+    home = tmp_path / "home"
+    home.mkdir()
+    first = dashboard_secret(home)
+    assert len(first) == 64 and int(first, 16) >= 0
+    path = home / "dashboard.secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert dashboard_secret(home) == first  # the same on the next start: sessions survive a restart
+    assert ApiSettings(dashboard_secret=first).dashboard_secret.get_secret_value() == first
+    path.write_text("")
+    again = dashboard_secret(home)
+    assert len(again) == 64 and again != first and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in home.iterdir()) == ["dashboard.secret"]  # no temporary file left

@@ -1,6 +1,8 @@
 """The dashboard: its page and files, the login and logout, its JSON panels and its three actions.
 
-`GET /dashboard` answers the page to a logged-in browser and the login form to anyone else.
+`GET /dashboard` answers the page to a logged-in browser and the login form to anyone else;
+without LLMOS_API_DASHBOARD_SECRET (the sessions' signing secret, never in the database) it
+answers a page saying the dashboard is off and how to turn it on, and no login is accepted.
 `POST /dashboard/login` takes an API key from the form, checks it (`manager.authenticate_key`)
 and sets a signed session cookie (llmos.monitoring.dashboard.session: the key itself is never
 stored in the browser) that is HttpOnly, SameSite=Strict, Path=/dashboard, Secure over https
@@ -9,7 +11,8 @@ stored in the browser) that is HttpOnly, SameSite=Strict, Path=/dashboard, Secur
 
 The actions (cancel a job, retry a failed one, cancel a batch) are POSTs. With the cookie they
 also need the header X-LLMOS-CSRF carrying the session's CSRF token (the page has it in a meta
-tag; a token derived from the session, so nothing is stored), and a cross-site Origin is refused:
+tag; a token derived from the session, so nothing is stored), and a cross-site Origin is refused
+(the login and logout too; allowed: the Host header's origin and LLMOS_API_DASHBOARD_ORIGINS):
 SameSite=Strict already keeps the cookie off cross-site requests, the header is the second lock
 (a form on another site cannot set a header). Bearer calls carry no ambient credential and need
 no token. Every answer is no-store and the page's Content-Security-Policy allows this origin only.
@@ -29,7 +32,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 
 from llmos import manager
 from llmos.api.deps import ClientDep
-from llmos.api.errors import AuthError, ForbiddenError, JobFinalError
+from llmos.api.errors import AuthError, ForbiddenError
+from llmos.api.routes.jobs import cancel_or_409
 from llmos.api.settings import ApiSettings
 from llmos.batches import core as batch_core
 from llmos.batches.errors import BatchNotFoundError
@@ -60,12 +64,22 @@ def _https(request: Request) -> bool:
 
 
 def _same_origin(request: Request) -> bool:
-    """False for a POST whose Origin is another site's (or "null"); True when none is sent."""
+    """False for a POST whose Origin is another site's (or "null"); True when none is sent.
+
+    Allowed: the origin the Host header names, and LLMOS_API_DASHBOARD_ORIGINS (the public
+    origin behind a proxy that rewrites Host)."""
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    host = request.headers.get("host", "")
-    return origin in (f"http://{host}", f"https://{host}")
+    origin = origin.strip().lower()
+    host = request.headers.get("host", "").lower()
+    return origin in (f"http://{host}", f"https://{host}") or origin in _api(request).dashboard_origin_set
+
+
+def _secret(request: Request) -> str | None:
+    """LLMOS_API_DASHBOARD_SECRET, or None: then the dashboard accepts no login (its page says why)."""
+    secret = _api(request).dashboard_secret
+    return None if secret is None else secret.get_secret_value()
 
 
 def _api(request: Request) -> ApiSettings:
@@ -74,6 +88,11 @@ def _api(request: Request) -> ApiSettings:
 
 def _read(name: str) -> str:
     return (STATIC / name).read_text(encoding="utf-8")
+
+
+def _off_page(status: int = 200) -> HTMLResponse:
+    """What /dashboard answers without LLMOS_API_DASHBOARD_SECRET: it is off, and how to turn it on."""
+    return HTMLResponse(_read("off.html"), status_code=status, headers=HEADERS)
 
 
 def _login_page(error: str | None = None, status: int = 200) -> HTMLResponse:
@@ -106,9 +125,10 @@ def _caller(request: Request, client: Client) -> Caller | None:
         key = manager.authenticate_key(client.engine, auth[7:].strip())
         return None if key is None else Caller(key, None, tenant_filter)
     cookie = request.cookies.get(session.COOKIE)
-    if cookie is None:
+    secret = _secret(request)
+    if cookie is None or secret is None:
         return None
-    found = session.verify(client.engine, cookie, secret=_api(request).dashboard_secret)
+    found = session.verify(client.engine, cookie, secret=secret)
     return None if found is None else Caller(found[0], found[1], tenant_filter)
 
 
@@ -144,7 +164,9 @@ def _json(data: Any, status: int = 200) -> JSONResponse:
 
 @router.get("")
 def page(request: Request, client: ClientDep) -> Response:
-    """The dashboard to a logged-in browser; the login form otherwise."""
+    """The dashboard to a logged-in browser; the login form otherwise (the "off" page without a secret)."""
+    if _secret(request) is None:
+        return _off_page()
     caller = _caller(request, client)
     if caller is None or caller.csrf is None:
         return _login_page()
@@ -167,6 +189,9 @@ def asset(name: str) -> Response:
 @router.post("/login")
 async def login(request: Request, client: ClientDep) -> Response:
     """The form's key checked; a session cookie and the page, or the form again with why (401)."""
+    secret = _secret(request)
+    if secret is None:
+        return _off_page(403)
     if not _same_origin(request):
         return _login_page("cross-site login refused", 403)
     form = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
@@ -175,8 +200,10 @@ async def login(request: Request, client: ClientDep) -> Response:
     if key is None:
         return _login_page("That key is not valid (unknown, revoked or mistyped).", 401)
     api = _api(request)
-    value = await run_in_threadpool(session.make, client.engine, key, secret=api.dashboard_secret,
+    value = await run_in_threadpool(session.make, client.engine, key, secret=secret,
                                     max_age_s=api.dashboard_session_s)
+    if value is None:  # revoked between the check and now
+        return _login_page("That key is not valid (unknown, revoked or mistyped).", 401)
     resp = RedirectResponse("/dashboard", status_code=303, headers=HEADERS)
     resp.set_cookie(session.COOKIE, value, max_age=api.dashboard_session_s, path="/dashboard", httponly=True,
                     samesite="strict", secure=_https(request))
@@ -185,6 +212,10 @@ async def login(request: Request, client: ClientDep) -> Response:
 
 @router.post("/logout")
 def logout(request: Request) -> Response:
+    """Delete the cookie in the browser (a copy of it stays valid until its expiry: revoke the key,
+    or change the secret, to end it). A cross-site POST is refused, as for every POST here."""
+    if not _same_origin(request):
+        return _login_page("cross-site logout refused", 403)
     resp = RedirectResponse("/dashboard", status_code=303, headers=HEADERS)
     resp.delete_cookie(session.COOKIE, path="/dashboard", httponly=True, samesite="strict", secure=_https(request))
     return resp
@@ -213,10 +244,7 @@ def job_timeline(job_id: str, caller: CallerDep, client: ClientDep) -> JSONRespo
 def cancel_job(job_id: str, caller: ActorDep, client: ClientDep) -> JSONResponse:
     """Cancel a queued or running job (Client.cancel); 409 if it has ended."""
     tenant = caller.tenant_of_job(client, job_id)
-    if not client.cancel(job_id, tenant=tenant):
-        job = client.job(job_id, tenant=tenant)
-        raise JobFinalError(f"job {job.id} is already {job.status.value}; only queued or running jobs "
-                            "can be cancelled", status=job.status.value)
+    cancel_or_409(client, job_id, tenant)
     return _json(panels.timeline(client.engine, Scope(tenant, caller.key.admin), job_id))
 
 

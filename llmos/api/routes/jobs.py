@@ -160,13 +160,20 @@ async def job_events(job_id: str, tenant: TenantDep, client: ClientDep, api: Api
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.delete("/{job_id}", responses=errors(*AUTHENTICATED, 404, 409))
-def cancel_job(job_id: str, tenant: TenantDep, client: ClientDep) -> JobOut:
-    """Cancel a queued or running job; 409 if it has already ended."""
+def cancel_or_409(client: Client, job_id: str, tenant: str) -> None:
+    """Cancel a queued or running job of `tenant` (Client.cancel); JobFinalError (409) naming its
+    status if it has already ended, JobNotFoundError (404) if there is none. The /v1 route's and
+    the dashboard's."""
     if not client.cancel(job_id, tenant=tenant):
         job = client.job(job_id, tenant=tenant)
         raise JobFinalError(f"job {job.id} is already {job.status.value}; only queued or running jobs "
                             "can be cancelled", status=job.status.value)
+
+
+@router.delete("/{job_id}", responses=errors(*AUTHENTICATED, 404, 409))
+def cancel_job(job_id: str, tenant: TenantDep, client: ClientDep) -> JobOut:
+    """Cancel a queued or running job; 409 if it has already ended."""
+    cancel_or_409(client, job_id, tenant)
     return JobOut.of(client.job(job_id, tenant=tenant))
 
 

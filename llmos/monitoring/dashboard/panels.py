@@ -289,20 +289,36 @@ most this often per API process; every other panel is read on every refresh."""
 
 _slow: dict[tuple[str, str], tuple[float, Any]] = {}
 _slow_lock = threading.Lock()
+_making: dict[tuple[str, str], threading.Lock] = {}
+"""One lock per slow panel and database: held while its value is made, so that when the cached
+value expires one request makes it and the others serve the stale one (or, with none yet, wait)."""
 
 
 def _every(kind: str, engine: sa.Engine, fn: Callable[[], Any]) -> tuple[Any, float]:
-    """(`fn()`, 0), or (its answer of less than SLOW_PANEL_S ago for the same database, its age in s)."""
+    """(`fn()`, 0), or (its answer of less than SLOW_PANEL_S ago for the same database, its age in s).
+
+    `fn` runs once at a time per (kind, database): a request that finds the value expired while
+    another is making it answers the expired value with its age; one that finds none waits."""
     key = (kind, str(engine.url))
-    now = time.monotonic()
     with _slow_lock:
         hit = _slow.get(key)
-    if hit is not None and now - hit[0] < SLOW_PANEL_S:
-        return hit[1], now - hit[0]
-    value = fn()
-    with _slow_lock:
-        _slow[key] = (now, value)
-    return value, 0.0
+        making = _making.setdefault(key, threading.Lock())
+    if hit is not None and time.monotonic() - hit[0] < SLOW_PANEL_S:
+        return hit[1], time.monotonic() - hit[0]
+    if not making.acquire(blocking=hit is None):
+        return hit[1], time.monotonic() - hit[0]  # another request is making it: the stale value meanwhile
+    try:
+        with _slow_lock:
+            hit = _slow.get(key)
+        if hit is not None and time.monotonic() - hit[0] < SLOW_PANEL_S:
+            return hit[1], time.monotonic() - hit[0]  # made while this one waited
+        started = time.monotonic()
+        value = fn()
+        with _slow_lock:
+            _slow[key] = (started, value)
+        return value, 0.0
+    finally:
+        making.release()
 
 
 def overview(engine: sa.Engine, scope: Scope, *, settings: Any = None, registry: Any = None,
