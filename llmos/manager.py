@@ -17,9 +17,10 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import sqlalchemy as sa
 
+from llmos import rollup
 from llmos.constants import DEFAULT_TENANT, MAX_TENANT_CHARS
-from llmos.db import (UNSTORABLE, api_keys, dump_json, jobs, storable, webhook_deliveries, webhook_secrets,
-                      workers)
+from llmos.db import (UNSTORABLE, api_keys, begin_write, dump_json, jobs, storable, webhook_deliveries,
+                      webhook_secrets, workers)
 from llmos.errors import IdempotencyConflictError, ValidationError
 from llmos.jobs import FINAL_STATUSES, Job, JobStatus, new_ids
 
@@ -604,23 +605,41 @@ def retry_failed(engine: sa.Engine, job_id: str, *, tenant: Tenant) -> Job | Non
     if this call did not re-queue it (no such job, not failed, or its deadline has passed).
 
     The attempt count is kept (a late finish of an old attempt still cannot apply) and
-    `max_attempts` raised by the job's own budget, so the retry gets as many tries as the submit
-    did; the error, result and the last run's timings and prediction are cleared, and `queued_at`
-    and `dispatched_at` are now (its queue wait counts from the retry). The caller sends its
-    message (a lost send is the reconciler's to redo, as for any queued job).
+    `max_attempts` becomes attempts + the job's own budget (the submit's max_attempts, kept in
+    `attempt_budget`), so every retry gets as many tries as the submit did; `attempts_at_retry`
+    records the attempts now (the rollup counts the retries of each finish). The error, result and
+    the last run's timings and prediction are cleared, and `queued_at` and `dispatched_at` are now
+    (its queue wait counts from the retry). The job's webhook is re-armed (a new delivery: it
+    sends the retry's outcome once the job is final again, whether the failure's was delivered or
+    given up). The caller sends its message (a lost send is the reconciler's to redo, as for any
+    queued job).
+
+    /metrics counts finishes: the failure stays counted (`llmos.rollup.keep_counted`, in this
+    transaction, before finished_at is cleared) and the retry's outcome is counted again when it
+    finishes, so no counter goes down and nothing is counted twice.
     """
-    with engine.begin() as conn:
+    d = webhook_deliveries
+    with begin_write(engine) as conn:
         now = db_now(conn)
-        cond = [jobs.c.id == str(job_id), jobs.c.status == JobStatus.FAILED.value,
-                sa.or_(jobs.c.deadline.is_(None), jobs.c.deadline > now)]
-        stmt = (jobs.update().where(*_scoped(cond, tenant))
-                .values(status=JobStatus.QUEUED.value, max_attempts=jobs.c.attempts + jobs.c.max_attempts,
+        cond = _scoped([jobs.c.id == str(job_id), jobs.c.status == JobStatus.FAILED.value,
+                        sa.or_(jobs.c.deadline.is_(None), jobs.c.deadline > now)], tenant)
+        retried = sa.select(jobs.c.id).where(*cond).scalar_subquery()
+        job_delivery = [d.c.kind == WEBHOOK_JOB, d.c.job_id == retried]
+        rollup.keep_counted(conn, cond, job_delivery)
+        budget = sa.func.coalesce(jobs.c.attempt_budget, jobs.c.max_attempts)
+        stmt = (jobs.update().where(*cond)
+                .values(status=JobStatus.QUEUED.value, max_attempts=jobs.c.attempts + budget,
+                        attempt_budget=budget, attempts_at_retry=jobs.c.attempts,
                         error=None, result=sa.null(), started_at=None, finished_at=None, worker_id=None,
                         device=None, queue_wait_ms=None, compute_ms=None, batch_size=None, tokens_in=None,
                         tokens_out=None, run_after=None, queued_at=now, dispatched_at=now,
                         eta_start_at=None, eta_finish_at=None)
                 .returning(*jobs.c))
         found = _jobs_from(conn.execute(stmt))
+        if found:  # as a new delivery (`_deliveries_for`): due now, claimed once the job is final
+            conn.execute(d.update().where(d.c.kind == WEBHOOK_JOB, d.c.job_id == found[0].id)
+                         .values(next_attempt_at=now, attempts=0, first_attempt_at=None, last_attempt_at=None,
+                                 last_status=None, last_error=None, delivered_at=None, given_up_at=None))
     return found[0] if found else None
 
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from llmos import manager
 from llmos.errors import ValidationError
-from llmos.monitoring import rollup
+from llmos import rollup
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 """Units an age may be given in: seconds, minutes, hours, days, weeks."""
@@ -39,7 +39,7 @@ def prune_all(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 500
               every_s: float = 5.0) -> manager.PruneReport:
     """`manager.prune` batch after batch until nothing old enough is left; the totals.
 
-    First the /metrics rollup folds every job old enough to go (`llmos.monitoring.rollup`: a lag
+    First the /metrics rollup folds every job old enough to go (`llmos.rollup`: a lag
     of at most `older_than`), so no deleted job is missing from the counters.
     `progress` is called with the running totals every `every_s` seconds of a long prune.
     """

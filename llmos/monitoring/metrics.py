@@ -2,7 +2,7 @@
 
 Nothing is kept per process (no counter incremented in memory): each scrape reads the shared
 state, so every API process answers the same numbers. Finished jobs come from
-`llmos.monitoring.rollup` (the rollup below its watermark + the live tail, one snapshot; ended
+`llmos.rollup` (the rollup below its watermark + the live tail, one snapshot; ended
 webhook deliveries likewise); the jobs not final, the pending deliveries and the workers from
 small partial indexes; queue depths from Redis; capacity from `llmos.scheduling.capacity` (cached a few
 seconds). docs/monitoring.md lists every metric, its labels and the index that serves it.
@@ -32,7 +32,7 @@ from llmos.dispatch import queue_keys
 from llmos.errors import LLMOSError
 from llmos.jobs import JobStatus
 from llmos.logs import event
-from llmos.monitoring import rollup
+from llmos import rollup
 from llmos.scheduling.capacity import capacity_report
 
 log = logging.getLogger("llmos.monitoring")

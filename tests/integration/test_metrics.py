@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmos import manager
 from llmos.db import get_engine, job_rollup_watermark, job_rollups, jobs, webhook_deliveries, webhook_rollups
 from llmos.dispatch import CeleryDispatcher
-from llmos.monitoring import rollup
+from llmos import rollup
 from tests import helpers
 from tests.integration.test_api import ApiProcess, free_port, new_key
 

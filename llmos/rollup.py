@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from llmos import manager
 from llmos.db import (ROLLUP_HISTOGRAMS, begin_write, job_rollup_watermark, job_rollups, jobs, rollup_bucket_column,
                       webhook_deliveries, webhook_rollups)
 from llmos.jobs import FINAL_STATUSES
@@ -70,6 +69,20 @@ VALUE_COLUMNS = tuple(c.name for c in job_rollups.c if not c.primary_key)
 """The additive columns of a rollup row (everything but its key)."""
 
 WATERMARK_ID = 1
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back naive; they were written in UTC (as `llmos.manager.as_utc`)."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _db_now(conn: sa.Connection) -> datetime:
+    """The database's clock, as `llmos.manager.db_now` (not imported: manager imports this module)."""
+    if conn.dialect.name == "sqlite":
+        return datetime.now(timezone.utc)
+    return conn.execute(sa.select(sa.func.now())).scalar_one().astimezone(timezone.utc)
 
 
 def _day(dialect: str, column: Any = jobs.c.finished_at) -> Any:
@@ -103,9 +116,11 @@ def aggregates(dialect: str) -> tuple[Any, ...]:
     """The SELECT list of VALUE_COLUMNS over a group of finished jobs (labelled as the columns);
     built once per dialect (about 90 expressions: building them cost ~10 ms a statement)."""
     zero, one = sa.literal_column("0"), sa.literal_column("1")
+    # the attempts of this finish: those since the last operator retry (`llmos.manager.retry_failed`),
+    # whose earlier finish was counted with its own retries
+    tries = jobs.c.attempts - sa.func.coalesce(jobs.c.attempts_at_retry, zero)
     out = [sa.func.count().label("jobs"),
-           sa.func.coalesce(sa.func.sum(sa.case((jobs.c.attempts > one, jobs.c.attempts - one), else_=zero)), zero)
-           .label("retries"),
+           sa.func.coalesce(sa.func.sum(sa.case((tries > one, tries - one), else_=zero)), zero).label("retries"),
            sa.func.coalesce(sa.func.sum(jobs.c.tokens_in), zero).label("tokens_in"),
            sa.func.coalesce(sa.func.sum(jobs.c.tokens_out), zero).label("tokens_out")]
     for name, x in _sources(dialect).items():
@@ -182,33 +197,69 @@ def _fold_step(engine: sa.Engine, *, lag_s: float, max_step_s: float,
         row = _lock_watermark(conn, wait)
         if row is None:
             return None
-        clock = manager.db_now(conn)
-        upper = (manager.as_utc(now) if now is not None else clock) - timedelta(seconds=lag_s)
-        lo = manager.as_utc(row.folded_to)
+        clock = _db_now(conn)
+        upper = (_as_utc(now) if now is not None else clock) - timedelta(seconds=lag_s)
+        lo = _as_utc(row.folded_to)
         if lo is None:  # never folded: from the oldest finished job or ended delivery (first index entries)
-            firsts = [manager.as_utc(conn.execute(sa.select(sa.func.min(c)).where(c.is_not(None))).scalar())
-                      for c in (jobs.c.finished_at, *_ENDED.values())]
-            lo = min((t for t in firsts if t is not None), default=upper)
+            lo = _first_end(conn, default=upper)
         if upper <= lo:
             if row.folded_to is None:
                 conn.execute(wm.update().where(wm.c.id == WATERMARK_ID).values(folded_to=lo, refreshed_at=clock))
             return 0, lo, False
         hi = min(upper, lo + timedelta(seconds=max_step_s))
-        select = (sa.select(_day(dialect).label("day"), *[jobs.c[c] for c in LABELS], *aggregates(dialect))
-                  .where(*_finished(lo, hi))
-                  .group_by(_day(dialect), *[jobs.c[c] for c in LABELS]))
-        insert = (postgresql.insert(job_rollups) if dialect == "postgresql" else sqlite.insert(job_rollups))
-        insert = insert.from_select(["day", *LABELS, *VALUE_COLUMNS], select)
-        insert = insert.on_conflict_do_update(
-            index_elements=["day", *LABELS],
-            set_={c: job_rollups.c[c] + insert.excluded[c] for c in VALUE_COLUMNS})
-        conn.execute(insert)
+        _add_jobs(conn, _finished(lo, hi))
         # the jobs folded: their count by the rows' own sum would need another read; the range's
         # count is one index-only count over the range just folded
         n = conn.execute(sa.select(sa.func.count()).where(*_finished(lo, hi))).scalar_one()
         _fold_webhooks(conn, lo, hi)
         conn.execute(wm.update().where(wm.c.id == WATERMARK_ID).values(folded_to=hi, refreshed_at=clock))
         return int(n), hi, hi < upper
+
+
+def _first_end(conn: sa.Connection, default: datetime) -> datetime:
+    """The oldest finished_at or end of a delivery (the first entries of their indexes), else `default`."""
+    firsts = [_as_utc(conn.execute(sa.select(sa.func.min(c)).where(c.is_not(None))).scalar())
+              for c in (jobs.c.finished_at, *_ENDED.values())]
+    return min((t for t in firsts if t is not None), default=default)
+
+
+def _add_jobs(conn: sa.Connection, where: list[Any]) -> None:
+    """Add the finished jobs matching `where` to job_rollups (one INSERT ... SELECT ... ON CONFLICT)."""
+    dialect = conn.dialect.name
+    select = (sa.select(_day(dialect).label("day"), *[jobs.c[c] for c in LABELS], *aggregates(dialect))
+              .where(*where)
+              .group_by(_day(dialect), *[jobs.c[c] for c in LABELS]))
+    insert = (postgresql.insert(job_rollups) if dialect == "postgresql" else sqlite.insert(job_rollups))
+    insert = insert.from_select(["day", *LABELS, *VALUE_COLUMNS], select)
+    insert = insert.on_conflict_do_update(
+        index_elements=["day", *LABELS],
+        set_={c: job_rollups.c[c] + insert.excluded[c] for c in VALUE_COLUMNS})
+    conn.execute(insert)
+
+
+def keep_counted(conn: sa.Connection, job_where: list[Any], delivery_where: list[Any] | None = None) -> None:
+    """Before a finish is undone (`llmos.manager.retry_failed` re-queues a failed job, re-arms its
+    webhook): add the rows' current contribution to the rollup when they are still in the tail, so
+    that the counters keep counting that finish (and that delivery) and never go down.
+
+    Call first in the transaction that clears finished_at (delivered_at, given_up_at), with the
+    conditions that select the rows it will change. It takes the watermark row FOR UPDATE on
+    Postgres (waiting for a fold in progress; a fold meanwhile skips it and runs on the next call),
+    so no fold reads the rows between this and the commit; on SQLite the caller's write
+    transaction (`begin_write`) already excludes the folder. Rows finished before the watermark
+    were folded already and are left as they are. A watermark never set is set first (to the
+    oldest end, or now - LAG_S if earlier: nothing is below it), since totals read the rollup only
+    with a watermark."""
+    row = _lock_watermark(conn, wait=True)
+    folded_to = _as_utc(row.folded_to)
+    if folded_to is None:
+        folded_to = _first_end(conn, default=_db_now(conn) - timedelta(seconds=LAG_S))
+        folded_to = min(folded_to, _db_now(conn) - timedelta(seconds=LAG_S))
+        wm = job_rollup_watermark
+        conn.execute(wm.update().where(wm.c.id == WATERMARK_ID).values(folded_to=folded_to))
+    _add_jobs(conn, [*job_where, *_finished(folded_to, None)])
+    if delivery_where:
+        _add_webhooks(conn, delivery_where, folded_to)
 
 
 _ENDED = {"delivered": webhook_deliveries.c.delivered_at, "given_up": webhook_deliveries.c.given_up_at}
@@ -226,12 +277,17 @@ def _ended_in(column: Any, since: datetime | None, until: datetime | None) -> li
 
 def _fold_webhooks(conn: sa.Connection, lo: datetime, hi: datetime) -> None:
     """Deliveries that ended (delivered or given up) in [lo, hi) into webhook_rollups."""
+    _add_webhooks(conn, [], lo, hi)
+
+
+def _add_webhooks(conn: sa.Connection, where: list[Any], lo: datetime, hi: datetime | None = None) -> None:
+    """Deliveries matching `where` that ended in [lo, hi) into webhook_rollups."""
     d, dialect = webhook_deliveries, conn.dialect.name
     for outcome, column in _ENDED.items():
         day = _day(dialect, column)
         select = (sa.select(day.label("day"), d.c.tenant, sa.literal_column(f"'{outcome}'"), sa.func.count(),
                             sa.func.coalesce(sa.func.sum(d.c.attempts), sa.literal_column("0")))
-                  .where(*_ended_in(column, lo, hi)).group_by(day, d.c.tenant))
+                  .where(*where, *_ended_in(column, lo, hi)).group_by(day, d.c.tenant))
         insert = postgresql.insert(webhook_rollups) if dialect == "postgresql" else sqlite.insert(webhook_rollups)
         insert = insert.from_select(["day", "tenant", "outcome", "deliveries", "attempts"], select)
         conn.execute(insert.on_conflict_do_update(
@@ -313,7 +369,7 @@ def totals(conn: sa.Connection) -> Totals:
     or not at all (it moves rows from the tail into the rollup in one commit)."""
     dialect = conn.dialect.name
     wm = job_rollup_watermark
-    folded_to = manager.as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
+    folded_to = _as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
     out: dict[Key, dict[str, float]] = {}
     if folded_to is not None:
         for r in conn.execute(_rollup_sums()):
