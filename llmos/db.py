@@ -310,7 +310,7 @@ job_rollups = sa.Table(
           for i in range(len(bounds))])],
 )
 """Finished jobs folded per (UTC day of finished_at, model, task, tenant, status): counts, sums
-and cumulative histogram buckets. Written only by `llmos.rollup.refresh`."""
+and cumulative histogram buckets. Written only by `llmos.rollup` (`refresh`, `keep_counted`)."""
 
 WEBHOOK_OUTCOMES = ("delivered", "given_up")
 """The ends of a webhook delivery (`delivered_at` or `given_up_at` set)."""
@@ -324,7 +324,7 @@ webhook_rollups = sa.Table(
     sa.Column("attempts", sa.BigInteger, nullable=False, server_default="0"),
 )
 """Ended webhook deliveries folded per (UTC day of their end, tenant, outcome), behind the same
-watermark as `job_rollups`. Written only by `llmos.rollup.refresh`."""
+watermark as `job_rollups`. Written only by `llmos.rollup` (`refresh`, `keep_counted`)."""
 
 job_rollup_watermark = sa.Table(
     "job_rollup_watermark", metadata,

@@ -1,6 +1,11 @@
 """The rollup of finished jobs (and ended webhook deliveries): what `/metrics` counts, without reading
 the task table's old rows.
 
+A core module beside llmos.manager: it writes only its own tables (job_rollups, webhook_rollups,
+job_rollup_watermark) and imports no other LLMOS module but llmos.db and llmos.jobs. manager
+(`retry_failed` calls `keep_counted`), the reconciler, retention and the collector
+(llmos.monitoring.metrics) import it.
+
 `job_rollups` holds, per (UTC day of finished_at, model, task type, tenant, final status): the
 jobs, their retries (attempts - 1), tokens in and out, and for each histogram (queue wait,
 compute, end-to-end latency, batch size) the observations, their sum and the cumulative bucket

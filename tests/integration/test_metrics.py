@@ -146,7 +146,7 @@ def test_two_api_processes_report_the_task_tables_counts(apis, services):
     assert in_rollup + tail == finished  # every job once: in the rollup or in the tail
 
     unfinished = samples(first["llmos_jobs_unfinished"])
-    assert unfinished == {("llmos_jobs_unfinished", (("model", "gpt2"), ("priority", "5"), ("status", "queued"),
+    assert unfinished == {("llmos_jobs_unfinished", (("model", "gpt2"), ("priority", "5"), ("state", "queued"),
                                                      ("task", "writing"), ("tenant", "acme"))): 1.0}
     messages = samples(first["llmos_queue_messages"])
     # gpt2's three messages are still in Redis (two of cancelled jobs: a worker would skip them)

@@ -469,7 +469,7 @@ def test_metrics_match_the_task_table_and_redis_down_is_a_gauge(api):
     retries = samples(families["llmos_job_retries"], "llmos_job_retries_total")
     assert sum(retries.values()) == sum(e["retries"] for e in want.values())
     unfinished = samples(families["llmos_jobs_unfinished"])
-    assert unfinished == {(("model", "minilm"), ("priority", "7"), ("status", "queued"), ("task", "embed"),
+    assert unfinished == {(("model", "minilm"), ("priority", "7"), ("state", "queued"), ("task", "embed"),
                            ("tenant", "acme")): 3.0}
     # a fold between two scrapes changes nothing they report
     rollup.refresh(engine, lag_s=0.0)
@@ -508,7 +508,8 @@ def test_a_database_that_does_not_answer_is_a_gauge_not_an_error(sqlite_settings
 # -- the Grafana dashboard ---------------------------------------------------------------------
 
 DASHBOARD = Path(REPO) / "deploy" / "grafana" / "llmos.json"
-SUFFIXES = ("_bucket", "_count", "_sum")
+SUFFIXES = ("_bucket", "_count", "_sum", "_created")
+DOCS = [Path(REPO) / p for p in ("docs/operations.md", "docs/monitoring.md", "README.md")]
 
 
 def exprs(node):
@@ -523,6 +524,25 @@ def exprs(node):
             yield from exprs(v)
 
 
+def _emitted(name: str) -> bool:
+    base = next((name[: -len(s)] for s in SUFFIXES if name.endswith(s) and name[: -len(s)] in METRIC_NAMES), name)
+    return base in METRIC_NAMES
+
+
+def test_the_docs_name_only_metrics_the_collector_emits():
+    """Every `llmos_…` name in the docs that is not an API key (`llmos_...`, `llmos_<prefix>_<secret>`)
+    is a metric the collector emits, or one with a histogram's suffix."""
+    found = 0
+    for doc in DOCS:
+        for name in re.findall(r"\bllmos_[a-z_]+", doc.read_text()):
+            if name.rstrip("_") == "llmos":  # an API key's prefix
+                continue
+            found += 1
+            assert _emitted(name), (doc.name, name)
+    assert found >= 30
+    assert not _emitted("llmos_queue_depth") and _emitted("llmos_job_latency_seconds_bucket")
+
+
 def test_the_dashboard_queries_only_metrics_the_collector_emits():
     board = json.loads(DASHBOARD.read_text())
     assert board["title"] and board["panels"]
@@ -532,6 +552,4 @@ def test_the_dashboard_queries_only_metrics_the_collector_emits():
         names = set(re.findall(r"\bllmos_[a-z_]+", q))
         assert names, q
         for name in names:
-            base = next((name[: -len(s)] for s in SUFFIXES if name.endswith(s) and name[: -len(s)] in METRIC_NAMES),
-                        name)
-            assert base in METRIC_NAMES, (name, q)
+            assert _emitted(name), (name, q)
