@@ -932,6 +932,11 @@ def prune(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 5000,
     for it or its batch. A worker row goes when the worker stopped before the cutoff, or never
     recorded its stop and has been silent since before both the cutoff and FORGET_WORKER_AFTER_S.
     A webhook delivery row goes when it was delivered or given up before the cutoff.
+    Nothing goes that the /metrics rollup has not counted: each call folds first
+    (`llmos.rollup.refresh`, waiting for a fold under way, with the rollup's own lag), and jobs
+    and deliveries that ended at or after the watermark (`rollup.LAG_S`, a minute, behind now)
+    are kept whatever `older_than`, so a prune never lowers a counter and never moves the shared
+    watermark closer to now than every other fold does.
 
     Each batch is one read of up to `batch_size` candidates in (finished_at, id) order, from
     `cursor`, then one DELETE of that key range in its own short transaction: row locks on the
@@ -940,8 +945,11 @@ def prune(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 5000,
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    now = db_now(engine)
+    rollup.refresh(engine, wait=True)
+    with engine.connect() as conn:
+        now, folded = db_now(conn), rollup.folded_to(conn)
     cutoff = now - older_than
+    counted = cutoff if folded is None else min(cutoff, folded)  # ended before it: safe to delete
     silent = now - timedelta(seconds=max(older_than.total_seconds(), FORGET_WORKER_AFTER_S))
     key = (jobs.c.finished_at, jobs.c.id)
     o, d = jobs.alias("open_job"), webhook_deliveries
@@ -954,14 +962,16 @@ def prune(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 5000,
     gone = sa.and_(workers.c.last_heartbeat < cutoff,
                    sa.or_(workers.c.stopped_at < cutoff,
                           sa.and_(workers.c.stopped_at.is_(None), workers.c.last_heartbeat < silent)))
-    ended = sa.or_(d.c.delivered_at < cutoff, d.c.given_up_at < cutoff)
+    ended = sa.or_(d.c.delivered_at < counted, d.c.given_up_at < counted)
     deleted = kept_n = workers_n = deliveries_n = batches = 0
     jobs_done = workers_done = deliveries_done = False
+    if folded is None:  # nothing counted yet: keep every job and delivery
+        jobs_done = deliveries_done = True
     while (not (jobs_done and workers_done and deliveries_done)
            and (max_batches is None or batches < max_batches)):
         batches += 1
         if not jobs_done:
-            q = sa.select(*key).where(jobs.c.finished_at < cutoff)
+            q = sa.select(*key).where(jobs.c.finished_at < counted)
             if cursor is not None:
                 q = q.where(sa.tuple_(*key) > _typed_row(key, cursor))
             with engine.connect() as conn:  # a read: the write transaction below starts with its write
@@ -969,7 +979,7 @@ def prune(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 5000,
             if found:
                 last = (found[-1].finished_at, str(found[-1].id))
                 # the plain bounds beside the row comparisons give the planner a true row estimate
-                span = [jobs.c.finished_at < cutoff, jobs.c.finished_at <= last[0],
+                span = [jobs.c.finished_at < counted, jobs.c.finished_at <= last[0],
                         sa.tuple_(*key) <= _typed_row(key, last)]
                 if cursor is not None:
                     span += [jobs.c.finished_at >= cursor[0], sa.tuple_(*key) > _typed_row(key, cursor)]

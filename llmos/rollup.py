@@ -27,8 +27,9 @@ table of months folds it a day at a time).
 
 `totals` answers rollup(< watermark) + the same aggregate over the tail (finished_at >= the
 watermark), read in one snapshot, so the totals are exact at the scrape, the same from every API
-process, and no count goes down when `llmos prune` deletes old jobs (they were folded first: the
-reconciler folds before it prunes, and retention deletes only jobs days old).
+process, and no count goes down when `llmos prune` deletes old jobs (`manager.prune` folds
+first and deletes only jobs and deliveries that ended before the watermark), nor when an
+operator retries a failed job (`keep_counted`: the counters count finishes).
 
 The lag: finished_at is stamped inside the finishing transaction (Postgres `now()`, the
 transaction's start; SQLite the writer's clock just before its write), so a job becomes visible
@@ -176,6 +177,12 @@ def refresh(engine: sa.Engine, *, lag_s: float = LAG_S, max_step_s: float = MAX_
         total += n
         if not more:
             return Refreshed(jobs=total, folded_to=last)
+
+
+def folded_to(conn: sa.Connection) -> datetime | None:
+    """The watermark: every job finished (delivery ended) before it is in the rollup; None: none is."""
+    wm = job_rollup_watermark
+    return _as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
 
 
 def _lock_watermark(conn: sa.Connection, wait: bool) -> Any:

@@ -255,14 +255,31 @@ def test_the_reconciler_folds_before_retention_and_retention_waits_for_a_failed_
     check(read_totals(engine), rows)
 
 
-def test_llmos_prune_folds_first_even_inside_the_lag(engine):
+def test_llmos_prune_folds_first_and_inside_the_lag_keeps_what_is_not_folded(engine):
     from llmos.retention import prune_all
 
     now = datetime.now(timezone.utc)
-    rows = add_jobs(engine, 40, finished_from=now - timedelta(days=3), finished_to=now - timedelta(seconds=30))
+    rows = add_jobs(engine, 40, finished_from=now - timedelta(days=3), finished_to=now - timedelta(minutes=5))
+    recent = add_jobs(engine, 7, finished_from=now - timedelta(seconds=40), finished_to=now - timedelta(seconds=20),
+                      seed=9)
     assert watermark(engine) is None  # nothing folded yet: no scrape, no reconciler
     report = prune_all(engine, timedelta(seconds=10))
+    # the fold kept its lag (the shared watermark is never moved closer to now by a prune) and
+    # the jobs of the last minute, not yet folded, were kept, not deleted
+    assert watermark(engine) <= datetime.now(timezone.utc) - timedelta(seconds=rollup.LAG_S)
     assert report.jobs == 40
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar() == 7
+    check(read_totals(engine), rows + recent)
+    assert manager.prune(engine, timedelta(seconds=1)).jobs == 0  # still inside the lag: kept
+
+
+def test_prune_before_any_fold_deletes_nothing_uncounted(engine, monkeypatch):
+    rows = add_jobs(engine, 20, finished_from=NOW - timedelta(days=60), finished_to=NOW - timedelta(days=40))
+    monkeypatch.setattr(rollup, "refresh", lambda *a, **k: rollup.Refreshed(skipped=True))  # a fold that did nothing
+    assert manager.prune(engine, timedelta(days=30)).jobs == 0
+    monkeypatch.undo()
+    assert manager.prune(engine, timedelta(days=30)).jobs == 20
     check(read_totals(engine), rows)
 
 
