@@ -43,6 +43,16 @@ past it the finish fails and is retried with a new stamp), so 60 s covers it wit
 in tests/unit/test_monitoring.py: with folders in a tight loop, SQLite's busy handler let a writer
 wait 17 s between stamp and commit; a lag of 1 s lost jobs there.) The cost of a larger lag is
 only a longer tail to aggregate per scrape (the jobs of the last minute or so).
+
+A transaction that stamps many rows with one `now()` may run longer than that
+(`manager.end_queued_batch_jobs` ending a batch of 100,000 queued jobs, `manager.expire_overdue`
+after an outage): on Postgres the fold's upper bound is also clamped to the start of the oldest
+other open transaction of the database that has written (`pg_stat_activity.xact_start` where
+`backend_xid` is set), so such a transaction's stamps are never behind the watermark at its
+commit, however long it runs. pg_stat_activity shows `xact_start` only of the sessions of the
+reader's own role (all to superusers and pg_read_all_stats): with LLMOS's processes on one role,
+as one LLMOS_DATABASE_URL gives, they see each other; a writer under another role is covered
+by the lag only. A long-open writing transaction delays the fold (a longer tail), never loses jobs.
 """
 
 from __future__ import annotations
@@ -179,6 +189,22 @@ def refresh(engine: sa.Engine, *, lag_s: float = LAG_S, max_step_s: float = MAX_
             return Refreshed(jobs=total, folded_to=last)
 
 
+_OLDEST_WRITE = sa.text(
+    "SELECT min(xact_start) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
+    "AND datname = current_database()")
+
+
+def _oldest_open_write(conn: sa.Connection) -> datetime | None:
+    """Postgres: the start of the oldest other transaction of this database that has written and
+    not yet committed (a finish stamps finished_at with its transaction's start, `now()`); None on
+    SQLite or when there is none. pg_stat_activity shows `xact_start` of the sessions of the
+    folder's own role (and of every role to superusers and members of pg_read_all_stats): LLMOS's
+    processes share one database URL, so one role, and see each other's."""
+    if conn.dialect.name != "postgresql":
+        return None
+    return _as_utc(conn.execute(_OLDEST_WRITE).scalar())
+
+
 def folded_to(conn: sa.Connection) -> datetime | None:
     """The watermark: every job finished (delivery ended) before it is in the rollup; None: none is."""
     wm = job_rollup_watermark
@@ -211,6 +237,9 @@ def _fold_step(engine: sa.Engine, *, lag_s: float, max_step_s: float,
             return None
         clock = _db_now(conn)
         upper = (_as_utc(now) if now is not None else clock) - timedelta(seconds=lag_s)
+        oldest = _oldest_open_write(conn)
+        if oldest is not None:  # a long finishing transaction still open: its stamps are >= its start
+            upper = min(upper, oldest)
         lo = _as_utc(row.folded_to)
         if lo is None:  # never folded: from the oldest finished job or ended delivery (first index entries)
             lo = _first_end(conn, default=upper)
