@@ -229,7 +229,6 @@ def _lock_watermark(conn: sa.Connection, wait: bool) -> Any:
 
 def _fold_step(engine: sa.Engine, *, lag_s: float, max_step_s: float,
                now: datetime | None, wait: bool) -> tuple[int, datetime, bool] | None:
-    dialect = engine.dialect.name
     wm = job_rollup_watermark
     with begin_write(engine) as conn:
         row = _lock_watermark(conn, wait)
