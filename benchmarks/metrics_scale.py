@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from llmos import migrate
 from llmos.db import get_engine, job_rollups
-from llmos.monitoring import rollup
+from llmos import rollup
 from llmos.monitoring.metrics import _unfinished
 from tests.helpers import create_pg_database, drop_pg_database
 

@@ -64,6 +64,11 @@ jobs = sa.Table(
     sa.Column("eta_start_at", Timestamp),
     sa.Column("eta_finish_at", Timestamp),
     sa.Column("aged", sa.SmallInteger, nullable=False, server_default="0"),
+    # an operator's retry of a failed job (llmos.manager.retry_failed): the submit's max_attempts
+    # (each retry gives that many more; null until the first retry), and the attempts at the last
+    # retry (the /metrics rollup counts the retries of each finish: attempts - 1 - this)
+    sa.Column("attempt_budget", sa.Integer),
+    sa.Column("attempts_at_retry", sa.Integer),
     sa.CheckConstraint("priority BETWEEN 0 AND 9", name="priority_range"),
     sa.CheckConstraint(
         "status IN ('queued','running','succeeded','failed','cancelled','expired')",
@@ -269,7 +274,7 @@ batch_lines = sa.Table(
 """One row per non-blank input line of a batch: its job, or why it was refused (output in input order)."""
 
 
-# The rollup of finished jobs (llmos/monitoring/rollup.py): what /metrics reports for jobs that
+# The rollup of finished jobs (llmos/rollup.py): what /metrics reports for jobs that
 # finished before the watermark, so a scrape never reads the task table's finished rows.
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                       120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -305,7 +310,7 @@ job_rollups = sa.Table(
           for i in range(len(bounds))])],
 )
 """Finished jobs folded per (UTC day of finished_at, model, task, tenant, status): counts, sums
-and cumulative histogram buckets. Written only by `llmos.monitoring.rollup.refresh`."""
+and cumulative histogram buckets. Written only by `llmos.rollup` (`refresh`, `keep_counted`)."""
 
 WEBHOOK_OUTCOMES = ("delivered", "given_up")
 """The ends of a webhook delivery (`delivered_at` or `given_up_at` set)."""
@@ -319,7 +324,7 @@ webhook_rollups = sa.Table(
     sa.Column("attempts", sa.BigInteger, nullable=False, server_default="0"),
 )
 """Ended webhook deliveries folded per (UTC day of their end, tenant, outcome), behind the same
-watermark as `job_rollups`. Written only by `llmos.monitoring.rollup.refresh`."""
+watermark as `job_rollups`. Written only by `llmos.rollup` (`refresh`, `keep_counted`)."""
 
 job_rollup_watermark = sa.Table(
     "job_rollup_watermark", metadata,

@@ -297,6 +297,21 @@ def queue_key(model: str, priority: int) -> str:
     return f"{queue_name(model)}:{pri}" if pri else queue_name(model)
 
 
+def queue_lengths(client: redis.Redis, models: Sequence[str]) -> dict[tuple[str, int], int]:
+    """Messages waiting in each priority list of each model's queue: {(model, user priority 0-9): n}.
+
+    LLEN of ten lists per model (`queue_key`), O(1) each, in one round trip. A bulk submit's
+    message holds up to max_batch_size job ids; a cancelled job's message stays until a worker
+    skips it. /metrics (llmos_queue_messages) and the dashboard's queue panel read this."""
+    keys = [(m, p, queue_key(m, p)) for m in models for p in range(9, -1, -1)]
+    if not keys:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for _, _, key in keys:
+        pipe.llen(key)
+    return {(m, p): int(n) for (m, p, _), n in zip(keys, pipe.execute())}
+
+
 def queue_tails(client: redis.Redis, model: str) -> dict[str, tuple[int, str | None]]:
     """Per priority list of `model`'s queue: (length, job id of its oldest message or None).
 

@@ -17,9 +17,10 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import sqlalchemy as sa
 
+from llmos import rollup
 from llmos.constants import DEFAULT_TENANT, MAX_TENANT_CHARS
-from llmos.db import (UNSTORABLE, api_keys, dump_json, jobs, storable, webhook_deliveries, webhook_secrets,
-                      workers)
+from llmos.db import (UNSTORABLE, api_keys, begin_write, dump_json, jobs, storable, webhook_deliveries,
+                      webhook_secrets, workers)
 from llmos.errors import IdempotencyConflictError, ValidationError
 from llmos.jobs import FINAL_STATUSES, Job, JobStatus, new_ids
 
@@ -604,23 +605,41 @@ def retry_failed(engine: sa.Engine, job_id: str, *, tenant: Tenant) -> Job | Non
     if this call did not re-queue it (no such job, not failed, or its deadline has passed).
 
     The attempt count is kept (a late finish of an old attempt still cannot apply) and
-    `max_attempts` raised by the job's own budget, so the retry gets as many tries as the submit
-    did; the error, result and the last run's timings and prediction are cleared, and `queued_at`
-    and `dispatched_at` are now (its queue wait counts from the retry). The caller sends its
-    message (a lost send is the reconciler's to redo, as for any queued job).
+    `max_attempts` becomes attempts + the job's own budget (the submit's max_attempts, kept in
+    `attempt_budget`), so every retry gets as many tries as the submit did; `attempts_at_retry`
+    records the attempts now (the rollup counts the retries of each finish). The error, result and
+    the last run's timings and prediction are cleared, and `queued_at` and `dispatched_at` are now
+    (its queue wait counts from the retry). The job's webhook is re-armed (a new delivery: it
+    sends the retry's outcome once the job is final again, whether the failure's was delivered or
+    given up). The caller sends its message (a lost send is the reconciler's to redo, as for any
+    queued job).
+
+    /metrics counts finishes: the failure stays counted (`llmos.rollup.keep_counted`, in this
+    transaction, before finished_at is cleared) and the retry's outcome is counted again when it
+    finishes, so no counter goes down and nothing is counted twice.
     """
-    with engine.begin() as conn:
+    d = webhook_deliveries
+    with begin_write(engine) as conn:
         now = db_now(conn)
-        cond = [jobs.c.id == str(job_id), jobs.c.status == JobStatus.FAILED.value,
-                sa.or_(jobs.c.deadline.is_(None), jobs.c.deadline > now)]
-        stmt = (jobs.update().where(*_scoped(cond, tenant))
-                .values(status=JobStatus.QUEUED.value, max_attempts=jobs.c.attempts + jobs.c.max_attempts,
+        cond = _scoped([jobs.c.id == str(job_id), jobs.c.status == JobStatus.FAILED.value,
+                        sa.or_(jobs.c.deadline.is_(None), jobs.c.deadline > now)], tenant)
+        retried = sa.select(jobs.c.id).where(*cond).scalar_subquery()
+        job_delivery = [d.c.kind == WEBHOOK_JOB, d.c.job_id == retried]
+        rollup.keep_counted(conn, cond, job_delivery)
+        budget = sa.func.coalesce(jobs.c.attempt_budget, jobs.c.max_attempts)
+        stmt = (jobs.update().where(*cond)
+                .values(status=JobStatus.QUEUED.value, max_attempts=jobs.c.attempts + budget,
+                        attempt_budget=budget, attempts_at_retry=jobs.c.attempts,
                         error=None, result=sa.null(), started_at=None, finished_at=None, worker_id=None,
                         device=None, queue_wait_ms=None, compute_ms=None, batch_size=None, tokens_in=None,
                         tokens_out=None, run_after=None, queued_at=now, dispatched_at=now,
                         eta_start_at=None, eta_finish_at=None)
                 .returning(*jobs.c))
         found = _jobs_from(conn.execute(stmt))
+        if found:  # as a new delivery (`_deliveries_for`): due now, claimed once the job is final
+            conn.execute(d.update().where(d.c.kind == WEBHOOK_JOB, d.c.job_id == found[0].id)
+                         .values(next_attempt_at=now, attempts=0, first_attempt_at=None, last_attempt_at=None,
+                                 last_status=None, last_error=None, delivered_at=None, given_up_at=None))
     return found[0] if found else None
 
 
@@ -913,6 +932,11 @@ def prune(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 5000,
     for it or its batch. A worker row goes when the worker stopped before the cutoff, or never
     recorded its stop and has been silent since before both the cutoff and FORGET_WORKER_AFTER_S.
     A webhook delivery row goes when it was delivered or given up before the cutoff.
+    Nothing goes that the /metrics rollup has not counted: each call folds first
+    (`llmos.rollup.refresh`, waiting for a fold under way, with the rollup's own lag), and jobs
+    and deliveries that ended at or after the watermark (`rollup.LAG_S`, a minute, behind now)
+    are kept whatever `older_than`, so a prune never lowers a counter and never moves the shared
+    watermark closer to now than every other fold does.
 
     Each batch is one read of up to `batch_size` candidates in (finished_at, id) order, from
     `cursor`, then one DELETE of that key range in its own short transaction: row locks on the
@@ -921,8 +945,11 @@ def prune(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 5000,
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    now = db_now(engine)
+    rollup.refresh(engine, wait=True)
+    with engine.connect() as conn:
+        now, folded = db_now(conn), rollup.folded_to(conn)
     cutoff = now - older_than
+    counted = cutoff if folded is None else min(cutoff, folded)  # ended before it: safe to delete
     silent = now - timedelta(seconds=max(older_than.total_seconds(), FORGET_WORKER_AFTER_S))
     key = (jobs.c.finished_at, jobs.c.id)
     o, d = jobs.alias("open_job"), webhook_deliveries
@@ -935,14 +962,16 @@ def prune(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 5000,
     gone = sa.and_(workers.c.last_heartbeat < cutoff,
                    sa.or_(workers.c.stopped_at < cutoff,
                           sa.and_(workers.c.stopped_at.is_(None), workers.c.last_heartbeat < silent)))
-    ended = sa.or_(d.c.delivered_at < cutoff, d.c.given_up_at < cutoff)
+    ended = sa.or_(d.c.delivered_at < counted, d.c.given_up_at < counted)
     deleted = kept_n = workers_n = deliveries_n = batches = 0
     jobs_done = workers_done = deliveries_done = False
+    if folded is None:  # nothing counted yet: keep every job and delivery
+        jobs_done = deliveries_done = True
     while (not (jobs_done and workers_done and deliveries_done)
            and (max_batches is None or batches < max_batches)):
         batches += 1
         if not jobs_done:
-            q = sa.select(*key).where(jobs.c.finished_at < cutoff)
+            q = sa.select(*key).where(jobs.c.finished_at < counted)
             if cursor is not None:
                 q = q.where(sa.tuple_(*key) > _typed_row(key, cursor))
             with engine.connect() as conn:  # a read: the write transaction below starts with its write
@@ -950,7 +979,7 @@ def prune(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 5000,
             if found:
                 last = (found[-1].finished_at, str(found[-1].id))
                 # the plain bounds beside the row comparisons give the planner a true row estimate
-                span = [jobs.c.finished_at < cutoff, jobs.c.finished_at <= last[0],
+                span = [jobs.c.finished_at < counted, jobs.c.finished_at <= last[0],
                         sa.tuple_(*key) <= _typed_row(key, last)]
                 if cursor is not None:
                     span += [jobs.c.finished_at >= cursor[0], sa.tuple_(*key) > _typed_row(key, cursor)]

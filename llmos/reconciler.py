@@ -15,7 +15,7 @@ Each pass, in this order:
    before recording it (found from each priority list's length and oldest message, O(1)); and
    any queued job last sent over `lost_after_s` ago, whatever Redis says;
 6. every ROLLUP_EVERY_S, folds finished jobs and ended webhook deliveries into the /metrics rollup
-   (`llmos.monitoring.rollup`, a few statements), always before retention, so whatever retention
+   (`llmos.rollup`, a few statements), always before retention, so whatever retention
    deletes was counted first;
 7. with LLMOS_RETENTION_DAYS set, once a day: deletes finished jobs and stopped worker rows older
    than that (`manager.prune`), one bounded batch per pass until none is left.
@@ -51,7 +51,7 @@ from llmos.dispatch import (CeleryDispatcher, Dispatcher, delivered_before, held
                             queue_key, queue_tails)
 from llmos.jobs import Job, JobStatus
 from llmos.logs import event
-from llmos.monitoring import rollup
+from llmos import rollup
 from llmos.notify import publish_done, redis_client
 from llmos.scheduling import aging
 from llmos.settings import Settings

@@ -15,7 +15,6 @@ import sqlalchemy as sa
 
 from llmos import manager
 from llmos.errors import ValidationError
-from llmos.monitoring import rollup
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 """Units an age may be given in: seconds, minutes, hours, days, weeks."""
@@ -39,11 +38,11 @@ def prune_all(engine: sa.Engine, older_than: timedelta, *, batch_size: int = 500
               every_s: float = 5.0) -> manager.PruneReport:
     """`manager.prune` batch after batch until nothing old enough is left; the totals.
 
-    First the /metrics rollup folds every job old enough to go (`llmos.monitoring.rollup`: a lag
-    of at most `older_than`), so no deleted job is missing from the counters.
+    Each `manager.prune` folds the /metrics rollup first (`llmos.rollup.refresh`, its usual lag
+    of `LAG_S`: the shared watermark never moves closer to now) and deletes only what is folded:
+    with an `older_than` under `rollup.LAG_S` (60 s) the jobs of the last minute are kept.
     `progress` is called with the running totals every `every_s` seconds of a long prune.
     """
-    rollup.refresh(engine, lag_s=min(rollup.LAG_S, older_than.total_seconds()), wait=True)
     total = manager.PruneReport()
     cursor, shown = None, time.monotonic()
     while True:

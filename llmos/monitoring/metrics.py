@@ -2,7 +2,7 @@
 
 Nothing is kept per process (no counter incremented in memory): each scrape reads the shared
 state, so every API process answers the same numbers. Finished jobs come from
-`llmos.monitoring.rollup` (the rollup below its watermark + the live tail, one snapshot; ended
+`llmos.rollup` (the rollup below its watermark + the live tail, one snapshot; ended
 webhook deliveries likewise); the jobs not final, the pending deliveries and the workers from
 small partial indexes; queue depths from Redis; capacity from `llmos.scheduling.capacity` (cached a few
 seconds). docs/monitoring.md lists every metric, its labels and the index that serves it.
@@ -26,13 +26,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from llmos import manager
-from llmos.constants import MAX_PRIORITY
 from llmos.db import ROLLUP_HISTOGRAMS, jobs, rollup_bucket_column
-from llmos.dispatch import queue_keys
+from llmos.dispatch import queue_lengths
 from llmos.errors import LLMOSError
 from llmos.jobs import JobStatus
 from llmos.logs import event
-from llmos.monitoring import rollup
+from llmos import rollup
 from llmos.scheduling.capacity import capacity_report
 
 log = logging.getLogger("llmos.monitoring")
@@ -56,7 +55,7 @@ METRIC_NAMES = frozenset({
     *(name for name, _ in HISTOGRAMS.values()),
     "llmos_jobs_unfinished", "llmos_queue_messages", "llmos_workers_alive",
     "llmos_webhook_failures_total", "llmos_webhook_given_up_total", "llmos_webhook_delivered_total",
-    "llmos_webhook_pending", "llmos_model_utilisation", "llmos_model_predicted_wait_seconds",
+    "llmos_webhook_pending", "llmos_model_utilization", "llmos_model_predicted_wait_seconds",
     "llmos_rollup_folded_to_timestamp_seconds", "llmos_rollup_tail_jobs",
 })
 """Every metric family the collector emits (the names the exposition shows, with a counter's
@@ -136,12 +135,8 @@ class LlmosCollector(Collector):
                               "(0-9, 9 most urgent), in Redis.", labels=["model", "priority"])
         if not models:
             return g
-        pipe = self.redis().pipeline(transaction=False)
-        keys = [(m, broker, k) for m in models for broker, k in enumerate(queue_keys(m))]  # broker priority 0-9
-        for _, _, k in keys:
-            pipe.llen(k)
-        for (model, broker, _), n in zip(keys, pipe.execute()):
-            g.add_metric([model, str(MAX_PRIORITY - broker)], float(n))
+        for (model, priority), n in queue_lengths(self.redis(), models).items():
+            g.add_metric([model, str(priority)], float(n))
         return g
 
     # -- llmos.scheduling -------------------------------------------------------------------
@@ -152,7 +147,7 @@ class LlmosCollector(Collector):
             if self._capacity is None or now - self._capacity[0] > CAPACITY_CACHE_S:
                 self._capacity = (now, capacity_report(engine, window_s=CAPACITY_WINDOW_S))
             rows = self._capacity[1]
-        util = GaugeMetricFamily("llmos_model_utilisation", "Offered load per live worker, ρ = λ/(c·μ), over "
+        util = GaugeMetricFamily("llmos_model_utilization", "Offered load per live worker, ρ = λ/(c·μ), over "
                                  "the last 10 minutes (llmos capacity); ≥ 1: the queue grows.", labels=["model"])
         wait = GaugeMetricFamily("llmos_model_predicted_wait_seconds", "Predicted mean queue wait (Erlang C "
                                  "with Allen–Cunneen's correction, llmos capacity); +Inf: the queue grows.",
@@ -215,9 +210,9 @@ def _unfinished(conn: sa.Connection) -> list[tuple[str, str, str, int, str, int]
 
 
 def _unfinished_metric(rows: list[tuple[str, str, str, int, str, int]]) -> Metric:
-    g = GaugeMetricFamily("llmos_jobs_unfinished", "Jobs not final, by state: queued (waiting for a worker), "
+    g = GaugeMetricFamily("llmos_jobs_unfinished", "Jobs not final, by state (not a job status): queued (waiting for a worker), "
                           "retry_wait (queued, backing off before a retry), running.",
-                          labels=["model", "task", "tenant", "priority", "status"])
+                          labels=["model", "task", "tenant", "priority", "state"])
     for m, t, ten, p, s, n in sorted(rows):
         g.add_metric([m, t, ten, str(p), s], float(n))
     return g

@@ -6,7 +6,7 @@ New tables, and two indexes over the ended deliveries (built in the migration's 
 deliveries table, one row per job that asked for a webhook, is written to only by submits with a
 webhook and by the deliverer, which wait for the build); nothing is read or rewritten in `jobs`.
 The first fold after the upgrade (a scrape of /metrics or a reconciler pass) folds the jobs and
-deliveries already there, one day per transaction (llmos/monitoring/rollup.py).
+deliveries already there, one day per transaction (llmos/rollup.py).
 
 Revision ID: 0009
 Revises: 0008

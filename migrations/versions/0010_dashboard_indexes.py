@@ -1,4 +1,8 @@
-"""dashboard indexes: the most recent failures, every tenant's batches newest first
+"""dashboard indexes: the most recent failures, every tenant's batches newest first; retry columns
+
+jobs.attempt_budget (the submit's max_attempts, kept at an operator's retry so that every retry
+gives the job's own budget again) and jobs.attempts_at_retry (the attempts at the last retry: the
+/metrics rollup counts the retries of each finish), both null until a job is first retried.
 
 ix_jobs_failed_finished_at_id holds only failed rows, newest last: the dashboard's "recent
 failures" panel reads its 20 entries backwards, however many succeeded jobs the table holds
@@ -34,6 +38,8 @@ INDEXES = [  # (name, table, columns, options)
 
 
 def upgrade() -> None:
+    op.add_column('jobs', sa.Column('attempt_budget', sa.Integer(), nullable=True))
+    op.add_column('jobs', sa.Column('attempts_at_retry', sa.Integer(), nullable=True))
     with op.get_context().autocommit_block():  # CONCURRENTLY cannot run inside a transaction
         for name, table, columns, options in INDEXES:
             op.create_index(name, table, columns, unique=False, postgresql_concurrently=True, **options)
@@ -43,3 +49,6 @@ def downgrade() -> None:
     with op.get_context().autocommit_block():
         for name, table, _, _ in reversed(INDEXES):
             op.drop_index(name, table_name=table, postgresql_concurrently=True)
+    with op.batch_alter_table('jobs') as batch:  # (SQLite: a table copy)
+        batch.drop_column('attempts_at_retry')
+        batch.drop_column('attempt_budget')

@@ -23,7 +23,7 @@ from llmos.api.settings import ApiSettings
 from llmos.db import (DURATION_BUCKETS_S, get_engine, job_rollup_watermark, job_rollups, jobs, webhook_deliveries,
                       webhook_rollups)
 from llmos.dispatch import InMemoryDispatcher
-from llmos.monitoring import rollup
+from llmos import rollup
 from llmos.monitoring.metrics import METRIC_NAMES
 from llmos.sdk import Client
 from tests.helpers import REPO
@@ -255,14 +255,31 @@ def test_the_reconciler_folds_before_retention_and_retention_waits_for_a_failed_
     check(read_totals(engine), rows)
 
 
-def test_llmos_prune_folds_first_even_inside_the_lag(engine):
+def test_llmos_prune_folds_first_and_inside_the_lag_keeps_what_is_not_folded(engine):
     from llmos.retention import prune_all
 
     now = datetime.now(timezone.utc)
-    rows = add_jobs(engine, 40, finished_from=now - timedelta(days=3), finished_to=now - timedelta(seconds=30))
+    rows = add_jobs(engine, 40, finished_from=now - timedelta(days=3), finished_to=now - timedelta(minutes=5))
+    recent = add_jobs(engine, 7, finished_from=now - timedelta(seconds=40), finished_to=now - timedelta(seconds=20),
+                      seed=9)
     assert watermark(engine) is None  # nothing folded yet: no scrape, no reconciler
     report = prune_all(engine, timedelta(seconds=10))
+    # the fold kept its lag (the shared watermark is never moved closer to now by a prune) and
+    # the jobs of the last minute, not yet folded, were kept, not deleted
+    assert watermark(engine) <= datetime.now(timezone.utc) - timedelta(seconds=rollup.LAG_S)
     assert report.jobs == 40
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar() == 7
+    check(read_totals(engine), rows + recent)
+    assert manager.prune(engine, timedelta(seconds=1)).jobs == 0  # still inside the lag: kept
+
+
+def test_prune_before_any_fold_deletes_nothing_uncounted(engine, monkeypatch):
+    rows = add_jobs(engine, 20, finished_from=NOW - timedelta(days=60), finished_to=NOW - timedelta(days=40))
+    monkeypatch.setattr(rollup, "refresh", lambda *a, **k: rollup.Refreshed(skipped=True))  # a fold that did nothing
+    assert manager.prune(engine, timedelta(days=30)).jobs == 0
+    monkeypatch.undo()
+    assert manager.prune(engine, timedelta(days=30)).jobs == 20
     check(read_totals(engine), rows)
 
 
@@ -316,6 +333,97 @@ def test_jobs_not_final_are_not_counted_as_finished(engine):
     manager.create_jobs(engine, [manager.NewJob(model="minilm", task_type="embed", input={"texts": ["x"]}, priority=5)])
     totals = read_totals(engine)
     assert sum(v["jobs"] for v in totals.by_key.values()) == 20
+
+
+def _by_status(engine):
+    totals = read_totals(engine).by_key
+    out = Counter()
+    for (_, _, _, status), v in totals.items():
+        out[status] += v["jobs"]
+        out["retries"] += v["retries"]
+    return out
+
+
+def _delivery(engine, job_id):
+    with engine.connect() as conn:
+        return conn.execute(sa.select(webhook_deliveries).where(webhook_deliveries.c.job_id == job_id)).one()
+
+
+def test_an_operator_retry_keeps_the_counters_and_counts_each_finish_once(engine):
+    """fail (tail), scrape, retry, scrape, fail again, fold, retry, succeed, fold: the totals never go
+    down; llmos_jobs_total counts finishes (2 failed, 1 succeeded), retries are those of each finish;
+    the retry's budget is the submit's each time; the webhook is re-armed and stays counted."""
+    now = datetime.now(timezone.utc)
+    job = str(uuid.uuid4())
+    base = dict(model="minilm", task_type="embed", tenant="acme", priority=5, input={}, tokens_in=3, tokens_out=0)
+    with engine.begin() as conn:
+        conn.execute(jobs.insert().values(id=job, status="failed", attempts=3, max_attempts=3, error="boom",
+                                          created_at=now - timedelta(hours=1), finished_at=now - timedelta(minutes=30),
+                                          **base))
+        conn.execute(webhook_deliveries.insert().values(
+            id=str(uuid.uuid4()), tenant="acme", kind="job", job_id=job, url="https://example.com/h",
+            created_at=now - timedelta(hours=1), next_attempt_at=now, attempts=2,
+            delivered_at=now - timedelta(minutes=29)))
+    seen = []
+
+    def scrape_and_check(want):
+        got = _by_status(engine)
+        webhooks = read_totals(engine).webhooks["acme"]
+        got["delivered"], got["webhook_failures"] = webhooks.delivered, webhooks.failures
+        for earlier in seen:  # counters: never down
+            assert all(got[k] >= v for k, v in earlier.items()), (earlier, got)
+        seen.append(got)
+        assert {k: got[k] for k in want} == want
+
+    scrape_and_check({"failed": 1, "succeeded": 0, "retries": 2, "delivered": 1, "webhook_failures": 1})
+    retried = manager.retry_failed(engine, job, tenant="acme")  # the failure is in the tail, never folded
+    assert retried is not None and retried.max_attempts == 3 + 3  # attempts + the submit's budget
+    d = _delivery(engine, job)
+    assert d.delivered_at is None and d.given_up_at is None and d.attempts == 0  # re-armed: a new delivery
+    scrape_and_check({"failed": 1, "succeeded": 0, "retries": 2, "delivered": 1, "webhook_failures": 1})
+    with engine.begin() as conn:  # the retry runs 3 more attempts and fails again, 10 minutes ago
+        conn.execute(jobs.update().where(jobs.c.id == job).values(
+            status="failed", attempts=6, error="boom again", finished_at=now - timedelta(minutes=10)))
+    scrape_and_check({"failed": 2, "succeeded": 0, "retries": 4})
+    assert rollup.refresh(engine).jobs == 1  # the second failure is folded; the first was kept at the retry
+    scrape_and_check({"failed": 2, "succeeded": 0, "retries": 4})
+    retried = manager.retry_failed(engine, job, tenant="acme")  # now the failure is below the watermark
+    assert retried is not None and retried.max_attempts == 6 + 3  # again exactly the budget more
+    scrape_and_check({"failed": 2, "succeeded": 0, "retries": 4})
+    with engine.begin() as conn:  # succeeds at its first attempt of this retry
+        conn.execute(jobs.update().where(jobs.c.id == job).values(
+            status="succeeded", attempts=7, error=None, result={"ok": 1}, finished_at=datetime.now(timezone.utc)))
+    scrape_and_check({"failed": 2, "succeeded": 1, "retries": 4})
+    rollup.refresh(engine, now=datetime.now(timezone.utc) + timedelta(hours=1))
+    assert read_totals(engine).tail_jobs == 0
+    scrape_and_check({"failed": 2, "succeeded": 1, "retries": 4})
+    assert rollup_jobs(engine) == 3
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(jobs.c.attempt_budget, jobs.c.attempts_at_retry).where(jobs.c.id == job)).one()
+    assert tuple(row) == (3, 6)
+
+
+def test_a_retried_job_whose_webhook_gave_up_sends_again(engine):
+    now = datetime.now(timezone.utc)
+    [(created, _)] = manager.create_jobs(engine, [manager.NewJob(model="minilm", task_type="embed", input={"texts": ["x"]},
+                                                            priority=5)], webhook_url="https://example.com/h")
+    with engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == created.id).values(
+            status="failed", attempts=1, error="boom", finished_at=now - timedelta(minutes=5)))
+        conn.execute(webhook_deliveries.update().where(webhook_deliveries.c.job_id == created.id).values(
+            attempts=4, first_attempt_at=now - timedelta(minutes=4), given_up_at=now - timedelta(minutes=3)))
+    rollup.refresh(engine)
+    assert manager.claim_deliveries(engine, limit=10, lease_s=30) == []  # given up: nothing to send
+    assert manager.retry_failed(engine, created.id, tenant="acme") is None  # another tenant's: not found
+    assert manager.retry_failed(engine, created.id, tenant=created.tenant) is not None
+    assert manager.claim_deliveries(engine, limit=10, lease_s=30) == []  # not final yet: not sent
+    with engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == created.id).values(
+            status="succeeded", attempts=2, result={"ok": 1}, finished_at=datetime.now(timezone.utc)))
+    [due] = manager.claim_deliveries(engine, limit=10, lease_s=30)
+    assert due.job_id == created.id and due.attempts == 0 and due.first_attempt_at is None
+    webhooks = read_totals(engine).webhooks[created.tenant]
+    assert (webhooks.given_up, webhooks.pending, webhooks.failures) == (1, 1, 4)  # the give-up stays counted
 
 
 # -- the collector behind GET /metrics ---------------------------------------------------------
@@ -378,7 +486,7 @@ def test_metrics_match_the_task_table_and_redis_down_is_a_gauge(api):
     retries = samples(families["llmos_job_retries"], "llmos_job_retries_total")
     assert sum(retries.values()) == sum(e["retries"] for e in want.values())
     unfinished = samples(families["llmos_jobs_unfinished"])
-    assert unfinished == {(("model", "minilm"), ("priority", "7"), ("status", "queued"), ("task", "embed"),
+    assert unfinished == {(("model", "minilm"), ("priority", "7"), ("state", "queued"), ("task", "embed"),
                            ("tenant", "acme")): 3.0}
     # a fold between two scrapes changes nothing they report
     rollup.refresh(engine, lag_s=0.0)
@@ -417,7 +525,8 @@ def test_a_database_that_does_not_answer_is_a_gauge_not_an_error(sqlite_settings
 # -- the Grafana dashboard ---------------------------------------------------------------------
 
 DASHBOARD = Path(REPO) / "deploy" / "grafana" / "llmos.json"
-SUFFIXES = ("_bucket", "_count", "_sum")
+SUFFIXES = ("_bucket", "_count", "_sum", "_created")
+DOCS = [Path(REPO) / p for p in ("docs/operations.md", "docs/monitoring.md", "README.md")]
 
 
 def exprs(node):
@@ -432,6 +541,25 @@ def exprs(node):
             yield from exprs(v)
 
 
+def _emitted(name: str) -> bool:
+    base = next((name[: -len(s)] for s in SUFFIXES if name.endswith(s) and name[: -len(s)] in METRIC_NAMES), name)
+    return base in METRIC_NAMES
+
+
+def test_the_docs_name_only_metrics_the_collector_emits():
+    """Every `llmos_…` name in the docs that is not an API key (`llmos_...`, `llmos_<prefix>_<secret>`)
+    is a metric the collector emits, or one with a histogram's suffix."""
+    found = 0
+    for doc in DOCS:
+        for name in re.findall(r"\bllmos_[a-z_]+", doc.read_text()):
+            if name.rstrip("_") == "llmos":  # an API key's prefix
+                continue
+            found += 1
+            assert _emitted(name), (doc.name, name)
+    assert found >= 30
+    assert not _emitted("llmos_queue_depth") and _emitted("llmos_job_latency_seconds_bucket")
+
+
 def test_the_dashboard_queries_only_metrics_the_collector_emits():
     board = json.loads(DASHBOARD.read_text())
     assert board["title"] and board["panels"]
@@ -441,6 +569,4 @@ def test_the_dashboard_queries_only_metrics_the_collector_emits():
         names = set(re.findall(r"\bllmos_[a-z_]+", q))
         assert names, q
         for name in names:
-            base = next((name[: -len(s)] for s in SUFFIXES if name.endswith(s) and name[: -len(s)] in METRIC_NAMES),
-                        name)
-            assert base in METRIC_NAMES, (name, q)
+            assert _emitted(name), (name, q)

@@ -256,17 +256,10 @@ PANELS: dict[str, Callable[[sa.Connection, Scope, datetime], Any]] = {
 # --- beyond the task table -----------------------------------------------------------------------
 
 def redis_depth(redis_conn: Any, models: list[str]) -> list[dict[str, Any]]:
-    """Messages waiting in each priority list of each model's queue (LLEN: O(1) each, one pipeline)."""
-    from llmos.dispatch import queue_key
+    """Messages waiting in each priority list of each model's queue (`llmos.dispatch.queue_lengths`)."""
+    from llmos.dispatch import queue_lengths
 
-    keys = [(m, p, queue_key(m, p)) for m in models for p in range(9, -1, -1)]
-    if not keys:
-        return []
-    pipe = redis_conn.pipeline(transaction=False)
-    for _, _, key in keys:
-        pipe.llen(key)
-    lengths = pipe.execute()
-    return [{"model": m, "priority": p, "messages": n} for (m, p, _), n in zip(keys, lengths) if n]
+    return [{"model": m, "priority": p, "messages": n} for (m, p), n in queue_lengths(redis_conn, models).items() if n]
 
 
 def capacity(engine: sa.Engine, registry: Any) -> list[dict[str, Any]]:

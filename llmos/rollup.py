@@ -1,6 +1,11 @@
 """The rollup of finished jobs (and ended webhook deliveries): what `/metrics` counts, without reading
 the task table's old rows.
 
+A core module beside llmos.manager: it writes only its own tables (job_rollups, webhook_rollups,
+job_rollup_watermark) and imports no other LLMOS module but llmos.db and llmos.jobs. manager
+(`retry_failed` calls `keep_counted`), the reconciler, retention and the collector
+(llmos.monitoring.metrics) import it.
+
 `job_rollups` holds, per (UTC day of finished_at, model, task type, tenant, final status): the
 jobs, their retries (attempts - 1), tokens in and out, and for each histogram (queue wait,
 compute, end-to-end latency, batch size) the observations, their sum and the cumulative bucket
@@ -22,8 +27,9 @@ table of months folds it a day at a time).
 
 `totals` answers rollup(< watermark) + the same aggregate over the tail (finished_at >= the
 watermark), read in one snapshot, so the totals are exact at the scrape, the same from every API
-process, and no count goes down when `llmos prune` deletes old jobs (they were folded first: the
-reconciler folds before it prunes, and retention deletes only jobs days old).
+process, and no count goes down when `llmos prune` deletes old jobs (`manager.prune` folds
+first and deletes only jobs and deliveries that ended before the watermark), nor when an
+operator retries a failed job (`keep_counted`: the counters count finishes).
 
 The lag: finished_at is stamped inside the finishing transaction (Postgres `now()`, the
 transaction's start; SQLite the writer's clock just before its write), so a job becomes visible
@@ -37,19 +43,28 @@ past it the finish fails and is retried with a new stamp), so 60 s covers it wit
 in tests/unit/test_monitoring.py: with folders in a tight loop, SQLite's busy handler let a writer
 wait 17 s between stamp and commit; a lag of 1 s lost jobs there.) The cost of a larger lag is
 only a longer tail to aggregate per scrape (the jobs of the last minute or so).
+
+A transaction that stamps many rows with one `now()` may run longer than that
+(`manager.end_queued_batch_jobs` ending a batch of 100,000 queued jobs, `manager.expire_overdue`
+after an outage): on Postgres the fold's upper bound is also clamped to the start of the oldest
+other open transaction of the database that has written (`pg_stat_activity.xact_start` where
+`backend_xid` is set), so such a transaction's stamps are never behind the watermark at its
+commit, however long it runs. pg_stat_activity shows `xact_start` only of the sessions of the
+reader's own role (all to superusers and pg_read_all_stats): with LLMOS's processes on one role,
+as one LLMOS_DATABASE_URL gives, they see each other; a writer under another role is covered
+by the lag only. A long-open writing transaction delays the fold (a longer tail), never loses jobs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from llmos import manager
 from llmos.db import (ROLLUP_HISTOGRAMS, begin_write, job_rollup_watermark, job_rollups, jobs, rollup_bucket_column,
                       webhook_deliveries, webhook_rollups)
 from llmos.jobs import FINAL_STATUSES
@@ -70,6 +85,20 @@ VALUE_COLUMNS = tuple(c.name for c in job_rollups.c if not c.primary_key)
 """The additive columns of a rollup row (everything but its key)."""
 
 WATERMARK_ID = 1
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back naive; they were written in UTC (as `llmos.manager.as_utc`)."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _db_now(conn: sa.Connection) -> datetime:
+    """The database's clock, as `llmos.manager.db_now` (not imported: manager imports this module)."""
+    if conn.dialect.name == "sqlite":
+        return datetime.now(timezone.utc)
+    return conn.execute(sa.select(sa.func.now())).scalar_one().astimezone(timezone.utc)
 
 
 def _day(dialect: str, column: Any = jobs.c.finished_at) -> Any:
@@ -103,9 +132,11 @@ def aggregates(dialect: str) -> tuple[Any, ...]:
     """The SELECT list of VALUE_COLUMNS over a group of finished jobs (labelled as the columns);
     built once per dialect (about 90 expressions: building them cost ~10 ms a statement)."""
     zero, one = sa.literal_column("0"), sa.literal_column("1")
+    # the attempts of this finish: those since the last operator retry (`llmos.manager.retry_failed`),
+    # whose earlier finish was counted with its own retries
+    tries = jobs.c.attempts - sa.func.coalesce(jobs.c.attempts_at_retry, zero)
     out = [sa.func.count().label("jobs"),
-           sa.func.coalesce(sa.func.sum(sa.case((jobs.c.attempts > one, jobs.c.attempts - one), else_=zero)), zero)
-           .label("retries"),
+           sa.func.coalesce(sa.func.sum(sa.case((tries > one, tries - one), else_=zero)), zero).label("retries"),
            sa.func.coalesce(sa.func.sum(jobs.c.tokens_in), zero).label("tokens_in"),
            sa.func.coalesce(sa.func.sum(jobs.c.tokens_out), zero).label("tokens_out")]
     for name, x in _sources(dialect).items():
@@ -158,6 +189,28 @@ def refresh(engine: sa.Engine, *, lag_s: float = LAG_S, max_step_s: float = MAX_
             return Refreshed(jobs=total, folded_to=last)
 
 
+_OLDEST_WRITE = sa.text(
+    "SELECT min(xact_start) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
+    "AND datname = current_database()")
+
+
+def _oldest_open_write(conn: sa.Connection) -> datetime | None:
+    """Postgres: the start of the oldest other transaction of this database that has written and
+    not yet committed (a finish stamps finished_at with its transaction's start, `now()`); None on
+    SQLite or when there is none. pg_stat_activity shows `xact_start` of the sessions of the
+    folder's own role (and of every role to superusers and members of pg_read_all_stats): LLMOS's
+    processes share one database URL, so one role, and see each other's."""
+    if conn.dialect.name != "postgresql":
+        return None
+    return _as_utc(conn.execute(_OLDEST_WRITE).scalar())
+
+
+def folded_to(conn: sa.Connection) -> datetime | None:
+    """The watermark: every job finished (delivery ended) before it is in the rollup; None: none is."""
+    wm = job_rollup_watermark
+    return _as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
+
+
 def _lock_watermark(conn: sa.Connection, wait: bool) -> Any:
     """The watermark row, locked for this transaction; None when another transaction holds it
     (and not `wait`)."""
@@ -176,39 +229,77 @@ def _lock_watermark(conn: sa.Connection, wait: bool) -> Any:
 
 def _fold_step(engine: sa.Engine, *, lag_s: float, max_step_s: float,
                now: datetime | None, wait: bool) -> tuple[int, datetime, bool] | None:
-    dialect = engine.dialect.name
     wm = job_rollup_watermark
     with begin_write(engine) as conn:
         row = _lock_watermark(conn, wait)
         if row is None:
             return None
-        clock = manager.db_now(conn)
-        upper = (manager.as_utc(now) if now is not None else clock) - timedelta(seconds=lag_s)
-        lo = manager.as_utc(row.folded_to)
+        clock = _db_now(conn)
+        upper = (_as_utc(now) if now is not None else clock) - timedelta(seconds=lag_s)
+        oldest = _oldest_open_write(conn)
+        if oldest is not None:  # a long finishing transaction still open: its stamps are >= its start
+            upper = min(upper, oldest)
+        lo = _as_utc(row.folded_to)
         if lo is None:  # never folded: from the oldest finished job or ended delivery (first index entries)
-            firsts = [manager.as_utc(conn.execute(sa.select(sa.func.min(c)).where(c.is_not(None))).scalar())
-                      for c in (jobs.c.finished_at, *_ENDED.values())]
-            lo = min((t for t in firsts if t is not None), default=upper)
+            lo = _first_end(conn, default=upper)
         if upper <= lo:
             if row.folded_to is None:
                 conn.execute(wm.update().where(wm.c.id == WATERMARK_ID).values(folded_to=lo, refreshed_at=clock))
             return 0, lo, False
         hi = min(upper, lo + timedelta(seconds=max_step_s))
-        select = (sa.select(_day(dialect).label("day"), *[jobs.c[c] for c in LABELS], *aggregates(dialect))
-                  .where(*_finished(lo, hi))
-                  .group_by(_day(dialect), *[jobs.c[c] for c in LABELS]))
-        insert = (postgresql.insert(job_rollups) if dialect == "postgresql" else sqlite.insert(job_rollups))
-        insert = insert.from_select(["day", *LABELS, *VALUE_COLUMNS], select)
-        insert = insert.on_conflict_do_update(
-            index_elements=["day", *LABELS],
-            set_={c: job_rollups.c[c] + insert.excluded[c] for c in VALUE_COLUMNS})
-        conn.execute(insert)
+        _add_jobs(conn, _finished(lo, hi))
         # the jobs folded: their count by the rows' own sum would need another read; the range's
         # count is one index-only count over the range just folded
         n = conn.execute(sa.select(sa.func.count()).where(*_finished(lo, hi))).scalar_one()
         _fold_webhooks(conn, lo, hi)
         conn.execute(wm.update().where(wm.c.id == WATERMARK_ID).values(folded_to=hi, refreshed_at=clock))
         return int(n), hi, hi < upper
+
+
+def _first_end(conn: sa.Connection, default: datetime) -> datetime:
+    """The oldest finished_at or end of a delivery (the first entries of their indexes), else `default`."""
+    firsts = [_as_utc(conn.execute(sa.select(sa.func.min(c)).where(c.is_not(None))).scalar())
+              for c in (jobs.c.finished_at, *_ENDED.values())]
+    return min((t for t in firsts if t is not None), default=default)
+
+
+def _add_jobs(conn: sa.Connection, where: list[Any]) -> None:
+    """Add the finished jobs matching `where` to job_rollups (one INSERT ... SELECT ... ON CONFLICT)."""
+    dialect = conn.dialect.name
+    select = (sa.select(_day(dialect).label("day"), *[jobs.c[c] for c in LABELS], *aggregates(dialect))
+              .where(*where)
+              .group_by(_day(dialect), *[jobs.c[c] for c in LABELS]))
+    insert = (postgresql.insert(job_rollups) if dialect == "postgresql" else sqlite.insert(job_rollups))
+    insert = insert.from_select(["day", *LABELS, *VALUE_COLUMNS], select)
+    insert = insert.on_conflict_do_update(
+        index_elements=["day", *LABELS],
+        set_={c: job_rollups.c[c] + insert.excluded[c] for c in VALUE_COLUMNS})
+    conn.execute(insert)
+
+
+def keep_counted(conn: sa.Connection, job_where: list[Any], delivery_where: list[Any] | None = None) -> None:
+    """Before a finish is undone (`llmos.manager.retry_failed` re-queues a failed job, re-arms its
+    webhook): add the rows' current contribution to the rollup when they are still in the tail, so
+    that the counters keep counting that finish (and that delivery) and never go down.
+
+    Call first in the transaction that clears finished_at (delivered_at, given_up_at), with the
+    conditions that select the rows it will change. It takes the watermark row FOR UPDATE on
+    Postgres (waiting for a fold in progress; a fold meanwhile skips it and runs on the next call),
+    so no fold reads the rows between this and the commit; on SQLite the caller's write
+    transaction (`begin_write`) already excludes the folder. Rows finished before the watermark
+    were folded already and are left as they are. A watermark never set is set first (to the
+    oldest end, or now - LAG_S if earlier: nothing is below it), since totals read the rollup only
+    with a watermark."""
+    row = _lock_watermark(conn, wait=True)
+    folded_to = _as_utc(row.folded_to)
+    if folded_to is None:
+        folded_to = _first_end(conn, default=_db_now(conn) - timedelta(seconds=LAG_S))
+        folded_to = min(folded_to, _db_now(conn) - timedelta(seconds=LAG_S))
+        wm = job_rollup_watermark
+        conn.execute(wm.update().where(wm.c.id == WATERMARK_ID).values(folded_to=folded_to))
+    _add_jobs(conn, [*job_where, *_finished(folded_to, None)])
+    if delivery_where:
+        _add_webhooks(conn, delivery_where, folded_to)
 
 
 _ENDED = {"delivered": webhook_deliveries.c.delivered_at, "given_up": webhook_deliveries.c.given_up_at}
@@ -226,12 +317,17 @@ def _ended_in(column: Any, since: datetime | None, until: datetime | None) -> li
 
 def _fold_webhooks(conn: sa.Connection, lo: datetime, hi: datetime) -> None:
     """Deliveries that ended (delivered or given up) in [lo, hi) into webhook_rollups."""
+    _add_webhooks(conn, [], lo, hi)
+
+
+def _add_webhooks(conn: sa.Connection, where: list[Any], lo: datetime, hi: datetime | None = None) -> None:
+    """Deliveries matching `where` that ended in [lo, hi) into webhook_rollups."""
     d, dialect = webhook_deliveries, conn.dialect.name
     for outcome, column in _ENDED.items():
         day = _day(dialect, column)
         select = (sa.select(day.label("day"), d.c.tenant, sa.literal_column(f"'{outcome}'"), sa.func.count(),
                             sa.func.coalesce(sa.func.sum(d.c.attempts), sa.literal_column("0")))
-                  .where(*_ended_in(column, lo, hi)).group_by(day, d.c.tenant))
+                  .where(*where, *_ended_in(column, lo, hi)).group_by(day, d.c.tenant))
         insert = postgresql.insert(webhook_rollups) if dialect == "postgresql" else sqlite.insert(webhook_rollups)
         insert = insert.from_select(["day", "tenant", "outcome", "deliveries", "attempts"], select)
         conn.execute(insert.on_conflict_do_update(
@@ -313,7 +409,7 @@ def totals(conn: sa.Connection) -> Totals:
     or not at all (it moves rows from the tail into the rollup in one commit)."""
     dialect = conn.dialect.name
     wm = job_rollup_watermark
-    folded_to = manager.as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
+    folded_to = _as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
     out: dict[Key, dict[str, float]] = {}
     if folded_to is not None:
         for r in conn.execute(_rollup_sums()):
