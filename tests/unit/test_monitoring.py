@@ -177,13 +177,14 @@ def test_refreshes_racing_beside_finishing_jobs_fold_each_job_exactly_once(sqlit
         try:
             while not stop.is_set():
                 folds[name] += rollup.refresh(e, lag_s=0.0, max_step_s=3600.0).jobs
+                stop.wait(0.005)  # pacing only: lets the writer take the lock between folds
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=fold, args=(e, i)) for i, e in enumerate(engines)]
     for t in threads:
         t.start()
-    for i in range(20):  # jobs finishing now, while the folders run
+    for i in range(10):  # jobs finishing now, while the folders run
         with begin_write(main) as conn:
             now = datetime.now(timezone.utc)
             batch = [dict(r, finished_at=now, created_at=now - timedelta(seconds=1), id=str(uuid.uuid4()))
@@ -196,7 +197,7 @@ def test_refreshes_racing_beside_finishing_jobs_fold_each_job_exactly_once(sqlit
     assert errors == []
     assert sum(folds.values()) == rollup_jobs(main)  # each fold's count is what it added
     rollup.refresh(main, lag_s=0.0)
-    assert rollup_jobs(main) == len(rows) == 300 and read_totals(main).tail_jobs == 0
+    assert rollup_jobs(main) == len(rows) == 250 and read_totals(main).tail_jobs == 0
     check(read_totals(main), rows)
     for e in engines:
         e.dispose()
