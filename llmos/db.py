@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,6 +18,13 @@ from sqlalchemy.dialects import postgresql
 from llmos.constants import DEFAULT_TENANT
 from llmos.errors import DatabaseUnavailableError
 from llmos.settings import redact
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back naive; they were written in UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
 
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 Timestamp = sa.DateTime(timezone=True)

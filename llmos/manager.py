@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from llmos import rollup
 from llmos.constants import DEFAULT_TENANT, MAX_TENANT_CHARS
-from llmos.db import (UNSTORABLE, api_keys, begin_write, dump_json, jobs, storable, webhook_deliveries,
+from llmos.db import (UNSTORABLE, api_keys, as_utc, begin_write, dump_json, jobs, storable, webhook_deliveries,
                       webhook_secrets, workers)
 from llmos.errors import IdempotencyConflictError, ValidationError
 from llmos.jobs import FINAL_STATUSES, Job, JobStatus, new_ids
@@ -70,13 +70,6 @@ def _scoped(conditions: list[Any], tenant: Tenant) -> list[Any]:
     if not isinstance(tenant, str):
         raise TypeError(f"tenant must be a tenant name or ANY_TENANT, got {tenant!r}")
     return [*conditions, jobs.c.tenant == tenant]
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands timestamps back naive; they were written in UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -65,7 +65,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from llmos.db import (ROLLUP_HISTOGRAMS, begin_write, job_rollup_watermark, job_rollups, jobs, rollup_bucket_column,
+from llmos.db import (ROLLUP_HISTOGRAMS, as_utc, begin_write, job_rollup_watermark, job_rollups, jobs, rollup_bucket_column,
                       webhook_deliveries, webhook_rollups)
 from llmos.jobs import FINAL_STATUSES
 
@@ -85,13 +85,6 @@ VALUE_COLUMNS = tuple(c.name for c in job_rollups.c if not c.primary_key)
 """The additive columns of a rollup row (everything but its key)."""
 
 WATERMARK_ID = 1
-
-
-def _as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands timestamps back naive; they were written in UTC (as `llmos.manager.as_utc`)."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
 
 
 def _db_now(conn: sa.Connection) -> datetime:
@@ -202,13 +195,13 @@ def _oldest_open_write(conn: sa.Connection) -> datetime | None:
     processes share one database URL, so one role, and see each other's."""
     if conn.dialect.name != "postgresql":
         return None
-    return _as_utc(conn.execute(_OLDEST_WRITE).scalar())
+    return as_utc(conn.execute(_OLDEST_WRITE).scalar())
 
 
 def folded_to(conn: sa.Connection) -> datetime | None:
     """The watermark: every job finished (delivery ended) before it is in the rollup; None: none is."""
     wm = job_rollup_watermark
-    return _as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
+    return as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
 
 
 def _lock_watermark(conn: sa.Connection, wait: bool) -> Any:
@@ -235,11 +228,11 @@ def _fold_step(engine: sa.Engine, *, lag_s: float, max_step_s: float,
         if row is None:
             return None
         clock = _db_now(conn)
-        upper = (_as_utc(now) if now is not None else clock) - timedelta(seconds=lag_s)
+        upper = (as_utc(now) if now is not None else clock) - timedelta(seconds=lag_s)
         oldest = _oldest_open_write(conn)
         if oldest is not None:  # a long finishing transaction still open: its stamps are >= its start
             upper = min(upper, oldest)
-        lo = _as_utc(row.folded_to)
+        lo = as_utc(row.folded_to)
         if lo is None:  # never folded: from the oldest finished job or ended delivery (first index entries)
             lo = _first_end(conn, default=upper)
         if upper <= lo:
@@ -258,7 +251,7 @@ def _fold_step(engine: sa.Engine, *, lag_s: float, max_step_s: float,
 
 def _first_end(conn: sa.Connection, default: datetime) -> datetime:
     """The oldest finished_at or end of a delivery (the first entries of their indexes), else `default`."""
-    firsts = [_as_utc(conn.execute(sa.select(sa.func.min(c)).where(c.is_not(None))).scalar())
+    firsts = [as_utc(conn.execute(sa.select(sa.func.min(c)).where(c.is_not(None))).scalar())
               for c in (jobs.c.finished_at, *_ENDED.values())]
     return min((t for t in firsts if t is not None), default=default)
 
@@ -291,7 +284,7 @@ def keep_counted(conn: sa.Connection, job_where: list[Any], delivery_where: list
     oldest end, or now - LAG_S if earlier: nothing is below it), since totals read the rollup only
     with a watermark."""
     row = _lock_watermark(conn, wait=True)
-    folded_to = _as_utc(row.folded_to)
+    folded_to = as_utc(row.folded_to)
     if folded_to is None:
         folded_to = _first_end(conn, default=_db_now(conn) - timedelta(seconds=LAG_S))
         folded_to = min(folded_to, _db_now(conn) - timedelta(seconds=LAG_S))
@@ -409,7 +402,7 @@ def totals(conn: sa.Connection) -> Totals:
     or not at all (it moves rows from the tail into the rollup in one commit)."""
     dialect = conn.dialect.name
     wm = job_rollup_watermark
-    folded_to = _as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
+    folded_to = as_utc(conn.execute(sa.select(wm.c.folded_to).where(wm.c.id == WATERMARK_ID)).scalar())
     out: dict[Key, dict[str, float]] = {}
     if folded_to is not None:
         for r in conn.execute(_rollup_sums()):
