@@ -107,7 +107,8 @@ class WorkerProcess:
         raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def kill(self) -> None:

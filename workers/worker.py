@@ -8,7 +8,10 @@ expired job is a no-op), runs it, and `complete` writes every outcome in one tra
 publishes completion notices in one pipeline. Messages are acked only after that (acks_late).
 Transient failures go back to `queued` with a backoff; database connection errors are retried for
 `LLMOS_DB_RETRY_S`; an outcome the database refuses to store fails its own job only.
-SIGTERM: Celery's warm shutdown finishes the jobs held, then the worker exits.
+SIGTERM: Celery's warm shutdown finishes the jobs held, then the worker exits. A SIGTERM that comes
+before Celery has installed its own handler (while the model loads, or just after the worker has
+registered) is a warm shutdown too: the worker stops before it consumes anything, records its stop
+and exits 0 (a supervisor draining a worker that has just started sees a clean exit).
 
 The heartbeat thread also guards the worker: it audits the Redis held set (an id held there that
 no Celery thread has in hand at two audits in a row, e.g. after a failed claim or a lost bulk-pop
@@ -25,6 +28,7 @@ import dataclasses
 import logging
 import os
 import random
+import signal
 import socket
 import uuid
 import threading
@@ -61,6 +65,10 @@ as a broken query would. Unset in production."""
 FAULT_CLOCK_SKEW_ENV = "LLMOS_FAULT_CLOCK_SKEW_S"
 """Fault injection for the fault tests: this process's wall clock (`time.time`,
 `manager.utcnow`) is shifted by this many seconds. Unset in production."""
+
+FAULT_START_PAUSE_ENV = "LLMOS_FAULT_START_PAUSE_S"
+"""Fault injection for the tests: pause this many seconds between registering and starting Celery
+(the window where a SIGTERM must still be a warm shutdown). Unset in production."""
 
 
 def pin_device(device: str) -> str:
@@ -104,6 +112,7 @@ class Worker:
 
     def run(self) -> int:
         born = time.monotonic()  # the cold start counts from here (workers.ready_at - started_at)
+        early_stop = _stop_early_on_signals()
         check_database(self.settings.db_url)
         from workers import model_cache
         from workers.batcher import Batcher
@@ -119,9 +128,17 @@ class Worker:
                                complete=self.complete, control=self.control,
                                on_start=placement.pin_model if placement else None,
                                restart=self.restart_clock).start()
+        if early_stop.is_set():  # SIGTERM while the model loaded: never registered, nothing held
+            self.batcher.stop()
+            event(log, "worker_stop", worker=self.worker_id, before="start")
+            return 0
         manager.register_worker(self.engine, worker_id=self.worker_id, host=self.host,
                                 pid=os.getpid(), model=self.spec.name, device=self.device)
         manager.worker_ready(self.engine, self.worker_id, load_s=time.monotonic() - born)
+        pause = float(os.environ.get(FAULT_START_PAUSE_ENV) or 0.0)
+        if pause:
+            event(log, "fault_injected", logging.WARNING, hook=FAULT_START_PAUSE_ENV, seconds=pause)
+            early_stop.wait(pause)
         for target, name in ((self._heartbeat, "llmos-heartbeat"), (self._listen_cancels, "llmos-cancels")):
             threading.Thread(target=target, name=name, daemon=True).start()
         app = make_celery(self.settings)
@@ -401,6 +418,23 @@ def skew_clock(seconds: float) -> None:
     real_time, real_utcnow = time.time, manager.utcnow
     time.time = lambda: real_time() + seconds
     manager.utcnow = lambda: real_utcnow() + timedelta(seconds=seconds)
+
+
+def _stop_early_on_signals() -> threading.Event:
+    """Until Celery installs its own handlers (in `Worker.start`), SIGTERM and SIGINT ask for the
+    warm shutdown Celery would do: the flag it checks (`state.should_stop`) is set, so its consumer
+    stops before taking a message. The returned event says one came."""
+    from celery.worker import state
+
+    came = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        came.set()
+        state.should_stop = 0  # EX_OK, as Celery's own warm-shutdown handler sets it
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return came
 
 
 def main(model: str, device: str | None = None, concurrency: int | None = None) -> int:
