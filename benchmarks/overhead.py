@@ -22,8 +22,12 @@ CPU per job is summed over every process the jobs pass through, each read before
   backend that exits mid-run still counts; and, separately, the cluster's background processes
   (postmaster, walwriter, background writer, checkpointer: cluster-wide, shared with any other
   database on the server). Backends of other databases are listed, not counted.
-The sum is compared with issue 11's target (0.5 ms per job); the tiny model's own compute
-(the batch compute time recorded in the table, per job) is shown beside it.
+The tiny model's own work is measured side by side, after the run, in this process: the same
+texts through the same runner in batches of `--batch`, one torch thread, the thread's CPU clock
+(`time.thread_time`): what a user's bare loop spends. Issue 11's target (0.5 ms per job) is for
+what LLMOS adds: the sum over every process less that bare model's CPU per job (docs/benchmarks.md,
+"What the CPU target counts"). The sum itself, and the batch compute time the table recorded, are
+printed too.
 
 `--profile`: a sampling profiler in the worker (through the shim) and in this process: every
 2 ms each Python thread's CPU since the last sample (its CPU clock) is charged to its current stack;
@@ -46,6 +50,28 @@ ROOT = Path(__file__).resolve().parent.parent
 HZ = os.sysconf("SC_CLK_TCK")
 TARGET_MS = 0.5
 SHIM = "--worker-shim"
+
+
+def bare_model_cpu_s(cfg: Path, tasks: list, batch: int) -> float:
+    """CPU seconds of this thread for the tiny model's bare loop over `tasks` (the worker's runner,
+    batches of `batch`, one torch thread), after one warm-up batch."""
+    import torch
+    from llmos.registry import Registry
+    from llmos.settings import Settings
+    from workers import model_cache
+    from workers.runners import runners_for
+
+    runner = runners_for(model_cache.get(Registry.load(Settings(config=cfg)).get("tiny"), "cpu"))["sentiment"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runner.run(tasks[:batch])
+        t0 = time.thread_time()
+        for i in range(0, len(tasks), batch):
+            runner.run(tasks[i:i + batch])
+        return time.thread_time() - t0
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -- CPU readers ---------------------------------------------------------------------------------
@@ -453,6 +479,7 @@ def main() -> None:
                 jobs = list(manager.get_jobs(client.engine, [h.id for h in handles], tenant=manager.ANY_TENANT).values())
             rclient.close()
             env.stop(w)
+            bare_s = bare_model_cpu_s(cfg, tasks, args.batch)  # the machine otherwise as during the run
         finally:
             env.close()
     load_end = os.getloadavg()
@@ -494,6 +521,8 @@ def main() -> None:
         "total_without_pg_background_ms_per_job": ms(total - pg_s.get("background", 0.0)),
         "target_ms_per_job": TARGET_MS,
         "tiny_model_compute_ms_per_job": ms(model_s),
+        "bare_model_cpu_ms_per_job": ms(bare_s),
+        "llmos_cpu_ms_per_job": ms(total - bare_s),
         "total_less_model_compute_ms_per_job": ms(total - model_s),
         "worker_threads_cpu_ms_per_job": {k: ms(v) for k, v in sorted(by_thread.items(), key=lambda kv: -kv[1]) if v > 0},
         "postgres_processes_seen": {role: d["processes"] for role, d in pg_roles.items()},
@@ -520,12 +549,15 @@ def print_report(r: dict) -> None:
     print("CPU ms per job, by process:")
     for k, v in r["cpu_ms_per_job"].items():
         print(f"  {k:<84} {v:>7}")
-    met = "met" if r["total_cpu_ms_per_job"] <= r["target_ms_per_job"] else "NOT met"
-    print(f"  {'TOTAL':<84} {r['total_cpu_ms_per_job']:>7}   target <= {r['target_ms_per_job']}: {met} "
-          f"({r['total_cpu_ms_per_job'] / r['target_ms_per_job']:.1f}x)")
+    print(f"  {'TOTAL':<84} {r['total_cpu_ms_per_job']:>7}")
     print(f"  {'  without the Postgres background':<84} {r['total_without_pg_background_ms_per_job']:>7}")
-    print(f"  {'  of which the tiny model computes (batch compute time per job)':<84} "
+    print(f"  {'  the batch compute time per job the table recorded (wall clock of the batches)':<84} "
           f"{r['tiny_model_compute_ms_per_job']:>7}")
+    print(f"  {'the bare model: same texts, runner and batches, one torch thread (CPU, this process)':<84} "
+          f"{r['bare_model_cpu_ms_per_job']:>7}")
+    met = "met" if r["llmos_cpu_ms_per_job"] <= r["target_ms_per_job"] else "NOT met"
+    print(f"  {'LLMOS: TOTAL less the bare model':<84} {r['llmos_cpu_ms_per_job']:>7}   "
+          f"target <= {r['target_ms_per_job']}: {met} ({r['llmos_cpu_ms_per_job'] / r['target_ms_per_job']:.2f}x)")
     print("worker threads (schedstat), ms per job:")
     for k, v in r["worker_threads_cpu_ms_per_job"].items():
         print(f"    {k:<40} {v:>7}")
