@@ -81,10 +81,6 @@ jobs = sa.Table(
     sa.CheckConstraint(
         "status IN ('queued','running','succeeded','failed','cancelled','expired')",
         name="status_valid"),
-    sa.Index(None, "status", "model"),
-    sa.Index(None, "status", "worker_id"),
-    sa.Index(None, "batch_id"),
-    sa.Index(None, "conversation_id", "created_at"),
     sa.Index(None, "tenant", "created_at", "id"),  # a tenant's jobs newest first (API listing)
     # a tenant's jobs of one status newest first (API listing), its queued jobs (API quota)
     sa.Index(None, "tenant", "status", "created_at", "id"),
@@ -98,6 +94,8 @@ jobs = sa.Table(
 # retention's open-batch check, cost the same with ten million finished jobs as with none.
 QUEUED_ROWS = "status = 'queued'"
 FAILED_ROWS = "status = 'failed'"
+RUNNING_ROWS = "status = 'running'"
+OPEN_ROWS = "status IN ('queued','running')"
 _partial_jobs_indexes = [  # each attached to `jobs` by its columns
     # the serve order of each model's queued jobs (stale_queued), and which models have any
     sa.Index("ix_jobs_queued_order", jobs.c.model, jobs.c.priority.desc(), jobs.c.queued_at,
@@ -111,6 +109,18 @@ _partial_jobs_indexes = [  # each attached to `jobs` by its columns
     sa.Index("ix_jobs_open_batches", jobs.c.tenant, jobs.c.batch_id,  # retention keeps open batches
              postgresql_where=sa.text("batch_id IS NOT NULL AND status IN ('queued','running')"),
              sqlite_where=sa.text("batch_id IS NOT NULL AND status IN ('queued','running')")),
+    # migration 0011: indexes that served some rows only now hold only those (fewer entries a job)
+    # open jobs counted by status and model (demand, ETA, /metrics, the dashboard)
+    sa.Index("ix_jobs_open_status_model", jobs.c.status, jobs.c.model,
+             postgresql_where=sa.text(OPEN_ROWS), sqlite_where=sa.text(OPEN_ROWS)),
+    # the running jobs of a worker, and all running jobs (the reconciler)
+    sa.Index("ix_jobs_running_worker_id", jobs.c.worker_id,
+             postgresql_where=sa.text(RUNNING_ROWS), sqlite_where=sa.text(RUNNING_ROWS)),
+    sa.Index("ix_jobs_of_batch", jobs.c.batch_id,  # a batch's jobs
+             postgresql_where=sa.text("batch_id IS NOT NULL"), sqlite_where=sa.text("batch_id IS NOT NULL")),
+    sa.Index("ix_jobs_of_conversation", jobs.c.conversation_id, jobs.c.created_at,  # a dialogue's turns
+             postgresql_where=sa.text("conversation_id IS NOT NULL"),
+             sqlite_where=sa.text("conversation_id IS NOT NULL")),
     # the dashboard's recent failures, newest first (migration 0010)
     sa.Index("ix_jobs_failed_finished_at_id", jobs.c.finished_at, jobs.c.id,
              postgresql_where=sa.text(FAILED_ROWS), sqlite_where=sa.text(FAILED_ROWS)),

@@ -452,7 +452,7 @@ def claim(engine: sa.Engine, job_ids: Sequence[str], *, worker_id: str, device: 
         return [], []
     ids = [str(i) for i in job_ids]
     # By primary key only: `status || ''` keeps the planner off the indexes over queued rows
-    # (ix_jobs_queued_order, ix_jobs_status_model), which it picks when its statistics are
+    # (ix_jobs_queued_order, ix_jobs_open_status_model), which it picks when its statistics are
     # stale (a fresh or never-ANALYZEd table) and then walks the whole queue per claim.
     queued = [jobs.c.id.in_(ids), (jobs.c.status + "") == JobStatus.QUEUED.value]
     with engine.begin() as conn:
@@ -663,7 +663,7 @@ def requeue_dead(engine: sa.Engine, dead_after_s: float) -> tuple[list[Job], lis
     """
     with engine.connect() as conn:
         now = db_now(conn)
-        running = _jobs_from(conn.execute(sa.select(jobs).where(jobs.c.status == JobStatus.RUNNING.value)))
+        running = _jobs_from(conn.execute(sa.select(jobs).where(_status_in(jobs.c.status, JobStatus.RUNNING))))
         beats = {}
         if running:
             ids = sorted({j.worker_id for j in running if j.worker_id})
@@ -708,7 +708,7 @@ def fail_timed_out(engine: sa.Engine, grace_s: float) -> list[str]:
     with engine.connect() as conn:
         now = db_now(conn)
         rows = conn.execute(sa.select(jobs.c.id, jobs.c.started_at, jobs.c.timeout_s, jobs.c.attempts)
-                            .where(jobs.c.status == JobStatus.RUNNING.value, jobs.c.timeout_s.is_not(None))).all()
+                            .where(_status_in(jobs.c.status, JobStatus.RUNNING), jobs.c.timeout_s.is_not(None))).all()
     overdue = [r for r in rows if (now - as_utc(r.started_at)).total_seconds() > r.timeout_s + grace_s]
     done = []
     if not overdue:

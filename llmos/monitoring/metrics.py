@@ -197,7 +197,7 @@ UNFINISHED_STATES = ("queued", "retry_wait", "running")
 
 def _unfinished(conn: sa.Connection) -> list[tuple[str, str, str, int, str, int]]:
     """(model, task, tenant, priority, state, jobs) of the jobs not final: `status IN ('queued',
-    'running')`, literals so the partial indexes match (ix_jobs_status_model; the queued rows also
+    'running')`, literals so the partial indexes match (ix_jobs_open_status_model; the queued rows also
     ix_jobs_queued_order). retry_wait: queued, waiting out a retry backoff (run_after ahead)."""
     now = manager.sql_now(conn)
     state = sa.case((jobs.c.status == sa.literal_column("'running'"), "running"),

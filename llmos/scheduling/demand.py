@@ -11,7 +11,7 @@ never the whole table (ten million finished rows cost the same as none):
 - finished jobs: `finished_at >= cutoff` (ix_jobs_finished_at_id, partial over finished rows);
 - queued jobs: `status = 'queued'` (ix_jobs_queued_order, partial; model, priority and
   queued_at are in it, so Postgres answers from the index alone);
-- running jobs: `status = 'running'` (ix_jobs_status_model): as many as workers hold.
+- running jobs: `status = 'running'` (ix_jobs_open_status_model): as many as workers hold.
 Arrivals are the jobs created in the window: those finished since the cutoff and created after
 it, plus the open ones queued (or created) after it; their inter-arrival gaps give c_a².
 """

@@ -189,7 +189,7 @@ def queued_jobs(conn: sa.Connection, scope: Scope, now: datetime) -> list[dict[s
 
 def batch_panel(conn: sa.Connection, scope: Scope, now: datetime) -> list[dict[str, Any]]:
     """The newest batches with their progress: final ones' recorded counts, open ones' live job
-    counts (ix_jobs_batch_id: one batch's jobs)."""
+    counts (ix_jobs_of_batch: one batch's jobs)."""
     b = batches.c
     q = (sa.select(b.id, b.tenant, b.name, b.status, b.model, b.endpoint, b.total, b.bad, b.superseded,
                    b.completed_count, b.failed_count, b.created_at)
