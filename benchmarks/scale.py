@@ -295,7 +295,7 @@ def seed_redis(engine: sa.Engine, r: redis.Redis, dispatcher: CeleryDispatcher) 
     for job in sorted(jobs, key=lambda j: j.dispatched_at or j.queued_at):
         first.setdefault(queue_key(job.model, job.priority), job)
     for key, job in first.items():
-        k, payload = dispatcher.message(job)
+        k, payload = dispatcher.message([job])
         r.lpush(k, payload)
     return {"pending_ids": n, "lists": len(first), "seed_s": round(time.perf_counter() - started, 1)}
 
