@@ -8,10 +8,11 @@ expired job is a no-op), runs it, and `complete` writes every outcome in one tra
 publishes completion notices in one pipeline. Messages are acked only after that (acks_late).
 Transient failures go back to `queued` with a backoff; database connection errors are retried for
 `LLMOS_DB_RETRY_S`; an outcome the database refuses to store fails its own job only.
-SIGTERM: Celery's warm shutdown finishes the jobs held, then the worker exits. A SIGTERM that comes
-before Celery has installed its own handler (while the model loads, or just after the worker has
-registered) is a warm shutdown too: the worker stops before it consumes anything, records its stop
-and exits 0 (a supervisor draining a worker that has just started sees a clean exit).
+SIGTERM: Celery's warm shutdown finishes the jobs held, then the worker exits. Before Celery has
+installed its own handlers: while the model loads, SIGTERM (or Ctrl-C) ends the process at once
+(exit 0, or 1 for Ctrl-C; nothing is held yet); from the worker's registration on it is a warm
+shutdown too: the worker stops before it consumes anything, records its stop and exits 0 (a
+supervisor draining a worker that has just started sees a clean exit).
 
 The heartbeat thread also guards the worker: it audits the Redis held set (an id held there that
 no Celery thread has in hand at two audits in a row, e.g. after a failed claim or a lost bulk-pop
@@ -112,7 +113,7 @@ class Worker:
 
     def run(self) -> int:
         born = time.monotonic()  # the cold start counts from here (workers.ready_at - started_at)
-        early_stop = _stop_early_on_signals()
+        early = _EarlySignals()
         check_database(self.settings.db_url)
         from workers import model_cache
         from workers.batcher import Batcher
@@ -123,22 +124,24 @@ class Worker:
             placement.pin_bookkeeping()
         loaded = model_cache.get(self.spec, self.torch_device)
         runners = runners_for(loaded, history=self.history, redis=self.redis)  # redis: token streams
+        early.hold()  # from here a signal is a warm shutdown, not an exit on the spot
         self.batcher = Batcher(runners, max_batch_size=self.spec.max_batch_size,
                                max_wait_ms=self.spec.max_wait_ms, claim=self.claim,
                                complete=self.complete, control=self.control,
                                on_start=placement.pin_model if placement else None,
                                restart=self.restart_clock).start()
-        if early_stop.is_set():  # SIGTERM while the model loaded: never registered, nothing held
+        if early.came is not None:  # a signal as the batcher started: never registered, nothing held
             self.batcher.stop()
+            early.restore()
             event(log, "worker_stop", worker=self.worker_id, before="start")
-            return 0
+            return early.came
         manager.register_worker(self.engine, worker_id=self.worker_id, host=self.host,
                                 pid=os.getpid(), model=self.spec.name, device=self.device)
         manager.worker_ready(self.engine, self.worker_id, load_s=time.monotonic() - born)
         pause = float(os.environ.get(FAULT_START_PAUSE_ENV) or 0.0)
         if pause:
             event(log, "fault_injected", logging.WARNING, hook=FAULT_START_PAUSE_ENV, seconds=pause)
-            early_stop.wait(pause)
+            early.pause(pause)
         for target, name in ((self._heartbeat, "llmos-heartbeat"), (self._listen_cancels, "llmos-cancels")):
             threading.Thread(target=target, name=name, daemon=True).start()
         app = make_celery(self.settings)
@@ -420,21 +423,43 @@ def skew_clock(seconds: float) -> None:
     manager.utcnow = lambda: real_utcnow() + timedelta(seconds=seconds)
 
 
-def _stop_early_on_signals() -> threading.Event:
-    """Until Celery installs its own handlers (in `Worker.start`), SIGTERM and SIGINT ask for the
-    warm shutdown Celery would do: the flag it checks (`state.should_stop`) is set, so its consumer
-    stops before taking a message. The returned event says one came."""
-    from celery.worker import state
+class _EarlySignals:
+    """SIGTERM and SIGINT until Celery installs its own handlers (in `Worker.start`).
 
-    came = threading.Event()
+    While the model loads nothing is held: the signal ends the process at once (SystemExit, 0 for
+    SIGTERM, 1 for SIGINT as Celery's Ctrl-C). From `hold()` on (the batcher started, the worker
+    about to register) it asks for the warm shutdown Celery would do: the flag Celery's consumer
+    checks before taking a message (`state.should_stop`) is set, so it stops at once and the
+    worker records its stop. The handler only assigns plain values: no lock is taken in it.
+    """
 
-    def handler(signum: int, frame: Any) -> None:
-        came.set()
-        state.should_stop = 0  # EX_OK, as Celery's own warm-shutdown handler sets it
+    def __init__(self) -> None:
+        self.holding = False
+        self.came: int | None = None  # the exit code a signal asked for
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
-    return came
+    def _handle(self, signum: int, frame: Any) -> None:
+        code = 0 if signum == signal.SIGTERM else 1
+        if not self.holding:
+            raise SystemExit(code)
+        from celery.worker import state
+
+        self.came = code
+        state.should_stop = code  # as Celery's own warm-shutdown handler sets it
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def pause(self, seconds: float) -> None:
+        """Sleep up to `seconds`, less if a signal comes (the start-pause fault hook)."""
+        end = time.monotonic() + seconds
+        while self.came is None and time.monotonic() < end:
+            time.sleep(0.05)
+
+    def restore(self) -> None:
+        for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+            signal.signal(sig, default)
 
 
 def main(model: str, device: str | None = None, concurrency: int | None = None) -> int:

@@ -15,7 +15,7 @@ shares compare those tenants only (a tenant that left the model no longer counts
 Reads: per model, one statement every `CACHE_S` seconds per process, cached here (a submit in
 between reads nothing): the compute per tenant over the window (the partial index on finished_at:
 the rows finished in the window, all models) and the model's queued tenants (its queued rows,
-through the (status, model) index or ix_jobs_queued_order). Both grow with load (throughput ×
+through ix_jobs_open_status_model or ix_jobs_queued_order). Both grow with load (throughput ×
 window, backlog); an index over queued rows on (model, tenant) would make the second a skip scan
 if a backlog of millions makes it matter.
 """

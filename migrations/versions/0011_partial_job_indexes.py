@@ -23,7 +23,7 @@ Create Date: 2026-12-02 12:00:00.000000
 
 Built CONCURRENTLY on Postgres, as 0006's: a failed build leaves an INVALID index; drop it
 (`DROP INDEX CONCURRENTLY name`) and upgrade again. The old indexes are dropped only after the
-new ones exist.
+new ones exist; each step is IF [NOT] EXISTS, so an upgrade stopped part way runs again as is.
 """
 from typing import Sequence, Union
 
@@ -62,14 +62,16 @@ REPLACED = [  # dropped by the upgrade (after their replacements exist), made ag
 def upgrade() -> None:
     with op.get_context().autocommit_block():  # CONCURRENTLY cannot run inside a transaction
         for name, table, columns, options in INDEXES:
-            op.create_index(name, table, columns, unique=False, postgresql_concurrently=True, **options)
+            op.create_index(name, table, columns, unique=False, postgresql_concurrently=True, if_not_exists=True,
+                            **options)
         for name, table, _, _ in REPLACED:
-            op.drop_index(name, table_name=table, postgresql_concurrently=True)
+            op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
 
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
         for name, table, columns, options in REPLACED:
-            op.create_index(name, table, columns, unique=False, postgresql_concurrently=True, **options)
+            op.create_index(name, table, columns, unique=False, postgresql_concurrently=True, if_not_exists=True,
+                            **options)
         for name, table, _, _ in reversed(INDEXES):
-            op.drop_index(name, table_name=table, postgresql_concurrently=True)
+            op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)

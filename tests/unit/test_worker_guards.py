@@ -1,5 +1,6 @@
 """The worker's guards on a real SQLite task table, with a fake Redis: failed claims release their
-jobs, the held-set audit, outcomes the database refuses, the table-checked cancel, the watchdog."""
+jobs, the held-set audit, outcomes the database refuses, the table-checked cancel, the watchdog;
+and the signals that come before Celery's handlers are installed."""
 
 import time
 
@@ -190,3 +191,49 @@ def test_a_claim_whose_reply_was_lost_is_retried_as_a_reclaim(worker, monkeypatc
     assert calls == [False, True]
     assert sorted(j.id for j in claimed) == sorted(ids)
     assert all(j.attempts == 1 and j.worker_id == worker.worker_id for j in claimed)
+
+
+@pytest.fixture
+def early_signals():
+    """workers.worker._EarlySignals in this process; pytest's handlers and Celery's flag restored."""
+    import signal
+
+    from celery.worker import state
+
+    from workers.worker import _EarlySignals
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield _EarlySignals(), state
+    finally:
+        state.should_stop = None
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_a_signal_while_the_model_loads_exits_at_once(early_signals):
+    import os
+    import signal
+
+    early, state = early_signals
+    with pytest.raises(SystemExit) as term:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode; the sleep is never finished
+    assert term.value.code == 0 and early.came is None and state.should_stop is None
+    with pytest.raises(SystemExit) as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    assert interrupt.value.code == 1  # Ctrl-C, as Celery's own handler exits
+
+
+def test_a_signal_once_held_asks_celery_for_a_warm_shutdown(early_signals):
+    import os
+    import signal
+
+    early, state = early_signals
+    early.hold()
+    os.kill(os.getpid(), signal.SIGTERM)  # no exception: a flag only
+    early.pause(5)  # returns as soon as the signal has come
+    assert early.came == 0 and state.should_stop == 0
+    early.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
