@@ -796,10 +796,12 @@ def stale_queued(engine: sa.Engine, model: str, older_than_s: float, limit: int 
 
 
 def age_queued(engine: sa.Engine, model: str, *, step_s: float, ceiling: int,
-               limit: int = 1000) -> list[Job]:
+               limit: int = 1000) -> list[QueuedRef]:
     """Aging (llmos.scheduling.aging): queued, due jobs of `model` below `ceiling` that have waited
     over (aged + 1) × `step_s` since `queued_at` go up one priority step (priority + 1, aged + 1,
-    dispatched_at = now: the caller sends their new message at once). Returns the promoted rows.
+    dispatched_at = now: the caller sends their new message at once). Returns the promoted jobs
+    as what a message needs (id, model, new priority, sent_at = now), not their full rows: a pass
+    under a backlog promotes thousands.
 
     One conditional UPDATE per priority level, from the ceiling down, in one transaction: a job
     moves at most one step per call, and one claimed (or cancelled) meanwhile is left alone.
@@ -810,7 +812,7 @@ def age_queued(engine: sa.Engine, model: str, *, step_s: float, ceiling: int,
     """
     if step_s <= 0 or limit <= 0:
         return []
-    promoted: list[Job] = []
+    promoted: list[QueuedRef] = []
     with engine.begin() as conn:
         now = db_now(conn)
         # the due time of the next step, by the steps already taken (aged 0–9): a CASE of
@@ -833,8 +835,8 @@ def age_queued(engine: sa.Engine, model: str, *, step_s: float, ceiling: int,
             stmt = (jobs.update()
                     .where(jobs.c.id.in_(pick), *queued)
                     .values(priority=jobs.c.priority + 1, aged=jobs.c.aged + 1, dispatched_at=now)
-                    .returning(*jobs.c))
-            promoted.extend(_jobs_from(conn.execute(stmt)))
+                    .returning(jobs.c.id, jobs.c.model, jobs.c.priority))
+            promoted.extend(QueuedRef(str(i), m, p, now) for i, m, p in conn.execute(stmt))
     return promoted
 
 

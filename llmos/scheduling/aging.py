@@ -4,8 +4,9 @@ urgent work (vLLM has none: vllm-project/vllm #20608).
 
 Owns the rule and the re-send; the reconciler's pass calls `run_once` (production runs the
 reconciler, `llmos up` runs it in a thread). The rows change through `manager.age_queued` (a
-conditional UPDATE of queued rows, one step per job per pass); then each promoted job's message
-is sent again at its new priority. Its old message stays in the lower list: whichever a worker
+conditional UPDATE of queued rows, one step per job per pass); then the promoted jobs are sent
+again at their new priority, as a bulk submit sends them: one message per up to the model's
+`max_batch_size` ids of one priority. Its old message stays in the lower list: whichever a worker
 pops first is claimed, the other finds the job claimed (a conditional update), and the worker
 releases it, so the job runs once. Pending and held sets stay right: the new send adds the id to
 the model's pending set, the first pop moves it to the popping worker's held set, the second
@@ -27,7 +28,9 @@ import sqlalchemy as sa
 
 from llmos import manager
 from llmos.dispatch import Dispatcher
+from llmos.errors import LLMOSError
 from llmos.logs import event
+from llmos.registry import Registry
 from llmos.settings import Settings
 
 log = logging.getLogger("llmos.scheduling.aging")
@@ -64,12 +67,24 @@ def run_once(engine: sa.Engine, dispatcher: Dispatcher, settings: Settings,
     if not enabled(settings):
         return 0
     total = 0
+    sizes: dict[str, int] | None = None
     for model in manager.queued_models(engine) if models is None else models:
         promoted = manager.age_queued(engine, model, step_s=settings.aging_s,
                                       ceiling=settings.aging_ceiling, limit=BATCH)
         if promoted:
-            dispatcher.send(promoted)
+            if sizes is None:
+                sizes = _batch_sizes(settings)
+            # as a bulk submit sends: one message per up to the model's batch of one priority
+            dispatcher.send(promoted, chunk=sizes.get(model, 1))  # type: ignore[arg-type]
             total += len(promoted)
     if total:
         event(log, "aged", jobs=total)
     return total
+
+
+def _batch_sizes(settings: Settings) -> dict[str, int]:
+    """model → its max_batch_size from the registry (a model it does not name: one id a message)."""
+    try:
+        return {spec.name: spec.max_batch_size for spec in Registry.load(settings).all()}
+    except LLMOSError:  # a registry that no longer loads: one id a message, as before
+        return {}

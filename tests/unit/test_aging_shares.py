@@ -115,6 +115,16 @@ def test_run_once_sends_the_promoted_jobs_at_their_new_priority(engine):
     assert {pri for _, _, pri in d.sent} == {broker_priority(2)}
 
 
+def test_run_once_sends_the_promoted_jobs_as_a_bulk_submit_does(engine):
+    """One message per up to the model's max_batch_size ids of one priority (minilm: 32), not one
+    per job: a pass under a backlog promotes a thousand jobs a model."""
+    ids = make(engine, 70, waited_s=100)
+    d = InMemoryDispatcher()
+    assert aging.run_once(engine, d, Settings(aging_s=30)) == 70
+    assert sorted(i for m in d.messages for i in m) == sorted(ids)  # each promoted job once
+    assert sorted(len(m) for m in d.messages) == [6, 32, 32]
+
+
 def test_reconciler_dates_an_aged_jobs_old_message_by_its_queued_at(engine):
     (job_id,) = make(engine, waited_s=100)
     manager.age_queued(engine, "minilm", step_s=30, ceiling=9)
