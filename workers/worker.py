@@ -11,8 +11,8 @@ Transient failures go back to `queued` with a backoff; database connection error
 SIGTERM: Celery's warm shutdown finishes the jobs held, then the worker exits. Before Celery has
 installed its own handlers: while the model loads, SIGTERM (or Ctrl-C) ends the process at once
 (exit 0, or 1 for Ctrl-C; nothing is held yet); from the worker's registration on it is a warm
-shutdown too: the worker stops before it consumes anything, records its stop and exits 0 (a
-supervisor draining a worker that has just started sees a clean exit).
+shutdown too: the worker stops before it consumes anything, records its stop and exits 0 (1 for
+Ctrl-C, as Celery's own; a supervisor draining a worker that has just started sees a clean exit).
 
 The heartbeat thread also guards the worker: it audits the Redis held set (an id held there that
 no Celery thread has in hand at two audits in a row, e.g. after a failed claim or a lost bulk-pop
