@@ -663,26 +663,35 @@ def requeue_dead(engine: sa.Engine, dead_after_s: float) -> tuple[list[Job], lis
     """
     with engine.connect() as conn:
         now = db_now(conn)
-        running = _jobs_from(conn.execute(sa.select(jobs).where(_status_in(jobs.c.status, JobStatus.RUNNING))))
+        # what judging needs of each running row; the full rows only of those whose worker is dead
+        # (usually none: a pass must not read the inputs of every job in flight)
+        light = conn.execute(sa.select(jobs.c.id, jobs.c.worker_id)
+                             .where(_status_in(jobs.c.status, JobStatus.RUNNING))).all()
         beats = {}
-        if running:
-            ids = sorted({j.worker_id for j in running if j.worker_id})
-            for chunk in _chunks(ids, 500):
-                q = sa.select(workers.c.id, workers.c.last_heartbeat, workers.c.stopped_at).where(workers.c.id.in_(chunk))
-                beats.update({r.id: (as_utc(r.last_heartbeat), r.stopped_at) for r in conn.execute(q)})
+        ids = sorted({r.worker_id for r in light if r.worker_id})
+        for chunk in _chunks(ids, 500):
+            q = sa.select(workers.c.id, workers.c.last_heartbeat, workers.c.stopped_at).where(workers.c.id.in_(chunk))
+            beats.update({r.id: (as_utc(r.last_heartbeat), r.stopped_at) for r in conn.execute(q)})
 
-    def dead(worker_id: str | None) -> bool:
-        if worker_id not in beats:
-            return True
-        last, stopped = beats[worker_id]
-        return stopped is not None or (now - last).total_seconds() > dead_after_s
+        def dead(worker_id: str | None) -> bool:
+            if worker_id not in beats:
+                return True
+            last, stopped = beats[worker_id]
+            return stopped is not None or (now - last).total_seconds() > dead_after_s
+
+        lost = {str(r.id): r.worker_id for r in light if dead(r.worker_id)}
+        running = []
+        for chunk in _chunks(sorted(lost), 500):
+            running += _jobs_from(conn.execute(sa.select(jobs).where(jobs.c.id.in_(chunk))))
+        # still running on the worker judged dead (not claimed again meanwhile by a live one)
+        running = [j for j in running if j.status == JobStatus.RUNNING and j.worker_id == lost[j.id]]
 
     requeued, failed = [], []
+    if not running:
+        return requeued, failed
     with engine.begin() as conn:
         now = db_now(conn)
         for job in running:
-            if not dead(job.worker_id):
-                continue
             cond = [jobs.c.id == job.id, jobs.c.status == JobStatus.RUNNING.value,
                     jobs.c.attempts == job.attempts]
             if job.attempts >= job.max_attempts:
@@ -776,7 +785,12 @@ class QueuedRef(NamedTuple):
     sent_at: datetime  # when its message was last sent: dispatched_at, else queued_at (database clock)
 
 
-def stale_queued(engine: sa.Engine, model: str, older_than_s: float, limit: int = 10_000) -> list[QueuedRef]:
+STALE_WINDOW = 10_000
+"""Most queued jobs of one model whose messages one reconciler pass checks (`stale_queued`)."""
+
+
+def stale_queued(engine: sa.Engine, model: str, older_than_s: float,
+                 limit: int = STALE_WINDOW) -> list[QueuedRef]:
     """Queued, due jobs of `model` last sent more than `older_than_s` ago (database clock), in
     serve order (highest priority, then oldest first).
 

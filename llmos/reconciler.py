@@ -13,7 +13,9 @@ Each pass, in this order:
    failed), held by a worker that died, or delivered (kombu's unacked hash) after their last
    send to a worker that died before taking it, or popped from its list by a worker that died
    before recording it (found from each priority list's length and oldest message, O(1)); and
-   any queued job last sent over `lost_after_s` ago, whatever Redis says;
+   any queued job last sent over `lost_after_s` ago, whatever Redis says. Checked: the first
+   FRONT jobs of each model's line in serve order, and its whole window (`manager.STALE_WINDOW`)
+   when the front has losses;
 6. every ROLLUP_EVERY_S, folds finished jobs and ended webhook deliveries into the /metrics rollup
    (`llmos.rollup`, a few statements), always before retention, so whatever retention
    deletes was counted first;
@@ -67,6 +69,12 @@ RETENTION_EVERY_S = 86_400.0
 
 ROLLUP_EVERY_S = 15.0
 """How often a pass folds finished jobs into the /metrics rollup (scrapes fold too)."""
+
+FRONT = 1000
+"""Queued jobs of a model, in serve order, whose messages every pass checks. When any of them is
+lost, the same pass checks the model's whole window (`manager.STALE_WINDOW`). A lost job further
+back is found once it comes within the front: a job without a message is not served, so the jobs
+ahead of it drain until it is there (docs/reliability.md, "message lost")."""
 
 RETENTION_BATCH = 2000
 """Finished jobs (and worker rows) one pass deletes at most while retention runs."""
@@ -182,25 +190,38 @@ class Reconciler:
         dead = {w["id"] for w in seen} - live
         held_live = _union(self.redis, [held_set(w) for w in live])
         held_dead = _union(self.redis, [held_set(w) for w in dead])
-        delivered: dict[str, float] | None = None
+        delivered: list[dict[str, float]] = []  # read once, on the first model that needs it
         for model in manager.queued_models(self.engine):
-            stale = manager.stale_queued(self.engine, model, s.resend_after_s)
-            stale = [j for j in stale if j.id not in held_live]  # a live worker has it in hand
-            if not stale:
-                continue
-            if delivered is None:
-                delivered = delivered_before(self.redis, s.dead_after_s)
-            present = self.redis.smismember(pending_set(model), [j.id for j in stale])
-            orphans = self._orphans(model, [j for j, here in zip(stale, present) if here])
-            lost_before = manager.db_now(self.engine) - timedelta(seconds=s.lost_after_s)
-            lost = [j for j, here in zip(stale, present)
-                    if not here or j.id in held_dead or j.id in orphans or j.sent_at < lost_before
-                    # delivered after its last send, to a worker that died before taking it
-                    or (delivered and delivered.get(j.id, 0.0) > j.sent_at.timestamp())]
-            total += self._resend(lost)
+            # the front of the model's line first; the whole window only when the front has losses
+            # (a FLUSHALL, a dead worker): a healthy backlog costs FRONT rows a model, not 10,000
+            sent: set[str] = set()  # resent by this pass (held_dead still names them)
+            for window in (FRONT, manager.STALE_WINDOW):
+                stale = manager.stale_queued(self.engine, model, s.resend_after_s, limit=window)
+                # a live worker has it in hand, or this pass sent it again already
+                stale = [j for j in stale if j.id not in held_live and j.id not in sent]
+                lost = self._lost(model, stale, held_dead, delivered) if stale else []
+                total += self._resend(lost)
+                sent.update(j.id for j in lost)
+                if not lost:
+                    break
         if dead:
             self.redis.delete(*[held_set(w) for w in dead])
         return total
+
+    def _lost(self, model: str, stale: list[manager.QueuedRef], held_dead: set[str],
+              delivered: list[dict[str, float]]) -> list[manager.QueuedRef]:
+        """Those of `stale` (one model's, none held by a live worker) whose message is gone."""
+        s = self.settings
+        if not delivered:
+            delivered.append(delivered_before(self.redis, s.dead_after_s))
+        unacked = delivered[0]
+        present = self.redis.smismember(pending_set(model), [j.id for j in stale])
+        orphans = self._orphans(model, [j for j, here in zip(stale, present) if here])
+        lost_before = manager.db_now(self.engine) - timedelta(seconds=s.lost_after_s)
+        return [j for j, here in zip(stale, present)
+                if not here or j.id in held_dead or j.id in orphans or j.sent_at < lost_before
+                # delivered after its last send, to a worker that died before taking it
+                or (unacked and unacked.get(j.id, 0.0) > j.sent_at.timestamp())]
 
     def _orphans(self, model: str, pending: list[manager.QueuedRef]) -> set[str]:
         """Ids of `pending` jobs whose message cannot still be in its queue list: a worker popped

@@ -15,9 +15,10 @@ pop finds it gone from pending and the worker releases it after the failed claim
 The bound (docs/scheduling.md, "Aging and tenant shares"): with step S = LLMOS_AGING_S, a pass
 every I = LLMOS_RECONCILE_INTERVAL_S and ceiling C, a job submitted at priority p < C reaches C
 within (C − p) × max(S, I) + I after it was queued (one step per pass at most, each as soon as
-it is due), provided no more than `BATCH` jobs of its model are due per pass; it then waits at
-most for the messages already in the ceiling's list to drain (FIFO within a priority), which is
-finite while the ceiling's arrival rate is below the service rate.
+it is due), provided no more than its model's share of `BATCH` (BATCH divided by the models
+with queued jobs) become due per pass; it then waits at most for the messages already in the
+ceiling's list to drain (FIFO within a priority), which is finite while the ceiling's arrival
+rate is below the service rate.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ from llmos.settings import Settings
 log = logging.getLogger("llmos.scheduling.aging")
 
 BATCH = 1000
-"""Most jobs of one model one pass promotes (oldest first, the highest levels first)."""
+"""Most jobs one pass promotes, all models together: each model with queued jobs gets an equal
+share, and what a model does not use goes to the models after it (within a model: the highest
+levels first, oldest first). It bounds the pass: a promotion is an UPDATE of an indexed column
+and a message, ~0.1 ms; at a million due jobs every pass would otherwise promote its whole limit
+for every model (docs/benchmarks.md, "The reconciler pass at scale, session 10")."""
 
 
 def enabled(settings: Settings) -> bool:
@@ -68,9 +73,11 @@ def run_once(engine: sa.Engine, dispatcher: Dispatcher, settings: Settings,
         return 0
     total = 0
     sizes: dict[str, int] | None = None
-    for model in manager.queued_models(engine) if models is None else models:
+    todo = manager.queued_models(engine) if models is None else list(models)
+    for k, model in enumerate(todo):
+        share = max(1, (BATCH - total) // (len(todo) - k))  # an equal share of what is left
         promoted = manager.age_queued(engine, model, step_s=settings.aging_s,
-                                      ceiling=settings.aging_ceiling, limit=BATCH)
+                                      ceiling=settings.aging_ceiling, limit=share)
         if promoted:
             if sizes is None:
                 sizes = _batch_sizes(settings)

@@ -188,3 +188,45 @@ def test_a_worker_that_beats_again_during_the_grace_keeps_its_jobs(world):
         manager.heartbeat(engine, "w-back")
         time.sleep(0.1)
     assert manager.get_job(engine, job.id, tenant=manager.ANY_TENANT).status == JobStatus.RUNNING
+
+
+def test_losses_at_the_front_send_the_whole_window_each_job_once(world, monkeypatch):
+    """A pass checks the front of a model's line (FRONT jobs in serve order) and, when the front
+    has losses, the whole window in the same pass; the jobs it re-sent from the front are not
+    judged again by the wider read (their dead worker's held set still names them)."""
+    import llmos.reconciler
+
+    settings, engine, r, d, _ = world
+    monkeypatch.setattr(llmos.reconciler, "FRONT", 2)
+    jobs = make_jobs(engine, d, 5)
+    r.delete(*[k for k in r.keys("llmos.minilm*")])  # every message taken off the queue
+    manager.register_worker(engine, worker_id="dead-w", host="h", pid=1, model="minilm", device="cpu")
+    for j in jobs:
+        take(r, "minilm", "dead-w", j.id)
+    manager.stop_worker(engine, "dead-w")
+    # resent jobs count as stale again at once: only the pass's own memory keeps them from a second send
+    rec = Reconciler(settings.model_copy(update={"resend_after_s": 0.001}), dispatcher=d, redis_conn=r)
+    time.sleep(0.05)
+    assert rec.run_once().resent == 5  # the front's 2, then the other 3 from the whole window
+    assert queue_len(r) == 5 and sorted(list_ids(r, KEY)) == sorted(j.id for j in jobs)
+    assert not r.exists(held_set("dead-w"))
+
+
+def test_a_healthy_front_ends_the_check(world, monkeypatch):
+    """With nothing lost at the front, a pass reads no further: a job lost behind the front waits
+    until it comes within it (the jobs ahead of it are served; it is not), or until a loss at the
+    front widens the read."""
+    import llmos.reconciler
+
+    settings, engine, r, d, rec = world
+    monkeypatch.setattr(llmos.reconciler, "FRONT", 2)
+    jobs = make_jobs(engine, d, 4)  # serve order: oldest first (one priority)
+    r.srem(pending_set("minilm"), jobs[3].id)  # the last one's message looks gone
+    time.sleep(0.3)
+    assert rec.run_once().resent == 0
+    for j in jobs[:3]:  # the three ahead of it leave the line (taken off it, no longer queued)
+        drop_message(r, KEY, j.id)
+        r.srem(pending_set("minilm"), j.id)
+        assert manager.cancel(engine, j.id, tenant=j.tenant)
+    assert rec.run_once().resent == 1
+    assert r.sismember(pending_set("minilm"), jobs[3].id)
