@@ -14,7 +14,8 @@ and what the calls users and the reconciler make cost there.
    open batches, 5% with a deadline, 1% waiting out a retry), 1,000 running under 8 live workers,
    one queued job in each of 1% of the old finished batches (kept open), 20,000 worker rows of
    past workers (one in ten never recorded its stop); all by `generate_series` inside Postgres,
-   then the indexes rebuilt and VACUUM ANALYZE; then the upgrade to head, timed: revision 0006
+   then the indexes rebuilt, VACUUM ANALYZE and a CHECKPOINT (the fill's dirty pages written
+   before anything is measured, as a table of months has them on disk); then the upgrade to head, timed: revision 0006
    builds its indexes CONCURRENTLY on the full table, as on a live one. Redis (`--redis-url`, only this run's keys are
    touched): every queued id in its model's pending set, and in each priority list its oldest
    message: what the reconciler reads of Redis (LLEN, LINDEX -1, SMISMEMBER) is then exactly
@@ -24,7 +25,8 @@ and what the calls users and the reconciler make cost there.
    asks for it: the first page and pages behind a cursor at random depths; also one filtered on a
    rare status), `manager.batch_status_counts` (batches of 1,000); `Client.submit` of 1,000 jobs
    with idempotency keys (`--submit-calls`; fresh keys, then the same keys again);
-   `Reconciler.run_once` (`--passes`; the live workers beat between passes, untimed); retention:
+   `Reconciler.run_once` (`--passes`; the live workers beat between passes, untimed; with each
+   step of the pass timed on its own, `reconcile_steps_ms`: p50 / p95 / max a pass); retention:
    `manager.prune` batch by batch (`--prune-batches` batches of 5,000) and one reconciler pass
    with retention on; then a check that nothing queued, running or in an open batch went.
 3. `EXPLAIN (ANALYZE, BUFFERS)` of every statement those calls issued (writes in a rolled-back
@@ -65,6 +67,7 @@ from llmos.constants import HELD_SET_PREFIX, PENDING_SET_PREFIX, QUEUE_PREFIX  #
 from llmos.db import dispose_engines, get_engine  # noqa: E402
 from llmos.dispatch import CeleryDispatcher, pending_set, queue_key  # noqa: E402
 from llmos.jobs import JobStatus  # noqa: E402
+from llmos import reconciler as reconciler_module  # noqa: E402
 from llmos.reconciler import Reconciler  # noqa: E402
 from llmos.sdk import Client  # noqa: E402
 from llmos.settings import Settings  # noqa: E402
@@ -231,6 +234,11 @@ def fill(url: str, finished: int, queued: int) -> dict:
         conn.execute(sa.text("VACUUM (ANALYZE) jobs"))
         conn.execute(sa.text("VACUUM (ANALYZE) workers"))
         out["vacuum_s"] = round(time.perf_counter() - started, 1)
+        # the fill's gigabytes of dirty pages written out now, not by the checkpointer during the
+        # measurements (a database with months of rows has them on disk already)
+        started = time.perf_counter()
+        conn.execute(sa.text("CHECKPOINT"))
+        out["checkpoint_s"] = round(time.perf_counter() - started, 1)
     engine.dispose()
     return out
 
@@ -318,6 +326,53 @@ class Capture:
 
     def __exit__(self, *exc: Any) -> None:
         sa.event.remove(self.engine, "before_cursor_execute", self._on)
+
+
+class StepClock:
+    """Milliseconds each step of the reconciler's pass took, pass by pass (the functions `_pass`
+    calls, wrapped for the measured passes and put back after)."""
+
+    STEPS = [("expire", manager, "expire_overdue"), ("requeue_dead", manager, "requeue_dead"),
+             ("timed_out", manager, "fail_timed_out"), ("retries", manager, "due_retries"),
+             ("aging", reconciler_module.aging, "run_once")]
+    METHODS = [("lost_check", "_resend_lost"), ("rollup_fold", "_fold"), ("retention", "_retain")]
+
+    def __init__(self, rec: Reconciler) -> None:
+        self.rec = rec
+        self.ms: dict[str, list[float]] = {}
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_step(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.ms.setdefault(name, []).append((time.perf_counter() - t) * 1000)
+        return timed_step
+
+    def __enter__(self) -> "StepClock":
+        for name, owner, attr in self.STEPS:
+            self._saved.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
+        for name, attr in self.METHODS:
+            self._saved.append((self.rec, attr, None))
+            setattr(self.rec, attr, self._wrap(name, getattr(self.rec, attr)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, attr, fn in reversed(self._saved):
+            if fn is None:
+                delattr(owner, attr)  # the instance attribute: the class's method again
+            else:
+                setattr(owner, attr, fn)
+
+    def summary(self) -> dict[str, list[float]]:
+        out = {}
+        for name, ms in self.ms.items():
+            p = pcts(ms)
+            out[name] = [p["p50"], p["p95"], round(max(ms), 1)]
+        return out
 
 
 def explain(engine: sa.Engine, what: str, call: Callable[[], Any], plans: list[str]) -> None:
@@ -417,8 +472,11 @@ def measure(url: str, redis_url: str, args: argparse.Namespace, plans: list[str]
     rec.run_once()  # warm (and the first pass's own work, if any)
     beat(engine)
     reports = []
-    out["reconcile_pass_ms"] = pcts(timed(lambda _: reports.append(rec.run_once()), range(args.passes),
-                                          between=lambda: beat(engine)))
+    with StepClock(rec) as steps:
+        out["reconcile_pass_ms"] = pcts(timed(lambda _: reports.append(rec.run_once()), range(args.passes),
+                                              between=lambda: beat(engine)))
+    out["reconcile_steps_ms"] = steps.summary()
+    log(f"reconciler pass steps (ms a pass, p50 / p95 / max): {out['reconcile_steps_ms']}")
     out["reconcile_did"] = {k: sum(getattr(rp, k) for rp in reports) for k in vars(reports[0])}
     explain(engine, "reconciler pass: Reconciler.run_once", rec.run_once, plans)
     log(f"reconciler pass: {out['reconcile_pass_ms']}, did {out['reconcile_did']}")

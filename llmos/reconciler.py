@@ -22,8 +22,10 @@ Each pass, in this order:
 7. with LLMOS_RETENTION_DAYS set, once a day: deletes finished jobs and stopped worker rows older
    than that (`manager.prune`), one bounded batch per pass until none is left.
 Each step reads only the rows it may act on, through partial indexes over the queued rows and
-the workers seen within `manager.FORGET_WORKER_AFTER_S`: a pass costs the same beside ten
-million finished jobs as beside none (docs/benchmarks.md, "The task table at scale").
+the workers seen within `manager.FORGET_WORKER_AFTER_S`: a pass reads as many rows beside ten
+million finished jobs as beside none (docs/benchmarks.md, "The task table at scale"); what grows
+with the table is the cost of its writes, aging's promotions above all ("The reconciler pass at
+scale, session 10").
 After a pass that failed, or a gap between passes longer than `dead_after_s` (the database or
 Redis was away, so were the workers' heartbeats), no worker is judged dead by the age of its
 heartbeat until `dead_after_s` of successful passes have given every live worker time to beat
