@@ -786,7 +786,9 @@ class QueuedRef(NamedTuple):
 
 
 STALE_WINDOW = 10_000
-"""Most queued jobs of one model whose messages one reconciler pass checks (`stale_queued`)."""
+"""Queued jobs of one model whose messages a reconciler pass checks when the front of the line
+(`reconciler.FRONT`) has losses (`stale_queued`'s default limit): with the front's own read, at
+most FRONT + STALE_WINDOW rows a model a pass."""
 
 
 def stale_queued(engine: sa.Engine, model: str, older_than_s: float,
@@ -825,7 +827,8 @@ def age_queued(engine: sa.Engine, model: str, *, step_s: float, ceiling: int,
     again yet), so a call reads about `limit` rows, not the backlog.
 
     On Postgres the transaction commits with `synchronous_commit = off`. If the server crashes
-    before the WAL writer flushed it (within 200 ms), the promotions are undone: those jobs are
+    before the WAL writer flushed it (within 3 × `wal_writer_delay`, 600 ms by default; any later
+    synchronous commit, such as a worker's claim, flushes it too), the promotions are undone: those jobs are
     queued one step lower again while their new message waits in the higher list. That message's
     claim works as any claim does (it does not look at the priority), the old one then finds the
     job claimed, and the reconciler dates a message in a list that is not its job's priority's by

@@ -73,10 +73,13 @@ ROLLUP_EVERY_S = 15.0
 """How often a pass folds finished jobs into the /metrics rollup (scrapes fold too)."""
 
 FRONT = 1000
-"""Queued jobs of a model, in serve order, whose messages every pass checks. When any of them is
-lost, the same pass checks the model's whole window (`manager.STALE_WINDOW`). A lost job further
-back is found once it comes within the front: a job without a message is not served, so the jobs
-ahead of it drain until it is there (docs/reliability.md, "message lost")."""
+"""Stale, due queued jobs of a model, in serve order, whose messages every pass checks (jobs a
+live worker holds count among them). When any of them is lost, the same pass checks the model's
+whole window (`manager.STALE_WINDOW`). A lost job further back is found once it comes within the
+front: a job without a message is not served, so the jobs ahead of it drain until it is there.
+The price: such a job is re-sent later than `resend_after_s` after its loss (when it reaches the
+front, then it queues behind its list again), and `lost_after_s` applies only within what a pass
+reads (docs/reliability.md, "message lost")."""
 
 RETENTION_BATCH = 2000
 """Finished jobs (and worker rows) one pass deletes at most while retention runs."""
@@ -198,13 +201,13 @@ class Reconciler:
             # (a FLUSHALL, a dead worker): a healthy backlog costs FRONT rows a model, not 10,000
             sent: set[str] = set()  # resent by this pass (held_dead still names them)
             for window in (FRONT, manager.STALE_WINDOW):
-                stale = manager.stale_queued(self.engine, model, s.resend_after_s, limit=window)
+                read = manager.stale_queued(self.engine, model, s.resend_after_s, limit=window)
                 # a live worker has it in hand, or this pass sent it again already
-                stale = [j for j in stale if j.id not in held_live and j.id not in sent]
+                stale = [j for j in read if j.id not in held_live and j.id not in sent]
                 lost = self._lost(model, stale, held_dead, delivered) if stale else []
                 total += self._resend(lost)
                 sent.update(j.id for j in lost)
-                if not lost:
+                if not lost or len(read) < window:  # nothing lost, or nothing behind the front
                     break
         if dead:
             self.redis.delete(*[held_set(w) for w in dead])

@@ -38,8 +38,10 @@ log = logging.getLogger("llmos.scheduling.aging")
 
 BATCH = 1000
 """Most jobs one pass promotes, all models together: each model with queued jobs gets an equal
-share, and what a model does not use goes to the models after it (within a model: the highest
-levels first, oldest first). It bounds the pass: a promotion is an UPDATE of an indexed column
+share of what is left (at least one job a model, so with more models than BATCH a pass promotes
+one a model), so what a model does not use goes to the models after it in name order, not back
+to those before it (within a model: the highest levels first, oldest first). A second round for
+the leftover would have to keep a job from going up twice in one pass: not built. It bounds the pass: a promotion is an UPDATE of an indexed column
 and a message, ~0.1 ms; at a million due jobs every pass would otherwise promote its whole limit
 for every model (docs/benchmarks.md, "The reconciler pass at scale, session 10")."""
 

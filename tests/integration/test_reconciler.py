@@ -7,7 +7,7 @@ import redis
 import sqlalchemy as sa
 
 from llmos import manager
-from llmos.db import get_engine
+from llmos.db import get_engine, jobs as jobs_table
 from llmos.dispatch import CeleryDispatcher, held_set, pending_set, take
 from llmos.jobs import JobStatus
 from llmos.reconciler import Reconciler
@@ -230,3 +230,30 @@ def test_a_healthy_front_ends_the_check(world, monkeypatch):
         assert manager.cancel(engine, j.id, tenant=j.tenant)
     assert rec.run_once().resent == 1
     assert r.sismember(pending_set("minilm"), jobs[3].id)
+
+
+def test_requeue_dead_leaves_a_job_that_a_live_worker_claimed_between_its_reads(world, monkeypatch):
+    """requeue_dead judges workers on (id, worker_id) and then reads the dead ones' jobs in full;
+    a job requeued and claimed again by a live worker in between is running under that worker at
+    its new attempt, so an UPDATE conditional on that attempt would match: only the check that the
+    job is still on the worker judged dead leaves it alone."""
+    _, engine, *_ = world
+    (a, _), = manager.create_jobs(engine, [manager.NewJob(model="minilm", task_type="sentiment",
+                                                          input={"text": "t"}, priority=5)])
+    manager.claim(engine, [a.id], worker_id="gone", device="cpu")  # no worker row: dead
+    manager.register_worker(engine, worker_id="live", host="h", pid=1, model="minilm", device="cpu")
+    real = manager._jobs_from
+
+    def reclaimed_meanwhile(rows):
+        monkeypatch.setattr(manager, "_jobs_from", real)  # once (claim reads its rows with it too)
+        with engine.begin() as conn:  # another reconciler requeued it; the live worker claimed it
+            conn.execute(jobs_table.update().where(jobs_table.c.id == a.id).values(
+                status=JobStatus.QUEUED.value, worker_id=None))
+        manager.claim(engine, [a.id], worker_id="live", device="cpu")
+        with engine.connect() as conn:  # the full row as the read finds it now
+            return real(conn.execute(sa.select(jobs_table).where(jobs_table.c.id == a.id)))
+
+    monkeypatch.setattr(manager, "_jobs_from", reclaimed_meanwhile)
+    assert manager.requeue_dead(engine, dead_after_s=30) == ([], [])
+    j = manager.get_job(engine, a.id, tenant=manager.ANY_TENANT)
+    assert j.status == JobStatus.RUNNING and j.worker_id == "live" and j.attempts == 2
